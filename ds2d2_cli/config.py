@@ -1,0 +1,241 @@
+"""Typed run configuration: presets are YAML files validated by these pydantic models.
+
+A preset is the single source of truth for a run: dataset, input size, teacher and
+student detectors, each stage's schedule and the distillation weights. The CLI loads a
+preset by name (shipped in `ds2d2_cli/presets/`) or by path, applies `--set a.b=value`
+overrides, and writes the resolved config into every run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ds2d2_cli.classes import CLASS_SETS
+from ds2d2_cli.errors import InputError
+
+Detector = Literal["retinanet", "faster_rcnn"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v3_large"]
+Stream = Literal["explicit-low", "explicit-high", "implicit-full", "implicit-high"]
+ALL_STREAMS: tuple[str, ...] = ("explicit-low", "explicit-high", "implicit-full", "implicit-high")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    classes: str = Field(description="class set name, see ds2d2_cli.classes.CLASS_SETS")
+    root: Path = Field(description="prepared COCO folder (what `prepare-data` writes by default)")
+    train_split: str = "train"
+    eval_split: str = "val"
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: str) -> str:
+        if value not in CLASS_SETS:
+            raise ValueError(f"unknown class set {value!r}; available: {', '.join(CLASS_SETS)}")
+        return value
+
+
+class InputConfig(_Strict):
+    size: int = Field(gt=0, description="long side of the network input in pixels")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ModelConfig(_Strict):
+    detector: Detector
+    backbone: Backbone
+    fpn_channels: int = Field(256, gt=0)
+    pretrained: bool = Field(False, description="ImageNet backbone weights from torchvision (needs internet once)")
+    backbone_weights: Path | None = Field(None, description="local backbone state_dict instead of downloading")
+    norm: Literal["auto", "frozen_bn", "bn"] = Field(
+        "auto", description="auto: frozen BN with pretrained weights, trainable BN from scratch"
+    )
+    trainable_layers: int = Field(3, ge=0, le=5)
+    anchor_base: float = Field(4.0, gt=0, description="RetinaNet anchor size = anchor_base x stride (octave base)")
+    rpn_anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    score_thresh: float = Field(0.05, ge=0, le=1)
+    detections_per_img: int = Field(100, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int | None = Field(24, gt=0)
+    max_iters: int | None = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(0.005, gt=0, description="learning rate at lr_base_batch images per step")
+    lr_base_batch: int = Field(8, gt=0, description="linear scaling: lr x batch / lr_base_batch")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0, le=1)
+    lr_steps: tuple[float, ...] = Field((2 / 3, 11 / 12), description="decay points as fractions of the run")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: float | None = Field(35.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(20, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="iterations between evaluations (None: only at the end)")
+    num_workers: int = Field(2, ge=0)
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    augment: tuple[Literal["hflip", "vflip", "rot90"], ...] = ("hflip", "vflip", "rot90")
+
+    @field_validator("lr_steps")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < v < 1 for v in value) or list(value) != sorted(value):
+            raise ValueError("lr_steps must be increasing fractions between 0 and 1")
+        return value
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if self.epochs is None and self.max_iters is None:
+            raise ValueError("set epochs or max_iters")
+        return self
+
+
+class LossWeights(_Strict):
+    explicit_low: float = Field(1e-5, ge=0)
+    explicit_high: float = Field(1e-5, ge=0)
+    implicit_full: float = Field(1.0, ge=0)
+    implicit_high: float = Field(1.0, ge=0)
+    fitnet: float = Field(1e-5, ge=0, description="weight of the FitNet baseline's feature MSE")
+
+
+class DistillConfig(_Strict):
+    method: Literal["ds2d2", "none", "fitnet"] = "ds2d2"
+    streams: tuple[Stream, ...] = ALL_STREAMS
+    weights: LossWeights = LossWeights()
+    disw: bool = True
+    wavelet: str = "haar"
+    qfl_beta: float = Field(1.0, ge=0, description="RetinaNet classification KD focusing exponent")
+    kd_temperature: float = Field(3.0, gt=0, description="Faster R-CNN classification KD temperature")
+    kd_cls_weight: float = Field(0.5, ge=0, description="Faster R-CNN classification KD weight")
+
+    @field_validator("wavelet")
+    @classmethod
+    def _known_wavelet(cls, value: str) -> str:
+        import pywt
+
+        if value not in pywt.wavelist(kind="discrete"):
+            raise ValueError(f"unknown discrete wavelet {value!r} (see pywt.wavelist(kind='discrete'))")
+        return value
+
+
+class RunConfig(_Strict):
+    name: str
+    description: str = ""
+    data: DataConfig
+    input: InputConfig
+    teacher: ModelConfig
+    student: ModelConfig
+    train: TrainConfig = Field(description="student schedule (distill and the undistilled baseline)")
+    teacher_train: TrainConfig | None = Field(None, description="teacher schedule; defaults to train")
+    amplifier_train: TrainConfig | None = Field(None, description="amplifier schedule; defaults to train")
+    distill: DistillConfig = DistillConfig()
+
+    @model_validator(mode="after")
+    def _same_family(self) -> "RunConfig":
+        if self.teacher.detector != self.student.detector:
+            raise ValueError(
+                f"teacher ({self.teacher.detector}) and student ({self.student.detector}) must be the same detector family"
+            )
+        return self
+
+    def schedule(self, stage: Literal["teacher", "amplifier", "student"]) -> TrainConfig:
+        chosen = {"teacher": self.teacher_train, "amplifier": self.amplifier_train}.get(stage)
+        return chosen if chosen is not None else self.train
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("ds2d2_cli") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_text(preset: str) -> tuple[str, str]:
+    """(yaml text, where it came from) for a preset name or a path."""
+    path = Path(preset)
+    if preset.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise InputError("preset file not found", path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read preset: {exc}", path) from None
+    resource = resources.files("ds2d2_cli") / "presets" / f"{preset}.yaml"
+    if not resource.is_file():
+        raise InputError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} (or a path to a .yaml file)")
+    return resource.read_text(encoding="utf-8"), preset
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise InputError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw config dict; values are parsed as YAML (numbers, lists, null)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise InputError(f"--set {item}: {'.'.join(keys[: depth + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc, source)) from None
+
+
+def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset (name or path), apply `--set` overrides and validate."""
+    text, source = _preset_text(preset)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source, line) from None
+    if not isinstance(raw, dict):
+        raise InputError("a preset must be a YAML mapping", source)
+    return config_from_dict(apply_overrides(raw, overrides or []), source)
+
+
+def config_to_json(config: RunConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), indent=2)
