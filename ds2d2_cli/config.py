@@ -20,7 +20,7 @@ from ds2d2_cli.classes import CLASS_SETS
 from ds2d2_cli.errors import InputError
 
 Detector = Literal["retinanet", "faster_rcnn"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v3_large"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d"]
 Stream = Literal["explicit-low", "explicit-high", "implicit-full", "implicit-high"]
 ALL_STREAMS: tuple[str, ...] = ("explicit-low", "explicit-high", "implicit-full", "implicit-high")
 

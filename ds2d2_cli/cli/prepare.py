@@ -1,5 +1,218 @@
-"""`ds2d2 prepare-data` (placeholder until the data-preparation module lands)."""
+"""`ds2d2 prepare-data`: DOTA / DIOR / COCO / synthetic data -> the COCO JSON ds2d2 trains on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
 
 import typer
+from rich.table import Table
 
-app = typer.Typer(help="Convert DOTA / DIOR / COCO / synthetic data into COCO JSON.", no_args_is_help=True)
+from ds2d2_cli.classes import CLASS_SETS
+from ds2d2_cli.cli.common import RichReporter, handle_errors, stdout_console, write_json_output
+from ds2d2_cli.errors import InputError
+
+app = typer.Typer(
+    help="Convert DOTA / DIOR / COCO / synthetic data into COCO JSON (see each command's --help).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JSON_HELP = "also write the summary figures as JSON to FILE (`-` for stdout)"
+CLASSES_HELP = f"class set: {', '.join(CLASS_SETS)}"
+
+
+def _parse_scales(values: List[str]) -> list[float]:
+    scales: list[float] = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            try:
+                scales.append(float(part))
+            except ValueError:
+                raise InputError(f"--scales takes numbers such as 1.0,0.5 (got {part!r})") from None
+    return scales or [1.0]
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _default_dota_out(src: Path, split: int) -> Path:
+    base = src.parent if (src / "images").is_dir() else src
+    base = Path(str(base).rstrip("/\\") or ".")
+    return base.with_name(f"{base.name}-{split}") if base.name else Path(f"data-{split}")
+
+
+def _nonzero_class_table(title: str, columns: dict[str, dict[str, int]]) -> Table | None:
+    names = [n for n in next(iter(columns.values()), {}) if any(col.get(n, 0) for col in columns.values())]
+    if not names:
+        return None
+    table = Table(title=title)
+    table.add_column("class")
+    for header in columns:
+        table.add_column(header, justify="right")
+    for n in names:
+        table.add_row(n, *(str(col.get(n, 0)) for col in columns.values()))
+    return table
+
+
+@app.command("dota")
+@handle_errors
+def dota_command(
+    src: Path = typer.Argument(Path("data/DOTA"), help="a DOTA split folder (images/, labelTxt/) or a folder of them "
+                               "(train/, val/, test/)", show_default=True),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder",
+                                       show_default="SRC-<split>, i.e. data/DOTA-1024 for the defaults"),
+    split: int = typer.Option(1024, "--split", help="patch (window) size in pixels"),
+    gap: int = typer.Option(200, "--gap", help="overlap between neighbouring windows in pixels"),
+    scales: List[str] = typer.Option(["1.0"], "--scales", metavar="S[,S...]",
+                                     help="resize scenes by these factors first: --scales 1.0,0.5 (or repeat)"),
+    iof_thr: float = typer.Option(0.7, "--iof-thr", help="keep a cut object when at least this fraction of its "
+                                  "area is inside the window"),
+    workers: int = typer.Option(1, "--workers", "-j", help="processes splitting scenes in parallel (0: one per CPU)"),
+    classes: str = typer.Option("dota-v1.0", "--classes", help=CLASSES_HELP),
+    partial: str = typer.Option("drop", "--partial", help="cut objects under --iof-thr: drop them, or keep them "
+                                "as crowd (iscrowd 1, ignored in training)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Cut DOTA scenes into overlapping patches with COCO JSON, as the DOTA devkit's ImgSplit does.
+
+    Windows step by split - gap; the last one in each direction is moved back to end at
+    the scene border. Scenes smaller than a window give one patch, padded with black to
+    the full window size (every patch is split x split). Every patch is kept, empty ones
+    too. Objects cut by a window are clipped to it and kept when their inside fraction
+    (iof) reaches --iof-thr.
+
+    Writes OUT/<split>/images/*.png, OUT/<split>.json (patches) and
+    OUT/<split>_scenes.json (whole scenes, for evaluating merged detections).
+    A split without labelTxt/ (DOTA test) gets image-only JSON.
+
+    Example: ds2d2 prepare-data dota data/DOTA --split 1024 --gap 200 --scales 1.0,0.5 -j 8
+    """
+    from ds2d2_cli.data.dota import prepare_dota
+
+    if not src.exists() and _looks_like_number(str(src)):
+        raise InputError(f"source folder {str(src)!r} not found; to give several scales write --scales 1.0,0.5")
+    out = out if out is not None else _default_dota_out(src, split)
+    summary = prepare_dota(src, out, size=split, gap=gap, scales=_parse_scales(scales), iof_thr=iof_thr,
+                           workers=workers, classes=classes, partial=partial, reporter=RichReporter())
+    console = stdout_console()
+    table = Table(title=f"DOTA -> {out} ({split} px, gap {gap}, scales "
+                        f"{', '.join(f'{s:g}' for s in summary['scales'])})")
+    for column in ("split", "scenes", "patches", "objects", "patch boxes", "crowd kept", "dropped iof<thr",
+                   "dropped degenerate"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, s in summary["splits"].items():
+        table.add_row(name, str(s["scenes"]), str(s["patches"]), str(s["objects"]) if s["labelled"] else "-",
+                      str(s["annotations"]), str(s["crowd"]), str(s["dropped_iof"]), str(s["degenerate"]))
+    console.print(table)
+    columns = {}
+    for name, s in summary["splits"].items():
+        if s["labelled"]:
+            columns[f"{name} objects"] = s["objects_per_class"]
+            columns[f"{name} patch boxes"] = s["annotations_per_class"]
+    per_class = _nonzero_class_table("objects per class", columns) if columns else None
+    if per_class is not None:
+        console.print(per_class)
+    console.print(f"done in {summary['seconds']:.1f} s; wrote {', '.join(s['json'] for s in summary['splits'].values())}")
+    write_json_output(json_out, summary)
+
+
+@app.command("dior")
+@handle_errors
+def dior_command(
+    root: Path = typer.Argument(Path("data/DIOR"), help="DIOR folder (Annotations/, ImageSets/Main/, JPEGImages-*/)"),
+    out: Path = typer.Option(Path("data/DIOR-coco"), "--out", "-o", help="output folder"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Convert DIOR's VOC XML (horizontal boxes) into train/val/trainval/test COCO JSON.
+
+    Images are not copied: file_name points at them relative to OUT. Each XML's <size>
+    is checked against its image; boxes are [xmin, ymin, xmax - xmin, ymax - ymin].
+    """
+    from ds2d2_cli.data.dior import prepare_dior
+
+    summary = prepare_dior(root, out, reporter=RichReporter())
+    console = stdout_console()
+    table = Table(title=f"DIOR -> {out}")
+    for column in ("split", "images", "objects", "clipped", "dropped degenerate"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, s in summary["splits"].items():
+        table.add_row(name, str(s["images"]), str(s["objects"]), str(s["clipped"]), str(s["degenerate"]))
+    console.print(table)
+    per_class = _nonzero_class_table("objects per class", {n: s["objects_per_class"]
+                                                           for n, s in summary["splits"].items()})
+    if per_class is not None:
+        console.print(per_class)
+    console.print(f"done in {summary['seconds']:.1f} s")
+    write_json_output(json_out, summary)
+
+
+@app.command("coco")
+@handle_errors
+def coco_command(
+    annotations: Path = typer.Argument(..., help="COCO detection JSON (images, annotations, categories)"),
+    images: Path = typer.Option(..., "--images", help="folder the JSON's file_name entries are relative to"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    name: Optional[str] = typer.Option(None, "--name", help="split name: writes OUT/NAME.json "
+                                       "[default: the annotation file's stem]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help=f"order and name categories as this {CLASSES_HELP} "
+                                          "[default: the file's own, by original id]"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Validate a COCO detection file and write it with category ids 1..K.
+
+    Checks ids, image files and sizes, and boxes (small overflows are clipped, boxes
+    with no area dropped). Images are not copied: file_name points at them relative to OUT.
+    """
+    from ds2d2_cli.data.coco import ingest_coco
+
+    summary = ingest_coco(annotations, images, out, name=name, classes=classes, reporter=RichReporter())
+    console = stdout_console()
+    table = Table(title=f"COCO -> {summary['out']}")
+    for column in ("images", "objects", "clipped", "dropped degenerate"):
+        table.add_column(column, justify="right")
+    table.add_row(str(summary["images"]), str(summary["objects"]), str(summary["clipped"]), str(summary["degenerate"]))
+    console.print(table)
+    per_class = _nonzero_class_table("objects per class", {"objects": summary["objects_per_class"]})
+    if per_class is not None:
+        console.print(per_class)
+    write_json_output(json_out, summary)
+
+
+@app.command("synthetic")
+@handle_errors
+def synthetic_command(
+    out: Path = typer.Option(Path("data/synthetic"), "--out", "-o", help="output folder (DOTA layout)"),
+    images: int = typer.Option(24, "--images", help="number of scenes"),
+    size: int = typer.Option(640, "--size", help="scene width and height in pixels"),
+    seed: int = typer.Option(0, "--seed", help="random seed (same seed, same scenes)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Generate small synthetic DOTA-like scenes (train/ and val/) for smoke tests and demos.
+
+    Then split them: ds2d2 prepare-data dota data/synthetic --split 256 --classes synthetic
+    """
+    from ds2d2_cli.data.synthetic import generate_synthetic
+
+    summary: dict[str, Any] = generate_synthetic(out, images=images, size=size, seed=seed, reporter=RichReporter())
+    console = stdout_console()
+    table = Table(title=f"synthetic scenes -> {out}")
+    table.add_column("split")
+    table.add_column("scenes", justify="right")
+    table.add_column("objects", justify="right")
+    for name, s in summary.items():
+        if isinstance(s, dict) and "images" in s:
+            objects = s.get("objects", {})
+            total = sum(objects.values()) if isinstance(objects, dict) else objects
+            table.add_row(name, str(s["images"]), str(total))
+    console.print(table)
+    console.print(f"next: ds2d2 prepare-data dota {out} --split 256 --classes synthetic")
+    write_json_output(json_out, summary)

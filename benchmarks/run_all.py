@@ -1,0 +1,98 @@
+"""Run the benchmarks: every `benchmarks/bench_*.py` exposing `run(quick, device) -> dict`.
+
+Each result goes to `benchmarks/results/<name>.json` with the torch version, the device
+and a timestamp, so numbers in docs can be traced to a run.
+
+    python benchmarks/run_all.py --quick
+    python benchmarks/run_all.py --only disw --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def discover() -> dict[str, Path]:
+    """{short name: path} for benchmarks/bench_<name>.py."""
+    return {p.stem[len("bench_") :]: p for p in sorted(HERE.glob("bench_*.py"))}
+
+
+def load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "run", None)):
+        raise SystemExit(f"{path}: no run(quick, device) function")
+    return module
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def _summary(name: str, results: dict) -> list[str]:
+    lines = [f"[{name}]"]
+    for case in results.get("cases", []):
+        lines.append("  " + case.get("summary", json.dumps(case)))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this benchmark (repeatable)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for <name>.json")
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    available = discover()
+    wanted = [n.removeprefix("bench_") for n in (args.only or available)]
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        module = load(name, available[name])
+        start = time.perf_counter()
+        results = module.run(quick=args.quick, device=args.device)
+        record = {
+            "benchmark": name,
+            "quick": args.quick,
+            "torch": torch.__version__,
+            "device": args.device,
+            "device_name": describe_device(args.device),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - start, 2),
+            "results": results,
+        }
+        path = args.out / f"{name}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print("\n".join(_summary(name, results)))
+        print(f"  -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({record['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

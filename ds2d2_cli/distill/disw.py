@@ -1,0 +1,143 @@
+"""Density-Independent Scale Weight (DISW), method.md "Explicit stream".
+
+Why: in dense remote-sensing scenes most objects are a few cells wide, and a plain
+feature-imitation loss is dominated by background and large objects. DISW gives each
+ground-truth box a total weight of 1 spread over the band cells it covers, on top of a
+background weight of 1:
+
+    W = 1 everywhere; for every box b covering n_b band cells: W[cells(b)] += 1 / n_b
+
+with, for a band map of size h' x w' and a padded batch input of size H_in x W_in,
+
+    x0 = floor(xmin * w' / W_in),  x1 = ceil(xmax * w' / W_in)   (same for y with h'/H_in)
+
+clipped to the map, inclusive ranges. Small boxes get large per-cell weights, large boxes
+small ones, and overlapping boxes add up, so dense small objects weigh most whatever
+their count.
+
+`disw_weights` builds the maps for all images and all levels at once, without a Python
+loop over boxes: every box adds +w/-w at the four corners of its rectangle in a 2-D
+difference array (one `index_add_`), and two cumulative sums turn that into the
+rectangle sums. Accumulation is in float64 so the result matches the straightforward
+per-box loop (`_disw_weights_loop`, kept as the reference for tests and benchmarks) to
+float32 rounding. The scaled coordinates are computed as `x * w' / W_in` (multiply
+first) so that box edges on exact cell borders do not round across them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ds2d2_cli.errors import Ds2d2Error
+
+__all__ = ["disw_weights"]
+
+
+def _check_inputs(
+    boxes: Sequence[Tensor], image_size: Sequence[int], band_shapes: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    if len(image_size) != 2 or min(image_size) <= 0:
+        raise Ds2d2Error(f"image_size must be (H_in, W_in) > 0, got {tuple(image_size)}")
+    if not band_shapes:
+        raise Ds2d2Error("DISW needs at least one band shape")
+    for shape in band_shapes:
+        if len(shape) != 2 or min(shape) <= 0:
+            raise Ds2d2Error(f"band shapes must be (h', w') > 0, got {tuple(shape)}")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.shape[-1] != 4:
+            raise Ds2d2Error(f"boxes of image {i} must be [K, 4] (xmin, ymin, xmax, ymax), got {tuple(b.shape)}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def disw_weights(
+    boxes: Sequence[Tensor],
+    image_size: Sequence[int],
+    band_shapes: Sequence[Sequence[int]],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[Tensor]:
+    """Per-level DISW maps `[N, 1, h', w']` (method.md, DISW), vectorised over boxes.
+
+    boxes: one `[K_i, 4]` tensor per image, (xmin, ymin, xmax, ymax) in padded-input pixels.
+    image_size: (H_in, W_in), the padded batch input size.
+    band_shapes: (h', w') per FPN level, the resolution of the DWT bands the map weighs
+        (`spectral.band_shape(feature.shape[-2:], wavelet)`).
+    """
+    in_h, in_w = _check_inputs(boxes, image_size, band_shapes)
+    if device is None:
+        device = boxes[0].device if len(boxes) else torch.device("cpu")
+    n_img, n_lvl = len(boxes), len(band_shapes)
+    hs = torch.tensor([s[0] for s in band_shapes], dtype=torch.float64, device=device)
+    ws = torch.tensor([s[1] for s in band_shapes], dtype=torch.float64, device=device)
+    buf_h = int(hs.max().item()) + 1
+    buf_w = int(ws.max().item()) + 1
+    grid = torch.zeros(n_lvl * n_img * buf_h * buf_w, dtype=torch.float64, device=device)
+
+    counts = [int(b.shape[0]) for b in boxes]
+    if sum(counts):
+        all_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float64)
+        image_idx = torch.repeat_interleave(torch.arange(n_img, device=device), torch.tensor(counts, device=device))
+        # [L, B] cell ranges: multiply first, then divide (exact on cell borders).
+        x0 = torch.floor(all_boxes[None, :, 0] * ws[:, None] / in_w).clamp_min(0)
+        y0 = torch.floor(all_boxes[None, :, 1] * hs[:, None] / in_h).clamp_min(0)
+        x1 = torch.minimum(torch.ceil(all_boxes[None, :, 2] * ws[:, None] / in_w), ws[:, None] - 1)
+        y1 = torch.minimum(torch.ceil(all_boxes[None, :, 3] * hs[:, None] / in_h), hs[:, None] - 1)
+        valid = (x1 >= x0) & (y1 >= y0)
+        cells = ((x1 - x0 + 1) * (y1 - y0 + 1)).clamp_min(1)
+        weight = torch.where(valid, 1.0 / cells, torch.zeros_like(cells))
+        # Boxes that cover nothing keep weight 0; park their corners at (0, 0).
+        x0, y0 = torch.where(valid, x0, 0).long(), torch.where(valid, y0, 0).long()
+        x1, y1 = torch.where(valid, x1, 0).long(), torch.where(valid, y1, 0).long()
+        plane = (torch.arange(n_lvl, device=device)[:, None] * n_img + image_idx[None, :]) * (buf_h * buf_w)
+        corners = (
+            (y0 * buf_w + x0, weight),
+            (y0 * buf_w + x1 + 1, -weight),
+            ((y1 + 1) * buf_w + x0, -weight),
+            ((y1 + 1) * buf_w + x1 + 1, weight),
+        )
+        index = torch.cat([(plane + offset).reshape(-1) for offset, _ in corners])
+        values = torch.cat([value.reshape(-1) for _, value in corners])
+        grid.index_add_(0, index, values)
+
+    grid = grid.view(n_lvl, n_img, buf_h, buf_w).cumsum(dim=3).cumsum(dim=2)
+    # Any true nonzero sum is >= 1 / (cells of the largest map); what is far below that is
+    # cumsum rounding (e.g. 1e-17 left where boxes cancel): snap it so background is exactly 1.
+    grid = torch.where(grid.abs() < 0.5 / (buf_h * buf_w), torch.zeros_like(grid), grid)
+    return [
+        (1.0 + grid[level, :, :h, :w]).to(dtype).unsqueeze(1)
+        for level, (h, w) in enumerate((int(s[0]), int(s[1])) for s in band_shapes)
+    ]
+
+
+def _disw_weights_loop(
+    boxes: Sequence[Tensor],
+    image_size: Sequence[int],
+    band_shapes: Sequence[Sequence[int]],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[Tensor]:
+    """Reference: the DISW formula transcribed box by box (slow; tests and benchmarks only)."""
+    in_h, in_w = _check_inputs(boxes, image_size, band_shapes)
+    if device is None:
+        device = boxes[0].device if len(boxes) else torch.device("cpu")
+    maps = []
+    for h, w in band_shapes:
+        h, w = int(h), int(w)
+        weight = torch.ones(len(boxes), 1, h, w, dtype=torch.float64, device=device)
+        for i, image_boxes in enumerate(boxes):
+            for xmin, ymin, xmax, ymax in image_boxes.double().tolist():
+                x0 = max(0, math.floor(xmin * w / in_w))
+                y0 = max(0, math.floor(ymin * h / in_h))
+                x1 = min(w - 1, math.ceil(xmax * w / in_w))
+                y1 = min(h - 1, math.ceil(ymax * h / in_h))
+                if x1 < x0 or y1 < y0:
+                    continue
+                weight[i, :, y0 : y1 + 1, x0 : x1 + 1] += 1.0 / ((x1 - x0 + 1) * (y1 - y0 + 1))
+        maps.append(weight.to(dtype))
+    return maps

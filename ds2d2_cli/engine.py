@@ -1,0 +1,274 @@
+"""The training loop shared by the teacher, amplifier and student stages.
+
+A stage describes *what* is trained as a `TrainingTask` (which module owns the
+trainable weights, how a batch becomes named loss terms); this module does the rest
+the same way for all three: optimiser and LR schedule, mixed precision, gradient
+clipping, logging every loss term to `metrics.jsonl`, periodic atomic checkpoints and
+exact `--resume`, evaluation and the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ds2d2_cli.config import TrainConfig
+from ds2d2_cli.data.dataset import DetectionDataset, ResumableBatchSampler, collate
+from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.fileio import atomic_path
+from ds2d2_cli.progress import NullReporter, Reporter
+
+RESUME_FILE = "checkpoints/last.pt"
+
+
+class TrainingTask(Protocol):
+    module: nn.Module  # holds every trainable parameter; its state_dict is what resume restores
+
+    def losses(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Weighted loss terms; their sum is minimised and each is logged on its own."""
+        ...
+
+    def train_mode(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    seconds: float
+    images_per_s: float
+    final_losses: dict[str, float]
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def total_iterations(schedule: TrainConfig, num_samples: int, world_size: int = 1) -> int:
+    if schedule.max_iters is not None:
+        return schedule.max_iters
+    per_epoch = max(1, num_samples // (schedule.batch_size * world_size))
+    return per_epoch * int(schedule.epochs or 1)
+
+
+def lr_factor(iteration: int, total: int, schedule: TrainConfig) -> float:
+    """Linear warm-up, then step decay at the schedule's fractions (2x: epochs 16 and 22 of 24)."""
+    factor = schedule.lr_gamma ** sum(iteration >= round(f * total) for f in schedule.lr_steps)
+    if iteration < schedule.warmup_iters:
+        alpha = iteration / schedule.warmup_iters
+        factor *= schedule.warmup_ratio * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(module: nn.Module, schedule: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise Ds2d2Error("nothing to train: every parameter is frozen")
+    lr = schedule.lr * schedule.batch_size * world_size / schedule.lr_base_batch
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=schedule.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _to_device(images, targets, device):
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def _save_resume(out: Path, iteration: int, task: TrainingTask, optimizer, scheduler, scaler, extra: dict) -> None:
+    state = {
+        "iteration": iteration,
+        "module": task.module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "extra": extra,
+    }
+    with atomic_path(out / RESUME_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_resume(out: Path) -> dict[str, Any]:
+    path = out / RESUME_FILE
+    if not path.is_file():
+        raise InputError("--resume: no checkpoint to resume from in this run folder", out)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged resume file is a user-visible input problem
+        raise InputError(f"--resume: cannot read the resume checkpoint ({exc})", path) from None
+
+
+def _trim_metrics(path: Path, last_iteration: int) -> None:
+    """On resume, drop log lines written after the checkpoint so the log reads as one run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= last_iteration]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def prepare_run_dir(out: Path, config_json: str, resume: bool) -> None:
+    """Refuse to mix two runs in one folder; write the resolved config."""
+    config_path = out / "config.json"
+    if resume:
+        if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(config_json):
+            raise InputError("--resume: the resolved config differs from the run's config.json", config_path)
+    elif (out / RESUME_FILE).exists() or (out / "model.safetensors").exists():
+        raise InputError("this folder already holds a run; use --resume to continue it or choose another --out", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the run folder: {exc.strerror}", out) from None
+    with atomic_path(config_path) as tmp:
+        tmp.write_text(config_json)
+
+
+def train(
+    task: TrainingTask,
+    dataset: DetectionDataset,
+    schedule: TrainConfig,
+    out: Path,
+    *,
+    stage: str,
+    device: torch.device,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    evaluate: Callable[[], dict[str, Any]] | None = None,
+    on_best: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    reporter = reporter or NullReporter()
+    total = total_iterations(schedule, len(dataset))
+    optimizer = build_optimizer(task.module, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, schedule))
+    use_amp = device.type == "cuda" and schedule.amp
+    scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
+    metrics_path = out / "metrics.jsonl"
+
+    start, best = 0, -1.0
+    if resume:
+        state = _load_resume(out)
+        task.module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        start, best = int(state["iteration"]), float(state["extra"].get("best", -1.0))
+        _trim_metrics(metrics_path, start)
+        reporter.note(f"{stage}: resuming at iteration {start} of {total}")
+
+    sampler = ResumableBatchSampler(len(dataset), schedule.batch_size, total, start, seed=schedule.seed)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=schedule.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    task.train_mode()
+    progress = reporter.task(stage, total=total, completed=start)
+    result = TrainResult(iterations=start, seconds=0.0, images_per_s=0.0, final_losses={})
+    window_images, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    iteration = completed = start
+    log = open(metrics_path, "a", encoding="utf-8")
+    try:
+        for iteration, (images, targets) in enumerate(loader, start=start + 1):
+            images, targets = _to_device(images, targets, device)
+            with _autocast(device, use_amp):
+                terms = task.losses(images, targets)
+            loss = sum(terms.values())
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    raise Ds2d2Error(
+                        f"{stage}: loss term {name} is {value} at iteration {iteration}; stopped "
+                        f"(last good checkpoint: {out / RESUME_FILE})"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if schedule.grad_clip:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            completed = iteration
+
+            window_images += len(images)
+            result.final_losses = values
+            if iteration % schedule.log_every == 0 or iteration == total:
+                elapsed = time.perf_counter() - window_start
+                speed = window_images / elapsed if elapsed > 0 else 0.0
+                record = {
+                    "iter": iteration, "epoch": (iteration - 1) // sampler.iters_per_epoch,
+                    "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach()), **values,
+                    "images_per_s": round(speed, 3),
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                window_images, window_start = 0, time.perf_counter()
+            progress.update(1, loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
+
+            evaluate_now = evaluate is not None and schedule.eval_every and iteration % schedule.eval_every == 0
+            if evaluate_now and iteration != total:
+                metrics = evaluate()
+                task.train_mode()
+                result.evaluations.append({"iter": iteration, **metrics})
+                log.write(json.dumps({"iter": iteration, "eval": metrics}) + "\n")
+                log.flush()
+                if on_best is not None and metrics.get("mAP", -1.0) > best:
+                    best = metrics["mAP"]
+                    on_best(metrics)
+            if iteration % schedule.checkpoint_every == 0 or iteration == total:
+                _save_resume(out, iteration, task, optimizer, scheduler, scaler, {"best": best})
+    except KeyboardInterrupt:
+        if completed > start:
+            _save_resume(out, completed, task, optimizer, scheduler, scaler, {"best": best})
+        raise
+    finally:
+        log.close()
+        progress.close()
+
+    result.iterations = total
+    result.seconds = time.perf_counter() - run_start
+    done = total - start
+    result.images_per_s = done * schedule.batch_size / result.seconds if result.seconds > 0 else 0.0
+    return result

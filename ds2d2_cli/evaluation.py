@@ -1,0 +1,187 @@
+"""Batched inference and COCO metrics (pycocotools), including DOTA patch merging.
+
+Detections leave the model as tensors and become COCO result rows in one vectorised
+step per batch; pycocotools does the matching (its C core), so no per-box Python loop
+sits on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ds2d2_cli.data.dataset import CocoSplit, DetectionDataset, collate
+from ds2d2_cli.errors import InputError
+from ds2d2_cli.progress import NullReporter, Reporter
+
+METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: DetectionDataset, device: torch.device, batch_size: int = 8,
+            num_workers: int = 0, reporter: Reporter | None = None) -> tuple[list[dict[str, Any]], float]:
+    """COCO result rows for every image of `dataset`, and the model's images/s."""
+    reporter = reporter or NullReporter()
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    rows: list[dict[str, Any]] = []
+    progress = reporter.task("eval", total=len(dataset))
+    model_seconds = 0.0
+    try:
+        for images, targets in loader:
+            images = [img.to(device) for img in images]
+            start = time.perf_counter()
+            outputs = model(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            model_seconds += time.perf_counter() - start
+            for target, out in zip(targets, outputs):
+                rows.extend(detections_to_coco(int(target["image_id"]), out))
+            progress.update(len(images))
+    finally:
+        progress.close()
+    return rows, (len(dataset) / model_seconds if model_seconds > 0 else 0.0)
+
+
+def detections_to_coco(image_id: int, detections: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    boxes = detections["boxes"].detach().float().cpu()
+    if boxes.numel() == 0:
+        return []
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).numpy().round(2).tolist()
+    scores = detections["scores"].detach().float().cpu().numpy().round(5).tolist()
+    labels = detections["labels"].cpu().tolist()
+    return [
+        {"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
+        for b, s, c in zip(xywh, scores, labels)
+    ]
+
+
+def _silent_coco(annotations: dict[str, Any]):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = annotations
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_metrics(gt: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """mAP, AP50, AP75, APs, APm, APl as pycocotools fractions (0..1) and per-class AP50/AP."""
+    from pycocotools.cocoeval import COCOeval
+
+    gt = dict(gt)
+    gt.setdefault("info", {})
+    gt.setdefault("licenses", [])
+    coco_gt = _silent_coco(gt)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    empty = {k: 0.0 for k in METRIC_KEYS}
+    if not results or not gt.get("annotations"):
+        return {**empty, "per_class": {n: {"AP50": 0.0, "AP": 0.0} for n in names.values()}, "detections": len(results)}
+    known = set(names)
+    unknown = {r["category_id"] for r in results} - known
+    if unknown:
+        raise InputError(f"predictions use category ids {sorted(unknown)} that the annotations do not define")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.maxDets = [1, 10, max(100, _max_dets_per_image(results))]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    metrics: dict[str, Any] = {k: _clean(stats[i]) for i, k in enumerate(METRIC_KEYS)}
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p_all = precision[:, :, k, 0, -1]
+        p_50 = precision[0, :, k, 0, -1]
+        per_class[names[cat_id]] = {"AP50": _mean_valid(p_50), "AP": _mean_valid(p_all)}
+    metrics["per_class"] = per_class
+    metrics["detections"] = len(results)
+    return metrics
+
+
+def _max_dets_per_image(results: Sequence[dict[str, Any]]) -> int:
+    counts: dict[int, int] = {}
+    for r in results:
+        counts[r["image_id"]] = counts.get(r["image_id"], 0) + 1
+    return max(counts.values(), default=0)
+
+
+def _clean(value: float) -> float:
+    return 0.0 if value < 0 else float(value)  # pycocotools uses -1 for "no such objects"
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+def load_coco_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a readable JSON file: {exc}", path) from None
+
+
+def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any]:
+    gt = load_coco_json(annotations)
+    results = load_coco_json(predictions)
+    if isinstance(results, dict) and "annotations" in results:
+        results = results["annotations"]
+    if not isinstance(results, list):
+        raise InputError("expected a COCO results list: [{image_id, category_id, bbox, score}, ...]", predictions)
+    for i, row in enumerate(results):
+        if not isinstance(row, dict) or not {"image_id", "category_id", "bbox", "score"} <= row.keys():
+            raise InputError(f"result {i} lacks image_id, category_id, bbox or score", predictions)
+    if not isinstance(gt, dict) or "images" not in gt or "categories" not in gt:
+        raise InputError("not a COCO annotation file (needs images and categories)", annotations)
+    gt_ids = {img["id"] for img in gt["images"]}
+    stray = {r["image_id"] for r in results} - gt_ids
+    if stray:
+        raise InputError(f"predictions for image ids not in the annotations: {sorted(stray)[:5]}", predictions)
+    return coco_metrics(gt, results)
+
+
+def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou: float = 0.5) -> list[dict[str, Any]]:
+    """Shift patch detections to scene coordinates and merge overlaps with class-wise NMS."""
+    from torchvision.ops import batched_nms
+
+    by_id = {img["id"]: img for img in split.images}
+    if results and any("scene_id" not in by_id[r["image_id"]] for r in results):
+        raise InputError("these patches carry no scene offsets (prepare the data with `ds2d2 prepare-data dota`)", split.path)
+    if not results:
+        return []
+    offsets = np.array([
+        [by_id[r["image_id"]]["window"][0], by_id[r["image_id"]]["window"][1]] for r in results
+    ], dtype=np.float64)
+    scales = np.array([by_id[r["image_id"]].get("scale", 1.0) for r in results], dtype=np.float64)
+    scene_ids = np.array([by_id[r["image_id"]]["scene_id"] for r in results])
+    xywh = np.array([r["bbox"] for r in results], dtype=np.float64)
+    xy = (xywh[:, :2] + offsets) / scales[:, None]
+    wh = xywh[:, 2:] / scales[:, None]
+    boxes = torch.from_numpy(np.concatenate([xy, xy + wh], axis=1))
+    scores = torch.tensor([r["score"] for r in results], dtype=torch.float64)
+    labels = np.array([r["category_id"] for r in results])
+    groups = torch.from_numpy(scene_ids.astype(np.int64) * 10_000 + labels.astype(np.int64))
+    keep = batched_nms(boxes.float(), scores.float(), groups, iou).numpy()
+    merged = []
+    for i in keep:
+        x0, y0, x1, y1 = boxes[i].tolist()
+        merged.append({"image_id": int(scene_ids[i]), "category_id": int(labels[i]),
+                       "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                       "score": float(scores[i])})
+    return merged

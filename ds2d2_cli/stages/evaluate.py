@@ -1,0 +1,57 @@
+"""`eval`: score a checkpoint on a prepared split, or a COCO results file against annotations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds2d2_cli.checkpoint import check_classes, load_checkpoint
+from ds2d2_cli.evaluation import evaluate_results_file
+from ds2d2_cli.fileio import write_json
+from ds2d2_cli.progress import Reporter
+from ds2d2_cli.stages.common import evaluate_on_split, load_split, model_from_checkpoint
+
+
+def evaluate_checkpoint(
+    checkpoint_path: Path,
+    *,
+    data_dir: Path | None = None,
+    split: str | None = None,
+    device: torch.device | str = "cpu",
+    merge_patches: bool = False,
+    batch_size: int = 8,
+    predictions_out: Path | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """COCO metrics of any stage's checkpoint; data and split default to the run's own config."""
+    checkpoint = load_checkpoint(checkpoint_path, ("teacher", "student"), option="CKPT")
+    config = checkpoint.run_config()
+    if data_dir is None:
+        if config is None:
+            raise_missing = "this checkpoint records no data folder; pass --data"
+            from ds2d2_cli.errors import InputError
+
+            raise InputError(raise_missing, checkpoint_path)
+        data_dir = Path(config.data.root)
+    split = split or (config.data.eval_split if config is not None else "val")
+    coco = load_split(Path(data_dir), split)
+    check_classes(checkpoint, coco.class_names, coco.path)
+    device = torch.device(device)
+    model = model_from_checkpoint(checkpoint, device)
+    metrics, results = evaluate_on_split(model, coco, device, batch_size=batch_size,
+                                         merge_patches=merge_patches, reporter=reporter)
+    if predictions_out is not None:
+        write_json(predictions_out, results)
+    metrics.update({
+        "checkpoint": str(checkpoint_path), "stage": checkpoint.meta.stage, "split": split,
+        "data": str(data_dir), "merged_patches": merge_patches,
+    })
+    return metrics
+
+
+def evaluate_predictions(predictions: Path, annotations: Path) -> dict[str, Any]:
+    metrics = evaluate_results_file(Path(predictions), Path(annotations))
+    metrics.update({"predictions": str(predictions), "annotations": str(annotations)})
+    return metrics

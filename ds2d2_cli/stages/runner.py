@@ -1,0 +1,99 @@
+"""The part every training stage shares: run folder, training, evaluation, checkpoints, summary.
+
+A stage only says what it trains (a `TrainingTask`) and which detector to score; this
+module writes `config.json`, `metrics.jsonl`, `best.safetensors` (when evaluation runs
+during training), `model.safetensors` with the final metrics, and `summary.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint
+from ds2d2_cli.config import RunConfig, config_to_json
+from ds2d2_cli.data.dataset import DetectionDataset
+from ds2d2_cli.engine import TrainingTask, prepare_run_dir, train
+from ds2d2_cli.fileio import write_json
+from ds2d2_cli.progress import NullReporter, Reporter
+from ds2d2_cli.stages.common import StageData, evaluate_on_split
+
+
+@dataclass
+class StageResult:
+    """What a stage produced; `summary` is also written to `OUT/summary.json`."""
+
+    out: Path
+    model_path: Path
+    best_path: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_stage(config: RunConfig, out: Path, resume: bool) -> None:
+    prepare_run_dir(Path(out), config_to_json(config), resume)
+
+
+def run_stage(
+    *,
+    task: TrainingTask,
+    scored: nn.Module | None,
+    weights: Callable[[], dict[str, torch.Tensor]],
+    meta: Callable[[dict[str, Any]], CheckpointMeta],
+    config: RunConfig,
+    data: StageData,
+    out: Path,
+    stage: str,
+    device: torch.device,
+    resume: bool,
+    reporter: Reporter | None,
+    extra_summary: dict[str, Any] | None = None,
+) -> StageResult:
+    """Train `task`, score `scored` (None: no detector to score) and save the checkpoints.
+
+    `weights()` returns the state dict that goes into the checkpoint and `meta(metrics)`
+    its metadata, so amplifier and student stages can save only what they hand over.
+    """
+    reporter = reporter or NullReporter()
+    out = Path(out)
+    schedule = config.schedule(stage)  # type: ignore[arg-type]
+    dataset = DetectionDataset(data.train, augment=schedule.augment, seed=schedule.seed)
+    evaluate = None
+    best_path = out / "best.safetensors"
+    if scored is not None and data.eval is not None:
+        def evaluate() -> dict[str, Any]:
+            metrics, _ = evaluate_on_split(scored, data.eval, device, batch_size=schedule.batch_size * 2)
+            return metrics
+
+    def on_best(metrics: dict[str, Any]) -> None:
+        save_checkpoint(best_path, weights(), meta(metrics))
+
+    result = train(task, dataset, schedule, out, stage=stage, device=device, resume=resume,
+                   reporter=reporter, evaluate=evaluate, on_best=on_best)
+    final_metrics: dict[str, Any] = {}
+    if evaluate is not None:
+        reporter.note(f"{stage}: evaluating on {data.eval.path.stem} ({len(data.eval.images)} images)")
+        final_metrics = evaluate()
+        best_so_far = max((e.get("mAP", -1.0) for e in result.evaluations), default=-1.0)
+        if final_metrics["mAP"] >= best_so_far:
+            on_best(final_metrics)
+    model_path = save_checkpoint(out / "model.safetensors", weights(), meta(final_metrics))
+    summary = {
+        "stage": stage,
+        "out": str(out),
+        "model": str(model_path),
+        "best": str(best_path) if best_path.is_file() else None,
+        "iterations": result.iterations,
+        "seconds": round(result.seconds, 2),
+        "images_per_s": round(result.images_per_s, 3),
+        "iterations_per_s": round(result.images_per_s / schedule.batch_size, 4),
+        "final_losses": {k: round(v, 5) for k, v in result.final_losses.items()},
+        "metrics": final_metrics,
+        "eval_split": data.eval.path.stem if data.eval is not None else None,
+        **(extra_summary or {}),
+    }
+    write_json(out / "summary.json", summary, indent=2)
+    return StageResult(out, model_path, best_path if best_path.is_file() else None, summary)
