@@ -97,15 +97,23 @@ def coco_metrics(gt: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
         evaluator.params.maxDets = [1, 10, max(100, _max_dets_per_image(results))]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    stats = evaluator.stats
-    metrics: dict[str, Any] = {k: _clean(stats[i]) for i, k in enumerate(METRIC_KEYS)}
-    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    # Read the summary numbers from the precision array rather than `summarize()`, which
+    # hard-codes maxDets=100 and reports -1 once we raise the cap for dense DOTA scenes.
+    precision = evaluator.eval["precision"]  # [T(iou .50:.05:.95), R, K, A(all,s,m,l), M]
+    iou_50, iou_75 = (int(np.argmin(np.abs(evaluator.params.iouThrs - t))) for t in (0.5, 0.75))
+    metrics: dict[str, Any] = {
+        "mAP": _mean_valid(precision[:, :, :, 0, -1]),
+        "AP50": _mean_valid(precision[iou_50, :, :, 0, -1]),
+        "AP75": _mean_valid(precision[iou_75, :, :, 0, -1]),
+        "APs": _mean_valid(precision[:, :, :, 1, -1]),
+        "APm": _mean_valid(precision[:, :, :, 2, -1]),
+        "APl": _mean_valid(precision[:, :, :, 3, -1]),
+    }
     per_class = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
-        p_all = precision[:, :, k, 0, -1]
-        p_50 = precision[0, :, k, 0, -1]
-        per_class[names[cat_id]] = {"AP50": _mean_valid(p_50), "AP": _mean_valid(p_all)}
+        per_class[names[cat_id]] = {
+            "AP50": _mean_valid(precision[iou_50, :, k, 0, -1]), "AP": _mean_valid(precision[:, :, k, 0, -1]),
+        }
     metrics["per_class"] = per_class
     metrics["detections"] = len(results)
     return metrics
@@ -116,10 +124,6 @@ def _max_dets_per_image(results: Sequence[dict[str, Any]]) -> int:
     for r in results:
         counts[r["image_id"]] = counts.get(r["image_id"], 0) + 1
     return max(counts.values(), default=0)
-
-
-def _clean(value: float) -> float:
-    return 0.0 if value < 0 else float(value)  # pycocotools uses -1 for "no such objects"
 
 
 def _mean_valid(values: np.ndarray) -> float:

@@ -214,5 +214,5 @@ def synthetic_command(
             total = sum(objects.values()) if isinstance(objects, dict) else objects
             table.add_row(name, str(s["images"]), str(total))
     console.print(table)
-    console.print(f"next: ds2d2 prepare-data dota {out} --split 256 --classes synthetic")
+    console.print(f"next: ds2d2 prepare-data dota {out} --split 256 --gap 64 --classes synthetic")
     write_json_output(json_out, summary)

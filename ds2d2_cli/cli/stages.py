@@ -1,15 +1,30 @@
-"""Training, evaluation and export subcommands."""
+"""Training, evaluation and export subcommands: option parsing and tables around `ds2d2_cli.stages`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, List, Optional
+
 import typer
+from rich.table import Table
 
-from ds2d2_cli.cli.common import fail
+from ds2d2_cli.cli.common import (
+    PRESET_HELP, SET_HELP, RichReporter, fail, handle_errors, stdout_console, write_json_output,
+)
+from ds2d2_cli.errors import InputError
 
-_PENDING = ("train-teacher", "train-amplifier", "distill", "eval", "export")
+JSON_HELP = "also write the figures as JSON to FILE (`-` for stdout)"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DATA_HELP = "prepared data folder [default: the preset's data.root, where prepare-data writes]"
+MAX_ITERS_HELP = "stop after N iterations (overrides the preset's epochs; handy for smoke tests)"
+RESUME_HELP = "continue the run in OUT from its last checkpoint (same config required)"
+
+_PENDING = ("train-amplifier", "distill", "export")
 
 
 def register(app: typer.Typer) -> None:
+    app.command("train-teacher")(train_teacher_command)
+    app.command("eval")(eval_command)
     for name in _PENDING:
         app.command(
             name,
@@ -24,3 +39,155 @@ def _pending(name: str):
 
     command.__name__ = name.replace("-", "_")
     return command
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def resolve_config(preset: str, overrides: list[str], *, stage: str, max_iters: Optional[int] = None,
+                   weights: dict[str, Optional[Path]] | None = None):
+    """The preset with `--set` overrides and the command's own options folded in."""
+    from ds2d2_cli.config import load_config
+
+    extra = list(overrides)
+    if max_iters is not None:
+        if max_iters <= 0:
+            raise InputError("--max-iters must be positive")
+        field = {"teacher": "teacher_train", "amplifier": "amplifier_train"}.get(stage, "train")
+        config = load_config(preset, extra)
+        if getattr(config, field) is None:
+            extra.append(f"{field}={config.train.model_dump_json()}")
+        extra.append(f"{field}.max_iters={max_iters}")
+    for role, path in (weights or {}).items():
+        if path is not None:
+            extra.append(f"{role}.backbone_weights={path}")
+    return load_config(preset, extra)
+
+
+def _device(name: str):
+    from ds2d2_cli.engine import resolve_device
+
+    return resolve_device(name)
+
+
+def _json_to_stdout(json_out: Optional[Path]) -> bool:
+    """With `--json -` stdout carries only the JSON, so scripts can parse it."""
+    return json_out is not None and str(json_out) == "-"
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def print_run_summary(summary: dict[str, Any]) -> None:
+    console = stdout_console()
+    table = Table(title=f"{summary['stage']} run: {summary['out']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("iterations", str(summary["iterations"]))
+    table.add_row("time", f"{summary['seconds']:.1f} s ({summary['images_per_s']:.2f} images/s)")
+    for name, value in summary.get("final_losses", {}).items():
+        table.add_row(f"loss {name}", f"{value:.4g}")
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        table.add_row(f"{summary.get('eval_split')} mAP / AP50", f"{_pct(metrics.get('mAP'))} / {_pct(metrics.get('AP50'))}")
+    table.add_row("model", summary["model"])
+    if summary.get("best"):
+        table.add_row("best", summary["best"])
+    console.print(table)
+
+
+def print_metrics(metrics: dict[str, Any], title: str) -> None:
+    console = stdout_console()
+    overall = Table(title=title)
+    for key in ("mAP", "AP50", "AP75", "APs", "APm", "APl"):
+        overall.add_column(key, justify="right")
+    overall.add_row(*(_pct(metrics.get(k)) for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")))
+    console.print(overall)
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        table = Table(title="per class (AP in %)")
+        table.add_column("class")
+        table.add_column("AP50", justify="right")
+        table.add_column("AP", justify="right")
+        for name, values in per_class.items():
+            table.add_row(name, _pct(values["AP50"]), _pct(values["AP"]))
+        console.print(table)
+    if metrics.get("images_per_s"):
+        console.print(f"{metrics['images']} images, {metrics['images_per_s']:.2f} images/s (model only), "
+                      f"{metrics['detections']} detections")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@handle_errors
+def train_teacher_command(
+    preset: str = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
+    out: Path = typer.Option(Path("runs/teacher"), "--out", "-o", help="run folder"),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters", help=MAX_ITERS_HELP),
+    backbone_weights: Optional[Path] = typer.Option(
+        None, "--backbone-weights", help="local backbone weights (state_dict .pth/.safetensors) instead of downloading"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Train the teacher detector on prepared data.
+
+    Example: ds2d2 train-teacher --preset retina-dior --out runs/teacher
+    """
+    from ds2d2_cli.stages.teacher import train_teacher
+
+    config = resolve_config(preset, overrides, stage="teacher", max_iters=max_iters,
+                            weights={"teacher": backbone_weights})
+    result = train_teacher(config, out=out, data_dir=data, preset=preset, device=_device(device),
+                           resume=resume, reporter=RichReporter())
+    if not _json_to_stdout(json_out):
+        print_run_summary(result.summary)
+    write_json_output(json_out, result.summary)
+
+
+@handle_errors
+def eval_command(
+    checkpoint: Optional[Path] = typer.Argument(None, help="a teacher or student .safetensors checkpoint",
+                                                show_default=False),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="prepared data folder [default: the checkpoint's run config]",
+                                        show_default=False),
+    split: Optional[str] = typer.Option(None, "--split", help="split to score [default: the config's eval split]",
+                                        show_default=False),
+    merge_patches: bool = typer.Option(False, "--merge-patches",
+                                       help="merge DOTA patch detections back into scenes and score whole scenes"),
+    predictions_out: Optional[Path] = typer.Option(None, "--predictions-out", help="write the COCO results JSON here"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="score this COCO results file (no model)"),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO annotations for --predictions"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per inference batch"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """COCO metrics (pycocotools) of a checkpoint, or of a results file.
+
+    Examples: ds2d2 eval runs/student/model.safetensors --json metrics.json
+
+              ds2d2 eval --predictions results.json --annotations data/DIOR-coco/test.json
+    """
+    from ds2d2_cli.stages.evaluate import evaluate_checkpoint, evaluate_predictions
+
+    if predictions is not None or annotations is not None:
+        if checkpoint is not None:
+            raise InputError("pass either a checkpoint or --predictions/--annotations, not both")
+        if predictions is None or annotations is None:
+            raise InputError("--predictions and --annotations go together")
+        metrics = evaluate_predictions(predictions, annotations)
+        title = f"{predictions.name} vs {annotations.name}"
+    else:
+        if checkpoint is None:
+            raise InputError("give a checkpoint to evaluate (or --predictions with --annotations)")
+        metrics = evaluate_checkpoint(checkpoint, data_dir=data, split=split, device=_device(device),
+                                      merge_patches=merge_patches, batch_size=batch_size,
+                                      predictions_out=predictions_out, reporter=RichReporter())
+        title = f"{checkpoint} on {metrics['split']}{' (scenes)' if merge_patches else ''}"
+    if not _json_to_stdout(json_out):
+        print_metrics(metrics, title)
+    write_json_output(json_out, metrics)

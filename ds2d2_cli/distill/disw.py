@@ -15,8 +15,9 @@ clipped to the map, inclusive ranges. Small boxes get large per-cell weights, la
 small ones, and overlapping boxes add up, so dense small objects weigh most whatever
 their count.
 
-`disw_weights` builds the maps for all images and all levels at once, without a Python
-loop over boxes: every box adds +w/-w at the four corners of its rectangle in a 2-D
+`disw_weights(boxes, input_hw, band_hw)` builds the map of one band resolution;
+`disw_weights_levels(boxes, input_hw, band_hws)` builds all FPN levels in one pass
+(cheaper than one call per level). Neither loops over boxes in Python: every box adds +w/-w at the four corners of its rectangle in a 2-D
 difference array (one `index_add_`), and two cumulative sums turn that into the
 rectangle sums. Accumulation is in float64 so the result matches the straightforward
 per-box loop (`_disw_weights_loop`, kept as the reference for tests and benchmarks) to
@@ -34,14 +35,14 @@ from torch import Tensor
 
 from ds2d2_cli.errors import Ds2d2Error
 
-__all__ = ["disw_weights"]
+__all__ = ["disw_weights", "disw_weights_levels"]
 
 
 def _check_inputs(
-    boxes: Sequence[Tensor], image_size: Sequence[int], band_shapes: Sequence[Sequence[int]]
+    boxes: Sequence[Tensor], input_hw: Sequence[int], band_shapes: Sequence[Sequence[int]]
 ) -> tuple[int, int]:
-    if len(image_size) != 2 or min(image_size) <= 0:
-        raise Ds2d2Error(f"image_size must be (H_in, W_in) > 0, got {tuple(image_size)}")
+    if len(input_hw) != 2 or min(input_hw) <= 0:
+        raise Ds2d2Error(f"input_hw must be (H_in, W_in) > 0, got {tuple(input_hw)}")
     if not band_shapes:
         raise Ds2d2Error("DISW needs at least one band shape")
     for shape in band_shapes:
@@ -50,38 +51,52 @@ def _check_inputs(
     for i, b in enumerate(boxes):
         if b.dim() != 2 or b.shape[-1] != 4:
             raise Ds2d2Error(f"boxes of image {i} must be [K, 4] (xmin, ymin, xmax, ymax), got {tuple(b.shape)}")
-    return int(image_size[0]), int(image_size[1])
+    return int(input_hw[0]), int(input_hw[1])
 
 
-def disw_weights(
+def disw_weights(boxes: Sequence[Tensor], input_hw: Sequence[int], band_hw: Sequence[int]) -> Tensor:
+    """The DISW map `[N, 1, h', w']` (float32, on the boxes' device) of one band resolution.
+
+    boxes: one `[K_i, 4]` tensor per image, (xmin, ymin, xmax, ymax) in padded-input pixels.
+    input_hw: (H_in, W_in), the padded batch input size.
+    band_hw: (h', w'), the resolution of the DWT bands the map weighs
+        (`spectral.band_shape(feature.shape[-2:], wavelet)`).
+
+    For several FPN levels at once, `disw_weights_levels` is faster.
+    """
+    return disw_weights_levels(boxes, input_hw, [band_hw])[0]
+
+
+def disw_weights_levels(
     boxes: Sequence[Tensor],
-    image_size: Sequence[int],
-    band_shapes: Sequence[Sequence[int]],
+    input_hw: Sequence[int],
+    band_hws: Sequence[Sequence[int]],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[Tensor]:
-    """Per-level DISW maps `[N, 1, h', w']` (method.md, DISW), vectorised over boxes.
+    """Per-level DISW maps `[N, 1, h', w']`, one per entry of `band_hws`, in one pass.
 
-    boxes: one `[K_i, 4]` tensor per image, (xmin, ymin, xmax, ymax) in padded-input pixels.
-    image_size: (H_in, W_in), the padded batch input size.
-    band_shapes: (h', w') per FPN level, the resolution of the DWT bands the map weighs
-        (`spectral.band_shape(feature.shape[-2:], wavelet)`).
+    Same arguments as `disw_weights`, with `band_hws` a sequence of (h', w'). `device`
+    defaults to the boxes' device (CPU if there are no images), `dtype` to float32.
     """
-    in_h, in_w = _check_inputs(boxes, image_size, band_shapes)
+    band_shapes = band_hws
+    in_h, in_w = _check_inputs(boxes, input_hw, band_shapes)
     if device is None:
         device = boxes[0].device if len(boxes) else torch.device("cpu")
     n_img, n_lvl = len(boxes), len(band_shapes)
     hs = torch.tensor([s[0] for s in band_shapes], dtype=torch.float64, device=device)
     ws = torch.tensor([s[1] for s in band_shapes], dtype=torch.float64, device=device)
-    buf_h = int(hs.max().item()) + 1
-    buf_w = int(ws.max().item()) + 1
+    buf_h = max(int(s[0]) for s in band_shapes) + 1  # Python ints: no device sync
+    buf_w = max(int(s[1]) for s in band_shapes) + 1
     grid = torch.zeros(n_lvl * n_img * buf_h * buf_w, dtype=torch.float64, device=device)
 
     counts = [int(b.shape[0]) for b in boxes]
     if sum(counts):
         all_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float64)
-        image_idx = torch.repeat_interleave(torch.arange(n_img, device=device), torch.tensor(counts, device=device))
+        image_idx = torch.repeat_interleave(
+            torch.arange(n_img, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
+        )
         # [L, B] cell ranges: multiply first, then divide (exact on cell borders).
         x0 = torch.floor(all_boxes[None, :, 0] * ws[:, None] / in_w).clamp_min(0)
         y0 = torch.floor(all_boxes[None, :, 1] * hs[:, None] / in_h).clamp_min(0)
@@ -116,14 +131,17 @@ def disw_weights(
 
 def _disw_weights_loop(
     boxes: Sequence[Tensor],
-    image_size: Sequence[int],
+    input_hw: Sequence[int],
     band_shapes: Sequence[Sequence[int]],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[Tensor]:
-    """Reference: the DISW formula transcribed box by box (slow; tests and benchmarks only)."""
-    in_h, in_w = _check_inputs(boxes, image_size, band_shapes)
+    """Reference: the DISW formula transcribed box by box (slow; tests and benchmarks only).
+
+    Same arguments and result as `disw_weights_levels`.
+    """
+    in_h, in_w = _check_inputs(boxes, input_hw, band_shapes)
     if device is None:
         device = boxes[0].device if len(boxes) else torch.device("cpu")
     maps = []

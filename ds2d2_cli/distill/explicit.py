@@ -1,14 +1,16 @@
 """Explicit stream: feature imitation per frequency band (method.md, "Explicit stream").
 
-For every FPN level, with `A` one bias-free 1x1 conv shared by all levels:
+For every FPN level, with `A` one bias-free 1x1 conv shared by all levels (`Adapter`,
+applied by the caller):
 
     s' = A(s);  (Ls, Hs) = DWT(s');  (Lt, Ht) = DWT(t)
     loss_low  = sum_levels mean((Ls - Lt)^2 * W)
     loss_high = sum_levels mean((Hs - Ht)^2 * W[:, :, None])
 
-`W` is the DISW map at band resolution (`disw.disw_weights`), or 1 everywhere (then each
-stream is a plain FitNet-style MSE on its band). Splitting the bands keeps the faint
-high-frequency detail of small objects from being drowned by low-frequency energy.
+`W` is the DISW map at each level's band resolution (`disw.disw_weights_levels`), or 1
+everywhere with `disw=False` (then each stream is a plain FitNet-style MSE on its band).
+Splitting the bands keeps the faint high-frequency detail of small objects from being
+drowned by low-frequency energy.
 
 The DWT is linear, so `DWT(s') - DWT(t) = DWT(s' - t)`: we transform the difference once
 per level instead of student and teacher separately (half the transform work, same
@@ -17,24 +19,26 @@ value up to float rounding). The teacher is detached here: no gradient ever reac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ds2d2_cli.distill.disw import disw_weights_levels
 from ds2d2_cli.distill.spectral import _ptwt_split, band_shape, haar_bands
 from ds2d2_cli.errors import Ds2d2Error
 
 __all__ = ["Adapter", "explicit_losses", "fitnet_loss"]
 
-_STREAMS = ("low", "high")
+Features = Sequence[Tensor] | Mapping[str, Tensor]
 
 
 class Adapter(nn.Module):
     """`A` of method.md: one 1x1 conv without bias, shared by all FPN levels.
 
     Maps student channels to teacher channels so the student is compared in the
-    teacher's feature basis; trained with the student.
+    teacher's feature basis; trained with the student. Apply it to every student FPN
+    level before `explicit_losses` / `fitnet_loss` / the implicit losses.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int):
@@ -43,6 +47,21 @@ class Adapter(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.conv(features)
+
+
+def _levels(feats: Features) -> list[Tensor]:
+    return list(feats.values()) if isinstance(feats, Mapping) else list(feats)
+
+
+def _paired_levels(student_feats: Features, teacher_feats: Features) -> tuple[list[Tensor], list[Tensor]]:
+    if isinstance(student_feats, Mapping) and isinstance(teacher_feats, Mapping):
+        if list(student_feats) != list(teacher_feats):
+            raise Ds2d2Error(
+                f"student FPN levels {list(student_feats)} do not match teacher levels {list(teacher_feats)}"
+            )
+    student, teacher = _levels(student_feats), _levels(teacher_feats)
+    _pairs(student, teacher)
+    return student, teacher
 
 
 def _pairs(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> None:
@@ -65,89 +84,71 @@ def _working(x: Tensor) -> Tensor:
 
 
 def explicit_losses(
-    student_feats: Sequence[Tensor],
-    teacher_feats: Sequence[Tensor],
-    weights: Sequence[Tensor] | None = None,
+    student_feats: Features,
+    teacher_feats: Features,
+    boxes: Sequence[Tensor] | None,
+    input_hw: Sequence[int] | None,
     wavelet: str = "haar",
-    streams: Sequence[str] = _STREAMS,
-    *,
-    adapter: nn.Module | None = None,
-) -> dict[str, Tensor]:
-    """{"explicit_low", "explicit_high"} of method.md (only the requested streams).
+    disw: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(loss_low, loss_high) of method.md, each summed over FPN levels.
 
-    student_feats / teacher_feats: FPN levels `[N, C, h, w]`, same order and sizes.
-    weights: per-level DISW maps `[N, 1, h', w']` at band resolution, or None for 1.
-    adapter: the shared `A`, applied to each student level when given.
+    student_feats: ADAPTED student FPN levels `[N, C_t, h, w]` (apply `Adapter` first), a
+        sequence or a dict (its `.values()` order); same order and sizes as the teacher's.
+    teacher_feats: teacher FPN levels; detached here.
+    boxes: one `[K_i, 4]` xyxy tensor per image, in padded-input pixels (DISW).
+    input_hw: (H_in, W_in), the padded batch input size (DISW).
+    wavelet: any pywt discrete wavelet; Haar has an exact fast path.
+    disw: False weighs every band cell 1 (boxes / input_hw are then unused, may be None).
     """
-    unknown = [s for s in streams if s not in _STREAMS]
-    if unknown or not streams:
-        raise Ds2d2Error(f"explicit streams must be a non-empty subset of {_STREAMS}, got {tuple(streams)}")
-    _pairs(student_feats, teacher_feats)
-    if weights is not None and len(weights) != len(student_feats):
-        raise Ds2d2Error(f"{len(weights)} DISW maps for {len(student_feats)} FPN levels")
+    student, teacher = _paired_levels(student_feats, teacher_feats)
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        _check_level(level, s, t)
+    bands = [band_shape(tuple(s.shape[-2:]), wavelet) for s in student]
+    weights: list[Tensor] | None = None
+    if disw:
+        if boxes is None or input_hw is None:
+            raise Ds2d2Error("DISW needs the ground-truth boxes and the padded input size (or disw=False)")
+        if len(boxes) != student[0].shape[0]:
+            raise Ds2d2Error(f"{len(boxes)} box tensors for a batch of {student[0].shape[0]} images")
+        dtype = torch.float64 if student[0].dtype == torch.float64 else torch.float32
+        weights = disw_weights_levels(boxes, input_hw, bands, device=student[0].device, dtype=dtype)
 
-    want_low, want_high = "low" in streams, "high" in streams
     loss_low: Tensor | None = None
     loss_high: Tensor | None = None
-    for level, (student, teacher) in enumerate(zip(student_feats, teacher_feats)):
-        if adapter is not None:
-            student = adapter(student)
-        _check_level(level, student, teacher)
-        diff = _working(student) - _working(teacher.detach())
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        diff = _working(s) - _working(t.detach())
         if wavelet == "haar":
             low, *details = haar_bands(diff)
+            sq_high = details[0].square() + details[1].square() + details[2].square()
         else:
-            low, stacked = _ptwt_split(diff, wavelet)
-            details = [stacked]  # [N, C, 3, h', w']
-        n, _, hb, wb = low.shape
-        w = None
+            low, stacked = _ptwt_split(diff, wavelet)  # stacked: [N, C, 3, h', w']
+            sq_high = stacked.square().sum(dim=2)
+        sq_low = low.square()
         if weights is not None:
-            w = weights[level]
-            if tuple(w.shape) != (n, 1, hb, wb):
-                expected = band_shape(tuple(student.shape[-2:]), wavelet)
-                raise Ds2d2Error(
-                    f"FPN level {level}: DISW map {tuple(w.shape)} must be [N, 1, h', w'] = "
-                    f"{(n, 1, *expected)} (band resolution of {wavelet})"
-                )
-            w = w.to(device=low.device, dtype=low.dtype)
-        if want_low:
-            sq = low.square()
-            term = (sq if w is None else sq * w).mean()
-            loss_low = term if loss_low is None else loss_low + term
-        if want_high:
-            if wavelet == "haar":
-                sq = details[0].square() + details[1].square() + details[2].square()
-            else:
-                sq = details[0].square().sum(dim=2)
-            # mean over [N, C, 3, h', w'] with W broadcast over the band axis.
-            term = (sq if w is None else sq * w).sum() / (3 * low.numel())
-            loss_high = term if loss_high is None else loss_high + term
-
-    out: dict[str, Tensor] = {}
-    if loss_low is not None:
-        out["explicit_low"] = loss_low
-    if loss_high is not None:
-        out["explicit_high"] = loss_high
-    return out
+            w = weights[level].to(low.dtype)
+            sq_low, sq_high = sq_low * w, sq_high * w
+        term_low = sq_low.mean()
+        # mean over [N, C, 3, h', w'] with W broadcast over the band axis.
+        term_high = sq_high.sum() / (3 * low.numel())
+        loss_low = term_low if loss_low is None else loss_low + term_low
+        loss_high = term_high if loss_high is None else loss_high + term_high
+    assert loss_low is not None and loss_high is not None
+    return loss_low, loss_high
 
 
-def fitnet_loss(
-    student_feats: Sequence[Tensor],
-    teacher_feats: Sequence[Tensor],
-    *,
-    adapter: nn.Module | None = None,
-) -> Tensor:
-    """FitNet baseline: plain feature MSE, `sum_levels mean((A(s) - t)^2)`, no spectral split.
+def fitnet_loss(student_feats: Features, teacher_feats: Features) -> Tensor:
+    """FitNet baseline: plain feature MSE, `sum_levels mean((s' - t)^2)`, no spectral split.
 
+    student_feats: ADAPTED student FPN levels (`s' = A(s)`, apply `Adapter` first), a
+        sequence or a dict (`.values()` order), same sizes as `teacher_feats`.
     The comparison point DS2D2's explicit stream improves on; teacher detached.
     """
-    _pairs(student_feats, teacher_feats)
+    student, teacher = _paired_levels(student_feats, teacher_feats)
     total: Tensor | None = None
-    for level, (student, teacher) in enumerate(zip(student_feats, teacher_feats)):
-        if adapter is not None:
-            student = adapter(student)
-        _check_level(level, student, teacher)
-        term = (_working(student) - _working(teacher.detach())).square().mean()
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        _check_level(level, s, t)
+        term = (_working(s) - _working(t.detach())).square().mean()
         total = term if total is None else total + term
     assert total is not None
     return total

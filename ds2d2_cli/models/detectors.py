@@ -69,7 +69,11 @@ def _load_local_weights(body: nn.Module, path: Path) -> None:
         raise InputError(f"cannot read backbone weights: {exc}", path) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise InputError(f"backbone weights do not fit this backbone ({detail})", path) from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing:
         raise InputError(

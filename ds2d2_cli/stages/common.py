@@ -46,7 +46,15 @@ def load_split(root: Path, split: str, expected_classes: list[str] | None = None
     return coco
 
 
-def load_stage_data(config: RunConfig, data_dir: Path | None) -> StageData:
+def with_data_root(config: RunConfig, data_dir: Path | None) -> RunConfig:
+    """Record the data folder a run actually used, so `eval` of its checkpoint finds it."""
+    if data_dir is None:
+        return config
+    data = config.data.model_copy(update={"root": Path(data_dir).resolve()})
+    return config.model_copy(update={"data": data})
+
+
+def load_stage_data(config: RunConfig, data_dir: Path | None = None) -> StageData:
     root = Path(data_dir) if data_dir is not None else Path(config.data.root)
     classes = list(get_class_set(config.data.classes))
     train = load_split(root, config.data.train_split, classes)

@@ -1,0 +1,183 @@
+"""Implicit stream: knowledge amplifiers (method.md, "Implicit stream").
+
+A feature gap that looks small can move predictions a lot once a head reads it, so the
+student is also taught through a frozen detection head (the "amplifier") that reads both
+the student's and the teacher's FPN features: the teacher's own head (full-frequency
+amplifier, fed the raw features) or the head trained by `train-amplifier` on `HF(...)`
+(high-frequency amplifier, fed `high_frequency(...)` of each level). The caller chooses
+the head and the features; these functions only compare the head's two outputs.
+
+The head runs with autograd on the student features (gradients reach them; the head's
+own parameters are whatever the caller made them, they are simply not optimised here)
+and under `no_grad` on the teacher features. Student features must already be ADAPTED
+(`Adapter`, teacher channel count). Everything that torchvision provides is reused
+(Matcher, BoxCoder, `generalized_box_iou_loss`, `RoIHeads.select_training_samples`, the
+RoI pooler, box head and predictor); losses are computed in float32 even under autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import box_iou, generalized_box_iou_loss
+
+from ds2d2_cli.errors import Ds2d2Error
+
+__all__ = ["faster_rcnn_implicit_loss", "retinanet_implicit_loss"]
+
+
+def _level_list(feats: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
+    return list(feats.values()) if isinstance(feats, Mapping) else list(feats)
+
+
+def _retinanet_matches(
+    anchors: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], matcher: det_utils.Matcher
+) -> list[Tensor]:
+    """Per image, the matched GT index of every anchor (as `RetinaNet.compute_loss` does)."""
+    matched = []
+    for anchors_per_image, target in zip(anchors, targets):
+        gt = target["boxes"]
+        if gt.numel() == 0:  # the Matcher cannot run on an empty matrix: all negatives
+            matched.append(
+                torch.full((anchors_per_image.shape[0],), matcher.BELOW_LOW_THRESHOLD, dtype=torch.int64,
+                           device=anchors_per_image.device)
+            )
+        else:
+            matched.append(matcher(box_iou(gt.to(anchors_per_image.dtype), anchors_per_image)))
+    return matched
+
+
+def retinanet_implicit_loss(
+    head: RetinaNetHead,
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    anchors: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    *,
+    box_coder: det_utils.BoxCoder,
+    matcher: det_utils.Matcher,
+    beta: float = 1.0,
+) -> dict[str, Tensor]:
+    """{"cls", "box"}: RetinaNet amplifier KD between student and teacher FPN features.
+
+    head: the frozen amplifier head (teacher's `model.head`, or the trained HF head).
+    student_feats / teacher_feats: FPN levels `[N, C_t, h, w]` (a list, or a dict in
+        `.values()` order), student ADAPTED; for the HF amplifier pass `high_frequency`
+        of each level.
+    anchors: `model.anchor_generator(image_list, features)`, one `[A, 4]` per image.
+    targets: one dict per image with "boxes" `[K, 4]` xyxy in padded-input pixels.
+    box_coder / matcher: the RetinaNet model's `box_coder` and `proposal_matcher`.
+    beta: exponent of the quality-focal factor.
+
+    Anchors the matcher ignores (IoU between its thresholds) do not contribute.
+    cls: sum over kept anchors and classes of
+        `BCEWithLogits(s, sigmoid(t)) * |sigmoid(s) - sigmoid(t)|^beta`;
+    box: sum over kept anchors of `GIoU_loss(decode(s_reg), decode(t_reg)) * max_k sigmoid(t)`.
+    Normalisation: both sums run over the whole batch and are divided by the TOTAL number
+    of positive anchors in the batch, `max(1, sum_images #pos)` (MMDetection's avg_factor;
+    torchvision's own RetinaNet loss instead normalises per image and averages images).
+    """
+    student, teacher = _level_list(student_feats), _level_list(teacher_feats)
+    if len(student) != len(teacher) or not student:
+        raise Ds2d2Error(f"student has {len(student)} FPN levels, teacher {len(teacher)}")
+    if len(anchors) != len(targets) or len(anchors) != student[0].shape[0]:
+        raise Ds2d2Error(f"{len(anchors)} anchor sets, {len(targets)} targets for a batch of {student[0].shape[0]}")
+
+    s_out = head(student)
+    with torch.no_grad():
+        t_out = head(teacher)
+    s_cls, s_reg = s_out["cls_logits"].float(), s_out["bbox_regression"].float()
+    t_cls, t_reg = t_out["cls_logits"].float(), t_out["bbox_regression"].float()
+    for i, a in enumerate(anchors):
+        if a.shape[0] != s_cls.shape[1]:
+            raise Ds2d2Error(f"image {i}: {a.shape[0]} anchors but the head predicts {s_cls.shape[1]}")
+
+    with torch.no_grad():
+        matched = _retinanet_matches(anchors, targets, matcher)
+        keep = torch.stack([m != matcher.BETWEEN_THRESHOLDS for m in matched])  # [N, A]
+        num_pos = sum((m >= 0).sum() for m in matched).clamp_min(1).float()
+        # Row-major boolean indexing of [N, A, ...] keeps image 0's anchors first, like this cat.
+        kept_anchors = torch.cat([a[k] for a, k in zip(anchors, keep)]).float()
+
+    s_logits, t_logits = s_cls[keep], t_cls[keep]  # [V, K]
+    t_prob = t_logits.sigmoid()
+    quality = (s_logits.sigmoid() - t_prob).abs().pow(beta)
+    cls = (F.binary_cross_entropy_with_logits(s_logits, t_prob, reduction="none") * quality).sum() / num_pos
+
+    s_boxes = box_coder.decode_single(s_reg[keep], kept_anchors)
+    with torch.no_grad():
+        t_boxes = box_coder.decode_single(t_reg[keep], kept_anchors)
+        box_weight = t_prob.max(dim=1).values if t_prob.shape[1] else t_prob.new_zeros(t_prob.shape[0])
+    giou = generalized_box_iou_loss(s_boxes, t_boxes, reduction="none")
+    box = (giou * box_weight).sum() / num_pos
+    return {"cls": cls, "box": box}
+
+
+def faster_rcnn_implicit_loss(
+    roi_heads: RoIHeads,
+    student_feats: dict[str, Tensor],
+    teacher_feats: dict[str, Tensor],
+    proposals: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    targets: list[dict[str, Tensor]],
+    *,
+    temperature: float = 3.0,
+    cls_weight: float = 0.5,
+) -> dict[str, Tensor]:
+    """{"cls", "box"}: Faster R-CNN amplifier KD on RoIs sampled from the student's proposals.
+
+    roi_heads: the frozen amplifier's RoIHeads (the teacher's `model.roi_heads` for the
+        full-frequency amplifier).
+    student_feats / teacher_feats: FPN dicts ("0".."3", "pool"), student ADAPTED; for the
+        HF amplifier pass `high_frequency` of each level.
+    proposals: the student's RPN proposals, one `[P, 4]` per image (detached here).
+    image_sizes: the `ImageList.image_sizes` of the batch.
+    targets: one dict per image with "boxes" and "labels".
+
+    RoIs come from `roi_heads.select_training_samples` (its sampler: 512 per image, 25%
+    positive, GT boxes appended; it draws from torch's global RNG). It is a plain method,
+    so it works with the module in eval mode too.
+    cls: `cls_weight * T^2 * KL(softmax(t/T) || softmax(s/T))`, summed over classes and
+        averaged over all sampled RoIs of the batch.
+    box: L1 between student and teacher class-specific deltas of the teacher's most likely
+        foreground class c* = argmax_{k>=1} softmax(t)_k, weighted by that probability
+        p* (at T = 1), normalised by `4 * sum(p*)` (clamped away from 0).
+    """
+    if list(student_feats) != list(teacher_feats):
+        raise Ds2d2Error(f"student FPN levels {list(student_feats)} do not match teacher {list(teacher_feats)}")
+    proposals = [p.detach() for p in proposals]
+    with torch.no_grad():
+        rois, _, _, _ = roi_heads.select_training_samples(proposals, targets)
+
+    s_logits, s_deltas = roi_heads.box_predictor(roi_heads.box_head(roi_heads.box_roi_pool(student_feats, rois, image_sizes)))
+    with torch.no_grad():
+        t_logits, t_deltas = roi_heads.box_predictor(
+            roi_heads.box_head(roi_heads.box_roi_pool(teacher_feats, rois, image_sizes))
+        )
+    s_logits, s_deltas = s_logits.float(), s_deltas.float()
+    t_logits, t_deltas = t_logits.float(), t_deltas.float()
+    num_rois, num_classes = s_logits.shape  # num_classes includes background (index 0)
+    if num_classes < 2:
+        raise Ds2d2Error("the amplifier's box predictor has no foreground class")
+
+    t = float(temperature)
+    kl = F.kl_div(
+        F.log_softmax(s_logits / t, dim=1), F.log_softmax(t_logits / t, dim=1), reduction="sum", log_target=True
+    )
+    cls = cls_weight * (t * t) * kl / max(num_rois, 1)
+
+    with torch.no_grad():
+        fg_prob, fg_idx = t_logits.softmax(dim=1)[:, 1:].max(dim=1)
+        fg_idx = fg_idx + 1
+    rows = torch.arange(num_rois, device=s_deltas.device)
+    s_sel = s_deltas.reshape(num_rois, num_classes, 4)[rows, fg_idx]
+    t_sel = t_deltas.reshape(num_rois, num_classes, 4)[rows, fg_idx]
+    l1 = (s_sel - t_sel).abs().sum(dim=1) * fg_prob
+    box = l1.sum() / (4 * fg_prob.sum()).clamp_min(torch.finfo(l1.dtype).eps)
+    return {"cls": cls, "box": box}

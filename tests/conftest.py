@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny synthetic dataset per test session, prepared like a user would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Tiny models for CPU tests: everything the presets say except size and schedule.
+TINY = [
+    "input.size=128",
+    "teacher.backbone=resnet18", "teacher.fpn_channels=32",
+    "student.backbone=resnet18", "student.fpn_channels=16",
+    "train.batch_size=2", "train.warmup_iters=2", "train.log_every=1",
+    "train.checkpoint_every=2", "train.eval_every=2", "train.num_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """6 synthetic 256 px scenes -> one 256 px patch each: 4 train, 2 val images."""
+    from ds2d2_cli.data.dota import prepare_dota
+    from ds2d2_cli.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("data")
+    generate_synthetic(root / "synthetic", images=6, size=256, seed=3, val_fraction=0.34)
+    prepare_dota(root / "synthetic", root / "synthetic-256", size=256, gap=64, classes="synthetic")
+    return root / "synthetic-256"

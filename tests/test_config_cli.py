@@ -1,0 +1,76 @@
+"""The CLI shell: version, presets, `--set` overrides and clean config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ds2d2_cli import __version__
+from ds2d2_cli.cli.app import app
+from ds2d2_cli.config import available_presets, load_config
+from ds2d2_cli.errors import InputError
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"ds2d2 {__version__}"
+
+
+def test_shipped_presets_validate_and_follow_method_md():
+    names = available_presets()
+    assert {"retina-dior", "frcnn-dior", "retina-dota", "frcnn-dota", "tiny-synthetic"} <= set(names)
+    retina = load_config("retina-dior")
+    assert (retina.teacher.backbone, retina.student.backbone) == ("resnet101", "resnet18")
+    assert (retina.data.classes, retina.input.size, retina.data.train_split, retina.data.eval_split) == (
+        "dior", 800, "trainval", "test")
+    assert retina.distill.weights.explicit_low == 1e-5 and retina.distill.weights.implicit_full == 1.0
+    frcnn = load_config("frcnn-dota")
+    assert (frcnn.teacher.detector, frcnn.data.classes, frcnn.input.size) == ("faster_rcnn", "dota-v1.0", 1024)
+    assert frcnn.distill.weights.explicit_high == 0.5 and frcnn.distill.weights.implicit_high == 1e-5
+    assert str(frcnn.data.root) == "data/DOTA-1024"  # where `prepare-data dota --split 1024` writes
+
+
+def test_set_overrides_and_presets_show():
+    config = load_config("tiny-synthetic", ["train.lr=0.02", "distill.streams=[explicit-low]", "student.fpn_channels=32"])
+    assert config.train.lr == 0.02 and config.distill.streams == ("explicit-low",) and config.student.fpn_channels == 32
+    result = runner.invoke(app, ["presets", "tiny-synthetic", "--set", "train.batch_size=3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["batch_size"] == 3
+
+
+def test_preset_from_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    from importlib import resources
+
+    path.write_text((resources.files("ds2d2_cli") / "presets" / "tiny-synthetic.yaml").read_text().replace(
+        "name: tiny-synthetic", "name: mine"))
+    assert load_config(str(path)).name == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["presets", "no-such-preset"], "unknown preset 'no-such-preset'; available: frcnn-dior"),
+    (["presets", "tiny-synthetic", "--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
+    (["presets", "tiny-synthetic", "--set", "train.nonsense=1"], "train.nonsense: Extra inputs are not permitted"),
+    (["presets", "tiny-synthetic", "--set", "train.lr"], "expected KEY=VALUE"),
+    (["presets", "tiny-synthetic", "--set", "distill.wavelet=nope"], "unknown discrete wavelet 'nope'"),
+])
+def test_config_errors_are_clean(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and message in result.output
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ninput:\n  size: [1\n")
+    with pytest.raises(InputError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(str(path))
+
+
+def test_pending_stage_says_so():
+    result = runner.invoke(app, ["export", "anything"])
+    assert result.exit_code == 2 and "not available yet" in result.output
