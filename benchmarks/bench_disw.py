@@ -1,4 +1,4 @@
-"""DISW maps: vectorised builder vs the per-box loop (the authors' approach).
+"""DISW maps: vectorised builder (`disw_weights_levels`) vs the per-box loop (the authors' approach).
 
 Dense remote-sensing scenes (200-800 mostly small boxes per 1024 px patch), batch 2,
 five FPN levels; maps at band resolution (half the FPN size). Both variants run in the
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ds2d2_cli.distill.disw import _disw_weights_loop, disw_weights
+from ds2d2_cli.distill.disw import _disw_weights_loop, disw_weights_levels
 from ds2d2_cli.distill.spectral import band_shape
 
 INPUT = 1024
@@ -56,10 +56,10 @@ def run(quick: bool, device: str = "cpu") -> dict:
         shapes = [band_shape((INPUT // s, INPUT // s)) for s in strides]
         for n in counts:
             boxes = [dense_scene(n, gen).to(device) for _ in range(2)]
-            fast = disw_weights(boxes, (INPUT, INPUT), shapes)
+            fast = disw_weights_levels(boxes, (INPUT, INPUT), shapes)
             slow = _disw_weights_loop(boxes, (INPUT, INPUT), shapes)
             max_diff = max(float((f - s).abs().max()) for f, s in zip(fast, slow))
-            t_fast = median_time(lambda: disw_weights(boxes, (INPUT, INPUT), shapes), repeats, device)
+            t_fast = median_time(lambda: disw_weights_levels(boxes, (INPUT, INPUT), shapes), repeats, device)
             t_loop = median_time(lambda: _disw_weights_loop(boxes, (INPUT, INPUT), shapes), max(3, repeats // 4), device)
             cases.append(
                 {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -19,11 +20,13 @@ DATA_HELP = "prepared data folder [default: the preset's data.root, where prepar
 MAX_ITERS_HELP = "stop after N iterations (overrides the preset's epochs; handy for smoke tests)"
 RESUME_HELP = "continue the run in OUT from its last checkpoint (same config required)"
 
-_PENDING = ("train-amplifier", "distill", "export")
+_PENDING = ("export",)
 
 
 def register(app: typer.Typer) -> None:
     app.command("train-teacher")(train_teacher_command)
+    app.command("train-amplifier")(train_amplifier_command)
+    app.command("distill")(distill_command)
     app.command("eval")(eval_command)
     for name in _PENDING:
         app.command(
@@ -144,6 +147,97 @@ def train_teacher_command(
                             weights={"teacher": backbone_weights})
     result = train_teacher(config, out=out, data_dir=data, preset=preset, device=_device(device),
                            resume=resume, reporter=RichReporter())
+    if not _json_to_stdout(json_out):
+        print_run_summary(result.summary)
+    write_json_output(json_out, result.summary)
+
+
+@handle_errors
+def train_amplifier_command(
+    teacher: Path = typer.Option(..., "--teacher", "-t", help="the teacher's model.safetensors"),
+    preset: str = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
+    out: Path = typer.Option(Path("runs/amplifier"), "--out", "-o", help="run folder"),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    wavelet: Optional[str] = typer.Option(None, "--wavelet", help="wavelet of the high-frequency split [default: preset]",
+                                          show_default=False),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters", help=MAX_ITERS_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Train the high-frequency knowledge amplifier of a teacher (its head on high-frequency features).
+
+    Example: ds2d2 train-amplifier --teacher runs/teacher/model.safetensors --preset retina-dior --out runs/amplifier
+    """
+    from ds2d2_cli.stages.amplifier import train_amplifier
+
+    extra = [*overrides, *([f"distill.wavelet={wavelet}"] if wavelet else [])]
+    config = resolve_config(preset, extra, stage="amplifier", max_iters=max_iters)
+    result = train_amplifier(config, teacher=teacher, out=out, data_dir=data, preset=preset,
+                             device=_device(device), resume=resume, reporter=RichReporter())
+    if not _json_to_stdout(json_out):
+        print_run_summary(result.summary)
+    write_json_output(json_out, result.summary)
+
+
+def _streams(value: Optional[str]) -> list[str]:
+    from ds2d2_cli.config import ALL_STREAMS
+
+    if value is None:
+        return []
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ALL_STREAMS]
+    if unknown or not names:
+        raise InputError(f"--streams takes a comma list of {', '.join(ALL_STREAMS)} (got {value!r})")
+    return [f"distill.streams={json.dumps(names)}"]
+
+
+@handle_errors
+def distill_command(
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="the teacher's model.safetensors "
+                                           "(not needed with --method none)", show_default=False),
+    amplifier: Optional[Path] = typer.Option(None, "--amplifier", "-a", help="the amplifier's model.safetensors "
+                                             "(without it the implicit high-frequency stream is off)",
+                                             show_default=False),
+    preset: str = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
+    out: Path = typer.Option(Path("runs/student"), "--out", "-o", help="run folder"),
+    method: Optional[str] = typer.Option(None, "--method", help="ds2d2, fitnet, or none (the undistilled "
+                                         "baseline) [default: preset, i.e. ds2d2]", show_default=False),
+    streams: Optional[str] = typer.Option(None, "--streams", help="ablation: comma list of explicit-low, "
+                                          "explicit-high, implicit-full, implicit-high [default: all]",
+                                          show_default=False),
+    no_disw: bool = typer.Option(False, "--no-disw", help="ablation: plain (unweighted) explicit losses"),
+    wavelet: Optional[str] = typer.Option(None, "--wavelet", help="any pywt discrete wavelet [default: preset, haar]",
+                                          show_default=False),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters", help=MAX_ITERS_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Train the student with DS2D2 distillation (or a baseline: --method none / fitnet).
+
+    Examples: ds2d2 distill --teacher t.safetensors --preset retina-dior
+
+              ds2d2 distill --method none --preset retina-dior --out runs/baseline
+    """
+    from ds2d2_cli.stages.distill import distill
+
+    extra = list(overrides)
+    if method is not None:
+        if method not in ("ds2d2", "fitnet", "none"):
+            raise InputError(f"--method must be ds2d2, fitnet or none (got {method!r})")
+        extra.append(f"distill.method={method}")
+    extra += _streams(streams)
+    if no_disw:
+        extra.append("distill.disw=false")
+    if wavelet:
+        extra.append(f"distill.wavelet={wavelet}")
+    config = resolve_config(preset, extra, stage="student", max_iters=max_iters)
+    result = distill(config, out=out, teacher=teacher, amplifier=amplifier, data_dir=data, preset=preset,
+                     device=_device(device), resume=resume, reporter=RichReporter())
     if not _json_to_stdout(json_out):
         print_run_summary(result.summary)
     write_json_output(json_out, result.summary)

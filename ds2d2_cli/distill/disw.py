@@ -17,12 +17,13 @@ their count.
 
 `disw_weights(boxes, input_hw, band_hw)` builds the map of one band resolution;
 `disw_weights_levels(boxes, input_hw, band_hws)` builds all FPN levels in one pass
-(cheaper than one call per level). Neither loops over boxes in Python: every box adds +w/-w at the four corners of its rectangle in a 2-D
-difference array (one `index_add_`), and two cumulative sums turn that into the
-rectangle sums. Accumulation is in float64 so the result matches the straightforward
-per-box loop (`_disw_weights_loop`, kept as the reference for tests and benchmarks) to
-float32 rounding. The scaled coordinates are computed as `x * w' / W_in` (multiply
-first) so that box edges on exact cell borders do not round across them.
+(cheaper than one call per level). Neither loops over boxes in Python: every box adds
++w/-w at the four corners of its rectangle in a 2-D difference array (one `index_add_`),
+and two cumulative sums turn that into the rectangle sums. Accumulation is in float64 so
+the result matches the straightforward per-box loop (`_disw_weights_loop`, kept as the
+reference for tests and benchmarks) to float32 rounding. The scaled coordinates are
+computed as `x * w' / W_in` (multiply first) so that box edges on exact cell borders do
+not round across them. No device-to-host synchronisation (no `.item()`; sizes are Python ints).
 """
 
 from __future__ import annotations

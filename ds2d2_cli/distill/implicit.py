@@ -155,7 +155,9 @@ def faster_rcnn_implicit_loss(
     with torch.no_grad():
         rois, _, _, _ = roi_heads.select_training_samples(proposals, targets)
 
-    s_logits, s_deltas = roi_heads.box_predictor(roi_heads.box_head(roi_heads.box_roi_pool(student_feats, rois, image_sizes)))
+    s_logits, s_deltas = roi_heads.box_predictor(
+        roi_heads.box_head(roi_heads.box_roi_pool(student_feats, rois, image_sizes))
+    )
     with torch.no_grad():
         t_logits, t_deltas = roi_heads.box_predictor(
             roi_heads.box_head(roi_heads.box_roi_pool(teacher_feats, rois, image_sizes))

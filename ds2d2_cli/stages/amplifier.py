@@ -1,0 +1,81 @@
+"""`train-amplifier`: the high-frequency knowledge amplifier of a trained teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+
+from ds2d2_cli.checkpoint import CheckpointMeta, check_classes, load_checkpoint
+from ds2d2_cli.config import RunConfig
+from ds2d2_cli.errors import InputError
+from ds2d2_cli.models.amplifier import amplifier_head, amplify, head_state_dict
+from ds2d2_cli.progress import Reporter
+from ds2d2_cli.stages.common import load_stage_data, model_from_checkpoint, seed_everything, with_data_root
+from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
+
+# Faster R-CNN's RPN stays frozen (it reads the full features), so its losses carry no
+# gradient; leaving them out keeps the logged loss the amplifier's own.
+_FROZEN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
+
+
+class AmplifierTask:
+    """The teacher's detection loss with only the (high-frequency) head trainable."""
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def losses(self, images, targets):
+        terms = self.module(images, targets)
+        return {k: v for k, v in terms.items() if k not in _FROZEN_LOSSES}
+
+    def train_mode(self) -> None:
+        self.module.train()
+        self.module.backbone.eval()  # frozen: BN statistics must not drift either
+        if isinstance(self.module, FasterRCNN):
+            self.module.rpn.eval()
+
+
+def train_amplifier(
+    config: RunConfig,
+    *,
+    teacher: Path,
+    out: Path,
+    data_dir: Path | None = None,
+    preset: str = "",
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    device = torch.device(device)
+    config = with_data_root(config, data_dir)
+    data = load_stage_data(config)
+    teacher_ckpt = load_checkpoint(teacher, "teacher", option="--teacher")
+    check_classes(teacher_ckpt, data.classes, data.train.path)
+    if teacher_ckpt.meta.input != config.input:
+        raise InputError(
+            f"the teacher was trained at input {teacher_ckpt.meta.input.size} px, the preset says "
+            f"{config.input.size} px; use the teacher's preset", teacher,
+        )
+    prepare_stage(config, out, resume)
+    seed_everything(config.schedule("amplifier").seed)
+    model = model_from_checkpoint(teacher_ckpt, device)
+    head = amplifier_head(model)
+    model = amplify(model, head, config.distill.wavelet).to(device)
+
+    def meta(metrics):
+        return CheckpointMeta(
+            stage="amplifier", model=teacher_ckpt.meta.model, classes=list(data.classes), input=config.input,
+            preset=preset, config=config.model_dump(mode="json"), metrics=metrics,
+            teacher_sha256=teacher_ckpt.sha256,
+        )
+
+    return run_stage(
+        task=AmplifierTask(model), scored=model, weights=lambda: head_state_dict(model, head), meta=meta,
+        config=config, data=data, out=out, stage="amplifier", device=device, resume=resume, reporter=reporter,
+        extra_summary={"teacher": str(teacher), "teacher_sha256": teacher_ckpt.sha256,
+                       "wavelet": config.distill.wavelet,
+                       "note": "metrics are the teacher detector with its head reading high-frequency features"},
+    )

@@ -1,0 +1,181 @@
+"""`train-amplifier` and `distill` end to end (RetinaNet and Faster R-CNN), ablations, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ds2d2_cli.cli.app import app
+from ds2d2_cli.config import load_config
+
+from conftest import TINY
+
+runner = CliRunner()
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _run(args, code=0):
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def _steps(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def _meta(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()
+
+
+_PIPELINES: dict[str, tuple] = {}
+
+
+def _pipeline(preset, tiny_data, tmp_path_factory):
+    """teacher -> amplifier for one detector family, 2 iterations each (built once per session)."""
+    if preset not in _PIPELINES:
+        runs = tmp_path_factory.mktemp(preset)
+        common = ["--preset", preset, "--data", str(tiny_data), "--max-iters", "2", *_sets(TINY)]
+        _run(["train-teacher", *common, "--out", str(runs / "teacher")])
+        _run(["train-amplifier", *common, "--teacher", str(runs / "teacher/model.safetensors"),
+              "--out", str(runs / "amplifier")])
+        _PIPELINES[preset] = (preset, runs, common)
+    return _PIPELINES[preset]
+
+
+@pytest.fixture(params=["tiny-synthetic", "tiny-synthetic-frcnn"])
+def pipeline(request, tiny_data, tmp_path_factory):
+    return _pipeline(request.param, tiny_data, tmp_path_factory)
+
+
+@pytest.fixture
+def retina(tiny_data, tmp_path_factory):
+    """The flags below are detector-independent: one family is enough."""
+    return _pipeline("tiny-synthetic", tiny_data, tmp_path_factory)
+
+
+def test_amplifier_checkpoint(pipeline):
+    preset, runs, _ = pipeline
+    teacher, amplifier = runs / "teacher/model.safetensors", runs / "amplifier/model.safetensors"
+    meta = _meta(amplifier)
+    from ds2d2_cli.checkpoint import file_sha256
+
+    assert meta["stage"] == "amplifier" and meta["teacher_sha256"] == file_sha256(teacher)
+    prefix = "head." if preset == "tiny-synthetic" else "roi_heads."
+    head = load_file(str(amplifier))
+    assert head and all(k.startswith(prefix) for k in head)
+    # initialised from the teacher's head, then trained: same keys and shapes, different values
+    teacher_weights = load_file(str(teacher))
+    assert all(teacher_weights[k].shape == v.shape for k, v in head.items())
+    assert any(not torch.equal(teacher_weights[k], v) for k, v in head.items())
+    # the frozen teacher backbone is not part of it
+    assert not any(k.startswith("backbone.") for k in head)
+    terms = _steps(runs / "amplifier")[-1]
+    assert "loss_objectness" not in terms  # Faster R-CNN's RPN is frozen: its losses are not the amplifier's
+
+
+def test_ds2d2_all_streams(pipeline, tmp_path):
+    preset, runs, common = pipeline
+    out = tmp_path / "student"
+    result = _run(["distill", *common, "--teacher", str(runs / "teacher/model.safetensors"),
+                   "--amplifier", str(runs / "amplifier/model.safetensors"), "--out", str(out), "--json", "-"])
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "ds2d2" and summary["streams"] == sorted(
+        ["explicit-low", "explicit-high", "implicit-full", "implicit-high"])
+    step = _steps(out)[-1]
+    for name in ("explicit_low", "explicit_high", "implicit_full_cls", "implicit_full_box",
+                 "implicit_high_cls", "implicit_high_box"):
+        assert name in step and step[name] >= 0.0
+    assert step["explicit_low"] > 0 and step["explicit_high"] > 0
+    meta = _meta(out / "model.safetensors")
+    assert meta["stage"] == "student" and meta["method"] == "ds2d2" and meta["fpn_channels"] == "16"
+    assert meta["teacher_sha256"] == _meta(runs / "amplifier/model.safetensors")["teacher_sha256"]
+    assert not any(k.startswith("adapter") for k in load_file(str(out / "model.safetensors")))
+    evaluated = _run(["eval", str(out / "model.safetensors"), "--json", "-"])
+    assert 0.0 <= json.loads(evaluated.stdout)["mAP"] <= 1.0
+
+
+def test_baselines_and_ablations(retina, tmp_path):
+    preset, runs, common = retina
+    teacher = str(runs / "teacher/model.safetensors")
+    _run(["distill", *common, "--method", "none", "--out", str(tmp_path / "none")])
+    assert set(_steps(tmp_path / "none")[-1]) == {"iter", "epoch", "lr", "loss", "classification",
+                                                  "bbox_regression", "images_per_s"}
+    assert _meta(tmp_path / "none/model.safetensors")["method"] == "none"
+    _run(["distill", *common, "--method", "fitnet", "--teacher", teacher, "--out", str(tmp_path / "fitnet")])
+    assert "fitnet" in _steps(tmp_path / "fitnet")[-1]
+    _run(["distill", *common, "--teacher", teacher, "--out", str(tmp_path / "ablation"),
+                   "--streams", "explicit-low,implicit-full", "--no-disw", "--wavelet", "db2"])
+    step = _steps(tmp_path / "ablation")[-1]
+    assert {"explicit_low", "implicit_full_cls", "implicit_full_box"} <= step.keys()
+    assert not {"explicit_high", "implicit_high_cls"} & step.keys()
+    config = json.loads((tmp_path / "ablation/config.json").read_text())["distill"]
+    assert config["disw"] is False and config["wavelet"] == "db2" and config["streams"] == ["explicit-low", "implicit-full"]
+    no_amp = _run(["distill", *common, "--teacher", teacher, "--out", str(tmp_path / "noamp")])
+    assert "implicit high-frequency stream is off" in no_amp.output
+    assert "implicit_high_cls" not in _steps(tmp_path / "noamp")[-1]
+
+
+def test_same_seed_same_start(retina, tmp_path):
+    """The baseline and the distilled student start from the same weights and batches."""
+    preset, runs, common = retina
+    args = [*common[:-2 * len(TINY)], *_sets([*TINY, "train.max_iters=1"])]
+    _run(["distill", *args, "--method", "none", "--out", str(tmp_path / "a")])
+    _run(["distill", *args, "--teacher", str(runs / "teacher/model.safetensors"), "--out", str(tmp_path / "b")])
+    a, b = _steps(tmp_path / "a")[0], _steps(tmp_path / "b")[0]
+    assert a["classification"] == b["classification"] and a["bbox_regression"] == b["bbox_regression"]
+
+
+@pytest.mark.parametrize("case", ["student-as-teacher", "other-teacher-amplifier", "bad-stream", "no-teacher"])
+def test_refusals(case, retina, tiny_data, tmp_path):
+    preset, runs, common = retina
+    teacher = str(runs / "teacher/model.safetensors")
+    if case == "student-as-teacher":
+        _run(["distill", *common, "--method", "none", "--out", str(tmp_path / "s")])
+        args, message = ["--teacher", str(tmp_path / "s/model.safetensors")], "this is a student checkpoint; expected a teacher"
+    elif case == "other-teacher-amplifier":
+        _run(["train-teacher", *common, "--out", str(tmp_path / "t2"), "--set", "train.seed=7"])
+        args = ["--teacher", str(tmp_path / "t2/model.safetensors"), "--amplifier", str(runs / "amplifier/model.safetensors")]
+        message = "this amplifier was trained for another teacher"
+    elif case == "bad-stream":
+        args, message = ["--teacher", teacher, "--streams", "explicit-low,everything"], "--streams takes a comma list"
+    else:
+        args, message = [], "--method ds2d2 needs --teacher"
+    result = _run(["distill", *common, *args, "--out", str(tmp_path / "out")], code=2)
+    assert message in result.output
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_teacher_is_frozen_and_adapter_learns(pipeline, tiny_data):
+    from ds2d2_cli.checkpoint import load_checkpoint
+    from ds2d2_cli.data.dataset import DetectionDataset, collate
+    from ds2d2_cli.models.detectors import build_detector
+    from ds2d2_cli.stages.common import load_split, model_from_checkpoint
+    from ds2d2_cli.stages.distill import DistillTask
+
+    preset, runs, _ = pipeline
+    config = load_config(preset, TINY)
+    teacher = model_from_checkpoint(load_checkpoint(runs / "teacher/model.safetensors"))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = build_detector(config.student, 5, config.input)
+    task = DistillTask(student, teacher, config)
+    task.train_mode()
+    images, targets = collate([DetectionDataset(load_split(tiny_data, "train"))[i] for i in range(2)])
+    terms = task.losses(images, targets)
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.adapter.parameters())
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
