@@ -69,8 +69,3 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     path.write_text("name: x\ninput:\n  size: [1\n")
     with pytest.raises(InputError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(str(path))
-
-
-def test_pending_stage_says_so():
-    result = runner.invoke(app, ["export", "anything"])
-    assert result.exit_code == 2 and "not available yet" in result.output

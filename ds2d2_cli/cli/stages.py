@@ -20,7 +20,7 @@ DATA_HELP = "prepared data folder [default: the preset's data.root, where prepar
 MAX_ITERS_HELP = "stop after N iterations (overrides the preset's epochs; handy for smoke tests)"
 RESUME_HELP = "continue the run in OUT from its last checkpoint (same config required)"
 
-_PENDING = ("export",)
+_PENDING: tuple[str, ...] = ()
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
     app.command("train-amplifier")(train_amplifier_command)
     app.command("distill")(distill_command)
     app.command("eval")(eval_command)
+    from ds2d2_cli.cli import export as export_cli
+
+    app.command("export")(export_cli.export_command)
     for name in _PENDING:
         app.command(
             name,

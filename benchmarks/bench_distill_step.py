@@ -1,0 +1,310 @@
+"""Training-step cost of DS2D2 (the overhead method.md lists as an open problem).
+
+For RetinaNet and Faster R-CNN, randomly initialised teacher/student (and an amplifier
+head copied from the teacher, frozen as `DistillTask` freezes it), on random images with
+random ground-truth boxes, the wall time of one optimiser step (losses + backward + grad
+clip + SGD step, as `engine.train` does) for:
+
+- `ds2d2`: `DistillTask.losses` with all four streams (explicit low/high with DISW,
+  implicit full/high through the teacher head and the amplifier head);
+- `student+teacher`: a plain student step (`DetectorTask`) plus one frozen teacher forward
+  under no_grad: `teacher.backbone` and its head (RetinaNet: the head on every level;
+  Faster R-CNN: the box head on 512 RoIs per image sampled from 2000 proposals, as
+  the implicit stream does) -- what any teacher-based KD costs at the least;
+- `fitnet`: the FitNet baseline (`DistillTask` with method fitnet: adapter + feature MSE);
+- `student`: the plain student step alone.
+
+Variants are interleaved (the order rotates every repeat) on the same batch and the
+same student weights; times are medians after warm-up. Ratios: ds2d2 / (student+teacher)
+is the overhead of the DS2D2 streams themselves, ds2d2 / student the whole price of
+distilling. The main rows use the `tiny-synthetic` sizes (256 px, R34-FPN128 teacher ->
+R18-FPN64 student, batch 4); `--full` adds the paper's `retina-dior` / `frcnn-dior`
+architectures (R101 teacher / R18 student, FPN 256, frozen BN and 3 trainable stages as
+with ImageNet weights) at a reduced 512 px input and batch 2.
+
+    python benchmarks/bench_distill_step.py --quick
+    python benchmarks/bench_distill_step.py --full --threads 1
+    python benchmarks/run_all.py --only distill_step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from ds2d2_cli.classes import get_class_set  # noqa: E402
+from ds2d2_cli.config import RunConfig, load_config  # noqa: E402
+from ds2d2_cli.engine import build_optimizer  # noqa: E402
+from ds2d2_cli.models.amplifier import amplifier_head  # noqa: E402
+from ds2d2_cli.models.detectors import build_detector, build_resnet_body  # noqa: E402
+from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
+from ds2d2_cli.stages.teacher import DetectorTask  # noqa: E402
+
+BOXES_PER_IMAGE = 50
+VARIANTS = ("ds2d2", "student+teacher", "fitnet", "student")
+
+# (row name, preset, --set overrides, batch); "full" rows only with --full.
+MAIN_CONFIGS = (
+    ("retinanet tiny-synthetic", "tiny-synthetic", [], 4),
+    ("faster_rcnn tiny-synthetic", "tiny-synthetic-frcnn", [], 4),
+)
+FULL_CONFIGS = (
+    ("retinanet retina-dior@512", "retina-dior", ["input.size=512"], 2),
+    ("faster_rcnn frcnn-dior@512", "frcnn-dior", ["input.size=512"], 2),
+)
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def random_batch(n_images: int, size: int, num_classes: int, gen: torch.Generator, device: torch.device):
+    """Noise images with ~50 mostly small boxes each (remote-sensing-like box sizes)."""
+    images, targets = [], []
+    for _ in range(n_images):
+        images.append(torch.rand(3, size, size, generator=gen).to(device))
+        centre = torch.rand(BOXES_PER_IMAGE, 2, generator=gen) * size
+        wh = size * (0.02 + 0.2 * torch.rand(BOXES_PER_IMAGE, 2, generator=gen).pow(2))
+        wh = wh.clamp(min=4.0)
+        boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=1).clamp(0, size)
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 2)
+        labels = torch.randint(1, num_classes + 1, (BOXES_PER_IMAGE,), generator=gen)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def _imagenet_like(config: RunConfig, weights_dir: Path) -> RunConfig:
+    """Random local "backbone weights" in place of ImageNet ones (offline): same frozen BN and
+    trainable stages as a pretrained run, so the step does the work the real run does."""
+    updates = {}
+    for role in ("teacher", "student"):
+        cfg = getattr(config, role)
+        if not cfg.pretrained:
+            continue
+        path = weights_dir / f"{cfg.backbone}.pt"
+        if not path.is_file():
+            body = build_resnet_body(cfg.model_copy(update={"pretrained": False, "norm": "bn"}))
+            torch.save(body.state_dict(), path)
+        updates[role] = cfg.model_copy(update={"pretrained": False, "backbone_weights": path})
+    return config.model_copy(update=updates)
+
+
+def step_fn(task, optimizer, schedule, images, targets, extra: Callable[[], object] | None = None):
+    """One training step as `engine.train` runs it (fp32), optionally followed by `extra()`."""
+
+    def step() -> None:
+        terms = task.losses(images, targets)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if schedule.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip)
+        optimizer.step()
+        if extra is not None:
+            extra()
+
+    return step
+
+
+def teacher_forward_fn(teacher, images, targets, is_retinanet: bool, gen: torch.Generator):
+    """Frozen teacher backbone + head under no_grad on the batch (the minimum a KD method pays)."""
+    batch, tgts = teacher.transform(images, [dict(t) for t in targets])
+    proposals = None
+    if not is_retinanet:  # 2000 proposals per image, as a training-mode RPN hands the RoI heads
+        h, w = batch.tensors.shape[-2:]
+        proposals = []
+        for _ in images:
+            xy = torch.rand(2000, 2, generator=gen) * torch.tensor([w, h])
+            wh = 8 + torch.rand(2000, 2, generator=gen) * (min(h, w) / 3)
+            proposals.append(torch.cat([xy, xy + wh], 1).to(batch.tensors.device))
+
+    def forward() -> None:
+        with torch.no_grad():
+            features = teacher.backbone(batch.tensors)
+            if is_retinanet:
+                teacher.head(list(features.values()))
+            else:
+                heads = teacher.roi_heads
+                rois, _, _, _ = heads.select_training_samples(proposals, tgts)
+                pooled = heads.box_roi_pool(features, rois, batch.image_sizes)
+                heads.box_predictor(heads.box_head(pooled))
+
+    return forward
+
+
+def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, warmup: int, repeats: int,
+                 device: torch.device, weights_dir: Path) -> dict:
+    config = _imagenet_like(load_config(preset, overrides), weights_dir)
+    num_classes = len(get_class_set(config.data.classes))
+    size = config.input.size
+    schedule = config.train.model_copy(update={"batch_size": batch})
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    teacher = build_detector(config.teacher, num_classes, config.input).to(device)
+    student = build_detector(config.student, num_classes, config.input).to(device)
+    amp_head = amplifier_head(teacher).to(device)
+
+    ds2d2 = DistillTask(student, teacher, config, amp_head)
+    fitnet_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "fitnet"})})
+    fitnet = DistillTask(student, teacher, fitnet_cfg)  # same student weights, its own adapter
+    plain = DetectorTask(student)
+    for task in (ds2d2, fitnet):
+        task.module.to(device)
+    images, targets = random_batch(batch, size, num_classes, gen, device)
+    teacher_forward = teacher_forward_fn(teacher, images, targets, ds2d2.is_retinanet, gen)
+
+    def optimizer_for(task):
+        opt = build_optimizer(task.module, schedule)
+        for group in opt.param_groups:  # the lr of a run's first (warm-up) step: keeps random models finite
+            group["lr"] *= schedule.warmup_ratio
+        return opt
+
+    steps = {
+        "ds2d2": (ds2d2, step_fn(ds2d2, optimizer_for(ds2d2), schedule, images, targets)),
+        "student+teacher": (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets, teacher_forward)),
+        "fitnet": (fitnet, step_fn(fitnet, optimizer_for(fitnet), schedule, images, targets)),
+        "student": (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets)),
+    }
+    sync = _sync(device)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(warmup + repeats):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        for variant in order:
+            task, step = steps[variant]
+            task.train_mode()
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if r >= warmup:
+                times[variant].append(time.perf_counter() - start)
+    # Teacher forward alone (not interleaved: a small term, for the breakdown only).
+    teacher_forward()
+    t_teacher = []
+    for _ in range(max(3, repeats // 2)):
+        sync()
+        start = time.perf_counter()
+        teacher_forward()
+        sync()
+        t_teacher.append(time.perf_counter() - start)
+
+    ds2d2.train_mode()
+    terms = sorted(ds2d2.losses(images, targets))
+    med = {v: statistics.median(t) for v, t in times.items()}
+    ratio_kd = med["ds2d2"] / med["student+teacher"]
+    ratio_student = med["ds2d2"] / med["student"]
+    ratio_fitnet = med["ds2d2"] / med["fitnet"]
+    # Per-repeat ratios (same repeat, adjacent in time) show how stable the medians are.
+    paired = [a / b for a, b in zip(times["ds2d2"], times["student+teacher"])]
+    return {
+        "config": name,
+        "preset": preset,
+        "overrides": overrides,
+        "detector": config.student.detector,
+        "teacher": f"{config.teacher.backbone}-FPN{config.teacher.fpn_channels}",
+        "student": f"{config.student.backbone}-FPN{config.student.fpn_channels}",
+        "norm": "frozen_bn, 3 trainable stages" if config.student.backbone_weights else "bn, all trainable",
+        "input": size,
+        "batch": batch,
+        "boxes_per_image": BOXES_PER_IMAGE,
+        "streams": sorted(ds2d2.streams),
+        "ds2d2_loss_terms": terms,
+        "warmup": warmup,
+        "repeats": repeats,
+        "median_s": {v: round(t, 4) for v, t in med.items()},
+        "teacher_forward_s": round(statistics.median(t_teacher), 4),
+        "times_s": {v: [round(x, 4) for x in t] for v, t in times.items()},
+        "ratio_ds2d2_vs_student_plus_teacher": round(ratio_kd, 3),
+        "ratio_ds2d2_vs_student": round(ratio_student, 3),
+        "ratio_ds2d2_vs_fitnet": round(ratio_fitnet, 3),
+        "paired_ratio_vs_student_plus_teacher_min_max": [round(min(paired), 3), round(max(paired), 3)],
+        "summary": f"{name} ({size} px, batch {batch}): ds2d2 {med['ds2d2']:.3f} s, student+teacher "
+                   f"{med['student+teacher']:.3f} s, fitnet {med['fitnet']:.3f} s, student {med['student']:.3f} s; "
+                   f"ds2d2/(student+teacher) x{ratio_kd:.2f}, ds2d2/student x{ratio_student:.2f}",
+    }
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def run(quick: bool, device: str = "cpu", full: bool = False) -> dict:
+    dev = torch.device(device)
+    warmup, repeats = (1, 5) if quick else (2, 11)
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="ds2d2-bench-") as tmp:
+        for name, preset, overrides, batch in MAIN_CONFIGS:
+            cases.append(bench_config(name, preset, overrides, batch, warmup=warmup, repeats=repeats,
+                                      device=dev, weights_dir=Path(tmp)))
+        if full:
+            for name, preset, overrides, batch in FULL_CONFIGS:
+                cases.append(bench_config(name, preset, overrides, batch, warmup=1, repeats=max(3, repeats // 2),
+                                          device=dev, weights_dir=Path(tmp)))
+    return {"machine": machine_info(device), "variants": list(VARIANTS), "cases": cases}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--full", action="store_true",
+                        help="also the paper's R101->R18 FPN-256 architectures at 512 px, batch 2 (slow on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own; 1 is steadier on a busy machine)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "distill_step.json")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    start = time.perf_counter()
+    results = run(quick=args.quick, device=args.device, full=args.full)
+    record = {  # the layout run_all.py writes
+        "benchmark": "distill_step",
+        "quick": args.quick,
+        "full": args.full,
+        "torch": torch.__version__,
+        "device": args.device,
+        "device_name": results["machine"].get("gpu") or
+        f"{results['machine']['processor']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print("[distill_step]")
+    for case in results["cases"]:
+        print("  " + case["summary"])
+    print(f"  -> {args.output} ({record['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""`demo`: the whole pipeline on synthetic scenes, composed from the real stages.
+
+synthetic scenes -> prepare-data -> train-teacher -> train-amplifier -> distill (ds2d2)
+and distill (--method none, the baseline: same student, schedule and seed) -> eval of
+all three on held-out scenes -> export of the distilled student -> results.json, a
+table and pictures. Every step is the function the matching CLI command calls, so the
+demo takes no shortcut a user's own pipeline would not take. Finished stages (a run
+folder with its `model.safetensors`) are reused; interrupted ones are resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ds2d2_cli.config import RunConfig, load_config
+from ds2d2_cli.fileio import write_json
+from ds2d2_cli.progress import NullReporter, Reporter
+
+DEMO_PRESET = "tiny-synthetic"
+SCENES = 24
+SCENE_SIZE = 640
+OWNED = ("data", "teacher", "amplifier", "ds2d2", "baseline", "student.onnx", "results.json",
+         "detections.png", "training_curves.png")
+
+
+def _stage(out: Path, run: Callable[..., Any], reporter: Reporter, title: str, **kwargs) -> Path:
+    """Run a training stage unless it already finished; resume it when it was interrupted."""
+    model = out / "model.safetensors"
+    if model.is_file():
+        reporter.note(f"{title}: reusing {model}")
+        return model
+    resume = (out / "checkpoints" / "last.pt").is_file()
+    reporter.note(f"{title}{' (resuming)' if resume else ''} -> {out}")
+    run(out=out, resume=resume, reporter=reporter, **kwargs)
+    return model
+
+
+def _prepare(out: Path, config: RunConfig, reporter: Reporter) -> Path:
+    from ds2d2_cli.data.dota import prepare_dota
+    from ds2d2_cli.data.synthetic import generate_synthetic
+
+    scenes, patches = out / "data" / "synthetic", out / "data" / f"synthetic-{config.input.size}"
+    if (patches / "train.json").is_file() and (patches / "val.json").is_file():
+        reporter.note(f"data: reusing {patches}")
+        return patches
+    reporter.note(f"data: {SCENES} synthetic {SCENE_SIZE} px scenes -> {config.input.size} px patches in {patches}")
+    if scenes.exists():
+        shutil.rmtree(scenes)  # half-generated scenes from an interrupted run
+    generate_synthetic(scenes, images=SCENES, size=SCENE_SIZE, seed=0, reporter=reporter)
+    prepare_dota(scenes, patches, size=config.input.size, gap=config.input.size // 4, classes="synthetic",
+                 reporter=reporter)
+    return patches
+
+
+def _scene_picture(out: Path, patches: Path, predictions: dict[str, Path], classes: list[str]) -> Path:
+    """The first held-out scene: ground truth, baseline and DS2D2 detections side by side."""
+    from ds2d2_cli.data.dataset import read_image
+    from ds2d2_cli.evaluation import load_coco_json
+    from ds2d2_cli.plots import detections_side_by_side
+
+    scenes = load_coco_json(patches / "val_scenes.json")
+    scene = scenes["images"][0]
+    image = read_image((patches / scene["file_name"]).resolve()).permute(1, 2, 0).numpy()
+    panels = {"ground truth": [a for a in scenes["annotations"] if a["image_id"] == scene["id"]]}
+    for label, path in predictions.items():
+        panels[label] = [r for r in load_coco_json(path) if r["image_id"] == scene["id"]]
+    return detections_side_by_side(image, panels, classes, out / "detections.png")
+
+
+def run_demo(
+    out: Path,
+    *,
+    device: torch.device | str = "cpu",
+    fresh: bool = False,
+    preset: str = DEMO_PRESET,
+    overrides: list[str] | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    from ds2d2_cli.checkpoint import load_checkpoint
+    from ds2d2_cli.export import export_onnx
+    from ds2d2_cli.models.detectors import count_parameters
+    from ds2d2_cli.plots import training_curves
+    from ds2d2_cli.stages.amplifier import train_amplifier
+    from ds2d2_cli.stages.common import model_from_checkpoint
+    from ds2d2_cli.stages.distill import distill
+    from ds2d2_cli.stages.evaluate import evaluate_checkpoint
+    from ds2d2_cli.stages.teacher import train_teacher
+
+    reporter = reporter or NullReporter()
+    out = Path(out)
+    started = time.perf_counter()
+    if fresh:
+        for name in OWNED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    config = load_config(preset, overrides or [])
+    patches = _prepare(out, config, reporter)
+    common = dict(data_dir=patches, preset=preset, device=device)
+
+    teacher = _stage(out / "teacher", train_teacher, reporter, "teacher", config=config, **common)
+    amplifier = _stage(out / "amplifier", train_amplifier, reporter, "amplifier", config=config,
+                       teacher=teacher, **common)
+    ds2d2_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "ds2d2"})})
+    baseline_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "none"})})
+    students = {
+        "ds2d2": _stage(out / "ds2d2", distill, reporter, "student (DS2D2)", config=ds2d2_config,
+                        teacher=teacher, amplifier=amplifier, **common),
+        "baseline": _stage(out / "baseline", distill, reporter, "student (baseline, no teacher)",
+                           config=baseline_config, **common),
+    }
+
+    results: dict[str, Any] = {}
+    predictions: dict[str, Path] = {}
+    for name, path in (("teacher", teacher), ("baseline", students["baseline"]), ("ds2d2", students["ds2d2"])):
+        reporter.note(f"eval: {name} on the held-out patches")
+        metrics = evaluate_checkpoint(path, data_dir=patches, split=config.data.eval_split, device=device,
+                                      reporter=reporter)
+        if name != "teacher":
+            predictions[name] = out / name / "scene_predictions.json"
+            evaluate_checkpoint(path, data_dir=patches, split=config.data.eval_split, device=device,
+                                merge_patches=True, predictions_out=predictions[name], reporter=reporter)
+        checkpoint = load_checkpoint(path)
+        results[name] = {
+            **{k: metrics[k] for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")},
+            "per_class": metrics["per_class"],
+            "params": count_parameters(model_from_checkpoint(checkpoint)),
+            "images_per_s": metrics["images_per_s"],
+            "backbone": f"{checkpoint.meta.model.backbone}-FPN{checkpoint.meta.model.fpn_channels}",
+            "checkpoint": str(path),
+        }
+    results["gain_AP50_points"] = round(100 * (results["ds2d2"]["AP50"] - results["baseline"]["AP50"]), 2)
+    results["gain_mAP_points"] = round(100 * (results["ds2d2"]["mAP"] - results["baseline"]["mAP"]), 2)
+
+    reporter.note("export: the DS2D2 student to ONNX (verified with onnxruntime)")
+    results["export"] = export_onnx(students["ds2d2"], out / "student.onnx", verify=True)
+    classes = load_checkpoint(teacher).meta.classes
+    results["pictures"] = {
+        "detections": str(_scene_picture(out, patches, {"baseline": predictions["baseline"],
+                                                        "DS2D2": predictions["ds2d2"]}, classes)),
+        "training_curves": str(training_curves({"baseline": out / "baseline", "DS2D2": out / "ds2d2"},
+                                               out / "training_curves.png")),
+    }
+    results["preset"] = preset
+    results["device"] = str(device)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    write_json(out / "results.json", results, indent=2)
+    return results
