@@ -144,14 +144,26 @@ def _relevant(config: dict[str, Any], stage: str) -> dict[str, Any]:
     return relevant
 
 
+def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ; keys the stored config lacks (fields added to the
+    config since that run, at their defaults) are not differences."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return [d for k in stored.keys() & wanted.keys() for d in _differences(stored[k], wanted[k], f"{path}.{k}")]
+    if stored is None and isinstance(wanted, dict):
+        return []
+    return [] if stored == wanted else [path.lstrip(".")]
+
+
 def run_or_reuse(stage: str, out: Path, config: RunConfig, train) -> tuple[dict[str, Any], bool]:
     """(summary, reused): the stage's summary.json when it already finished with this config."""
     wanted = json.loads(config_to_json(config))
     stored_path = out / "config.json"
     if (out / "model.safetensors").is_file() and (out / "summary.json").is_file():
         stored = json.loads(stored_path.read_text()) if stored_path.is_file() else {}
-        if _relevant(stored, stage) != _relevant(wanted, stage):
-            raise SystemExit(f"{out}: a finished {stage} run with another config; remove it or use another --work")
+        differ = _differences(_relevant(stored, stage), _relevant(wanted, stage))
+        if differ:
+            raise SystemExit(f"{out}: a finished {stage} run with another config ({', '.join(differ[:4])}); "
+                             "remove it or use another --work")
         return json.loads((out / "summary.json").read_text()), True
     resume = (out / RESUME_FILE).is_file() and stored_path.is_file() and json.loads(stored_path.read_text()) == wanted
     if (out / RESUME_FILE).is_file() and not resume:
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         summary, reused = run_or_reuse(stage, out, with_data_root(config, data), train)
         stage_seconds[label] = round(time.perf_counter() - t0, 2)
         metrics = summary.get("metrics") or {}
-        print(f"{label:<28} {'reused' if reused else f'{stage_seconds[label]:.0f} s':>8}  "
+        print(f"{label:<32} {'reused' if reused else f'{stage_seconds[label]:.0f} s':>8}  "
               f"mAP {_points(metrics.get('mAP'))}  AP50 {_points(metrics.get('AP50'))}  ({out})", flush=True)
         return summary
 
@@ -269,21 +281,21 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(f"seed {seed} teacher", "teacher", out, config,
                           lambda resume, out=out, config=config: train_teacher(
                               config, out=out, data_dir=data, preset=args.preset, device=device, resume=resume))
-            teacher_path = Path(summary["model"])
+            teacher_path = out / "model.safetensors"
             teachers[str(seed)] = {k: _points(summary["metrics"].get(k)) for k in METRICS} | {"run": str(out)}
         if needs_amplifier:
-            out = folder / f"amplifier-{_iters(config.schedule('amplifier'))}-{_iters(config.schedule('teacher'))}t"
+            out = folder / f"amplifier-{_iters(config.schedule('amplifier'))}-t{_iters(config.schedule('teacher'))}"
             summary = run(f"seed {seed} amplifier", "amplifier", out, config,
                           lambda resume, out=out, config=config: train_amplifier(
                               config, teacher=teacher_path, out=out, data_dir=data, preset=args.preset,
                               device=device, resume=resume))
-            amplifier_path = Path(summary["model"])
+            amplifier_path = out / "model.safetensors"
             teachers[str(seed)]["amplifier_AP50"] = _points(summary["metrics"].get("AP50"))
         for method in args.methods:
             student_cfg = method_config(config, method)
             uses_teacher = method != "none"
             uses_amplifier = METHODS[method]["method"] == "ds2d2" and "implicit-high" in METHODS[method]["streams"]
-            tag = f"-{_iters(config.schedule('teacher'))}t" if uses_teacher else ""
+            tag = f"-t{_iters(config.schedule('teacher'))}" if uses_teacher else ""
             out = folder / f"student-{method}-{_iters(config.schedule('student'))}{tag}"
             summary = run(f"seed {seed} student {method}", "student", out, student_cfg,
                           lambda resume, out=out, cfg=student_cfg, t=uses_teacher, a=uses_amplifier: distill(

@@ -59,6 +59,9 @@ class ModelConfig(_Strict):
         "auto", description="auto: frozen BN with pretrained weights, trainable BN from scratch"
     )
     trainable_layers: int = Field(3, ge=0, le=5)
+    head_norm: Literal["none", "group"] = Field(
+        "none", description="GroupNorm in the RetinaNet head convs (torchvision's v2 head): much faster from scratch"
+    )
     anchor_base: float = Field(4.0, gt=0, description="RetinaNet anchor size = anchor_base x stride (octave base)")
     rpn_anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     score_thresh: float = Field(0.05, ge=0, le=1)

@@ -10,6 +10,8 @@ R-CNN) or an unused slot (RetinaNet), so both heads have K + 1 outputs.
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +21,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -137,8 +140,13 @@ def build_detector(cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -
     if cfg.detector == "retinanet":
         sizes = retinanet_anchor_sizes(cfg.anchor_base)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        norm = None
+        if cfg.head_norm == "group":
+            groups = math.gcd(32, cfg.fpn_channels)
+            norm = functools.partial(nn.GroupNorm, groups)
+        head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=norm)
         return RetinaNet(
-            backbone, num_classes + 1, anchor_generator=anchors, score_thresh=cfg.score_thresh,
+            backbone, num_classes + 1, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
             detections_per_img=cfg.detections_per_img, **common,
         )
     sizes = tuple((s,) for s in cfg.rpn_anchor_sizes)
