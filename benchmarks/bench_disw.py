@@ -48,7 +48,7 @@ def dense_scene(n_boxes: int, gen: torch.Generator) -> torch.Tensor:
 
 def run(quick: bool, device: str = "cpu") -> dict:
     gen = torch.Generator().manual_seed(0)
-    counts = (200, 800) if quick else (200, 400, 800)
+    counts = (200, 500, 800) if quick else (200, 400, 500, 800)
     repeats = 5 if quick else 21
     pyramids = {"retinanet_P3-P7": LEVELS["retinanet_P3-P7"]} if quick else LEVELS
     cases = []

@@ -61,7 +61,7 @@ def detections_to_coco(image_id: int, detections: dict[str, torch.Tensor]) -> li
     labels = detections["labels"].cpu().tolist()
     return [
         {"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
-        for b, s, c in zip(xywh, scores, labels)
+        for b, s, c in zip(xywh, scores, labels) if c > 0  # 0 is background / RetinaNet's unused slot
     ]
 
 

@@ -55,6 +55,9 @@ FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".fp16.safetensors"}
 MIN_OPSET = 17
 MAX_OPSET = 20  # torch.onnx's TorchScript-based exporter stops here
+# 18: its GroupNormalization export handles the 1x1 top pyramid levels of small inputs
+# (opset 17's decomposition runs batch norm in training mode there and fails).
+DEFAULT_OPSET = 18
 EXPORTER = "torch.onnx.export (TorchScript-based, dynamo=False)"
 TORCHSCRIPT_META_FILE = "ds2d2_meta.json"
 
@@ -307,7 +310,7 @@ def _check_opset(opset: int) -> None:
         raise InputError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
 
 
-def onnx_bytes(model: nn.Module, size: int, opset: int = MIN_OPSET) -> bytes:
+def onnx_bytes(model: nn.Module, size: int, opset: int = DEFAULT_OPSET) -> bytes:
     """The traced detector as an ONNX model (bytes), without metadata."""
     _check_opset(opset)
     buffer = io.BytesIO()
@@ -378,7 +381,7 @@ def verify_onnx(onnx_model: Any | bytes | str | Path, checkpoint: Checkpoint | s
     return _summarise(per_image, "onnxruntime")
 
 
-def export_onnx(checkpoint_path: str | Path, out: str | Path, *, opset: int = MIN_OPSET, verify: bool = False,
+def export_onnx(checkpoint_path: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, verify: bool = False,
                 images: Sequence[ImageLike] | None = None) -> dict[str, Any]:
     """Export the full detector (transform + post-processing) to ONNX; see the module docstring."""
     _check_opset(opset)
@@ -508,7 +511,7 @@ def export_safetensors_fp16(checkpoint_path: str | Path, out: str | Path, *, ver
 
 def export_checkpoint(checkpoint_path: str | Path, out: str | Path | None = None, fmt: str = "onnx", *,
                       verify: bool = False, images: Sequence[ImageLike] | None = None,
-                      opset: int = MIN_OPSET) -> dict[str, Any]:
+                      opset: int = DEFAULT_OPSET) -> dict[str, Any]:
     """Dispatch on `fmt` (onnx / torchscript / safetensors); `out` defaults to `default_output`."""
     check_format(fmt)
     out = Path(out) if out is not None else default_output(checkpoint_path, fmt)

@@ -8,6 +8,7 @@ import pytest
 
 # Tiny models for CPU tests: everything the presets say except size and schedule.
 TINY = [
+    "teacher_train=null", "amplifier_train=null",  # one schedule (`train`) for every stage
     "input.size=128",
     "teacher.backbone=resnet18", "teacher.fpn_channels=32",
     "student.backbone=resnet18", "student.fpn_channels=16",

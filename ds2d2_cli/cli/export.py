@@ -49,7 +49,7 @@ def export_command(
                                 "compare detections (fails on a mismatch; fp16: figures only)"),
     images: List[Path] = typer.Option([], "--image", help="image for --verify (repeatable; resized to the input "
                                       "size; default: a synthetic test scene)", show_default=False),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17-20 (default: 17)", show_default=False),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17-20 (default: 18)", show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON to FILE (`-` for stdout)"),
 ) -> None:
     """Export a trained detector for deployment (ONNX, TorchScript or fp16 safetensors).
@@ -58,7 +58,7 @@ def export_command(
 
               ds2d2 export runs/student/model.safetensors --format torchscript --out student.pt
     """
-    from ds2d2_cli.export import MIN_OPSET, check_format, export_checkpoint
+    from ds2d2_cli.export import DEFAULT_OPSET, check_format, export_checkpoint
 
     check_format(fmt)
     if opset is not None and fmt != "onnx":
@@ -66,7 +66,7 @@ def export_command(
     if images and not verify:
         raise InputError("--image is for --verify")
     result = export_checkpoint(checkpoint, out, fmt, verify=verify, images=images,
-                               opset=opset if opset is not None else MIN_OPSET)
+                               opset=opset if opset is not None else DEFAULT_OPSET)
     if not (json_out is not None and str(json_out) == "-"):
         print_export_summary(result)
     write_json_output(json_out, result)

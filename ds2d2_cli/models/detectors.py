@@ -142,9 +142,14 @@ def build_detector(cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         norm = None
         if cfg.head_norm == "group":
-            groups = math.gcd(32, cfg.fpn_channels)
+            # up to 32 groups, at least 2 channels each: P7 of a small input is 1x1, and a
+            # one-value group would normalise to a constant (and breaks the ONNX export)
+            groups = math.gcd(32, max(1, cfg.fpn_channels // 2))
             norm = functools.partial(nn.GroupNorm, groups)
-        head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=norm)
+        num_anchors = anchors.num_anchors_per_location()[0]
+        head = RetinaNetHead(cfg.fpn_channels, num_anchors, num_classes + 1, norm_layer=norm)
+        with torch.no_grad():  # slot 0 is no class: start it far below the score threshold
+            head.classification_head.cls_logits.bias.view(num_anchors, num_classes + 1)[:, 0] = -20.0
         return RetinaNet(
             backbone, num_classes + 1, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
             detections_per_img=cfg.detections_per_img, **common,

@@ -40,7 +40,7 @@ def _stage(out: Path, run: Callable[..., Any], reporter: Reporter, title: str, *
     return model
 
 
-def _prepare(out: Path, config: RunConfig, reporter: Reporter) -> Path:
+def _prepare(out: Path, config: RunConfig, reporter: Reporter, scenes_count: int, scene_size: int) -> Path:
     from ds2d2_cli.data.dota import prepare_dota
     from ds2d2_cli.data.synthetic import generate_synthetic
 
@@ -48,10 +48,10 @@ def _prepare(out: Path, config: RunConfig, reporter: Reporter) -> Path:
     if (patches / "train.json").is_file() and (patches / "val.json").is_file():
         reporter.note(f"data: reusing {patches}")
         return patches
-    reporter.note(f"data: {SCENES} synthetic {SCENE_SIZE} px scenes -> {config.input.size} px patches in {patches}")
+    reporter.note(f"data: {scenes_count} synthetic {scene_size} px scenes -> {config.input.size} px patches in {patches}")
     if scenes.exists():
         shutil.rmtree(scenes)  # half-generated scenes from an interrupted run
-    generate_synthetic(scenes, images=SCENES, size=SCENE_SIZE, seed=0, reporter=reporter)
+    generate_synthetic(scenes, images=scenes_count, size=scene_size, seed=0, reporter=reporter)
     prepare_dota(scenes, patches, size=config.input.size, gap=config.input.size // 4, classes="synthetic",
                  reporter=reporter)
     return patches
@@ -72,6 +72,21 @@ def _scene_picture(out: Path, patches: Path, predictions: dict[str, Path], class
     return detections_side_by_side(image, panels, classes, out / "detections.png")
 
 
+def _export(student: Path, onnx_path: Path, patches: Path, reporter: Reporter) -> dict[str, Any] | None:
+    """ONNX of the DS2D2 student, checked against PyTorch with onnxruntime on a held-out patch."""
+    import importlib.util
+
+    from ds2d2_cli.evaluation import load_coco_json
+    from ds2d2_cli.export import export_onnx
+
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        reporter.note("export: skipped, onnx/onnxruntime are not installed (pip install 'ds2d2[export]')")
+        return None
+    reporter.note(f"export: the DS2D2 student -> {onnx_path} (verified with onnxruntime)")
+    first_patch = load_coco_json(patches / "val.json")["images"][0]["file_name"]
+    return export_onnx(student, onnx_path, verify=True, images=[patches / first_patch])
+
+
 def run_demo(
     out: Path,
     *,
@@ -79,10 +94,11 @@ def run_demo(
     fresh: bool = False,
     preset: str = DEMO_PRESET,
     overrides: list[str] | None = None,
+    scenes: int = SCENES,
+    scene_size: int = SCENE_SIZE,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     from ds2d2_cli.checkpoint import load_checkpoint
-    from ds2d2_cli.export import export_onnx
     from ds2d2_cli.models.detectors import count_parameters
     from ds2d2_cli.plots import training_curves
     from ds2d2_cli.stages.amplifier import train_amplifier
@@ -102,7 +118,7 @@ def run_demo(
             elif target.exists():
                 target.unlink()
     config = load_config(preset, overrides or [])
-    patches = _prepare(out, config, reporter)
+    patches = _prepare(out, config, reporter, scenes, scene_size)
     common = dict(data_dir=patches, preset=preset, device=device)
 
     teacher = _stage(out / "teacher", train_teacher, reporter, "teacher", config=config, **common)
@@ -139,8 +155,7 @@ def run_demo(
     results["gain_AP50_points"] = round(100 * (results["ds2d2"]["AP50"] - results["baseline"]["AP50"]), 2)
     results["gain_mAP_points"] = round(100 * (results["ds2d2"]["mAP"] - results["baseline"]["mAP"]), 2)
 
-    reporter.note("export: the DS2D2 student to ONNX (verified with onnxruntime)")
-    results["export"] = export_onnx(students["ds2d2"], out / "student.onnx", verify=True)
+    results["export"] = _export(students["ds2d2"], out / "student.onnx", patches, reporter)
     classes = load_checkpoint(teacher).meta.classes
     results["pictures"] = {
         "detections": str(_scene_picture(out, patches, {"baseline": predictions["baseline"],
