@@ -45,22 +45,33 @@ def _draw_boxes(ax, detections: Sequence[dict[str, Any]], linewidth: float = 1.0
 
 
 def detections_side_by_side(image: np.ndarray, panels: dict[str, Sequence[dict[str, Any]]],
-                            class_names: Sequence[str], out: str | Path, *, score_thr: float = 0.3) -> Path:
-    """One scene, one panel per detection set (e.g. ground truth, baseline, DS2D2)."""
+                            class_names: Sequence[str], out: str | Path, *, top_k: int | None = None) -> Path:
+    """One scene, one panel per detection set (e.g. ground truth, baseline, DS2D2).
+
+    Each detection panel shows its `top_k` highest-scoring boxes (default: as many as the
+    first panel, the ground truth, has), so weak and strong models are compared fairly
+    whatever their score calibration.
+    """
     plt = _pyplot()
     from matplotlib.patches import Patch
 
+    first = next(iter(panels.values()), [])
+    k = top_k if top_k is not None else max(1, len(first))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6))
     axes = np.atleast_1d(axes)
-    for ax, (title, detections) in zip(axes, panels.items()):
-        kept = [d for d in detections if d.get("score", 1.0) >= score_thr]
+    for index, (ax, (title, detections)) in enumerate(zip(axes, panels.items())):
+        if index == 0:
+            kept, label = list(detections), f"{title} ({len(detections)} boxes)"
+        else:
+            kept = sorted(detections, key=lambda d: -d.get("score", 1.0))[:k]
+            lowest = min((d["score"] for d in kept), default=0.0)
+            label = f"{title}: top {len(kept)} (score >= {lowest:.2f})"
         ax.imshow(image)
         _draw_boxes(ax, kept)
-        ax.set_title(f"{title} ({len(kept)} boxes)")
+        ax.set_title(label)
         ax.axis("off")
     handles = [Patch(edgecolor=PALETTE[i % len(PALETTE)], facecolor="none", label=n) for i, n in enumerate(class_names)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.suptitle(f"detections with score >= {score_thr}")
     return _save(fig, Path(out))
 
 
@@ -79,30 +90,49 @@ DETECTION_TERMS = ("classification", "bbox_regression", "loss_objectness", "loss
                    "loss_classifier", "loss_box_reg")
 
 
+def _smooth(values: list[float], window: int = 5) -> np.ndarray:
+    """Trailing moving average: detection losses of small batches are noisy."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < window:
+        return array
+    kernel = np.ones(window) / window
+    head = np.array([array[: i + 1].mean() for i in range(window - 1)])
+    return np.concatenate([head, np.convolve(array, kernel, mode="valid")])
+
+
 def training_curves(runs: dict[str, str | Path], out: str | Path) -> Path:
-    """Detection loss (the part both students share) and total loss per run, plus eval mAP when logged."""
+    """Per run: the detection loss (what every student shares), the distillation terms, eval AP50 when logged."""
     plt = _pyplot()
-    fig, (ax_det, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (label, run) in enumerate(runs.items()):
-        steps, evals = read_metrics_log(Path(run) / "metrics.jsonl")
+    logs = {label: read_metrics_log(Path(run) / "metrics.jsonl") for label, run in runs.items()}
+    extra_terms = {label: sorted({k for s in steps for k in s} - set(DETECTION_TERMS)
+                                 - {"iter", "epoch", "lr", "loss", "images_per_s"})
+                   for label, (steps, _) in logs.items()}
+    has_extra = any(extra_terms.values())
+    has_evals = any(evals for _, evals in logs.values())
+    panels = 1 + has_extra + has_evals
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    axes = list(np.atleast_1d(axes))
+    ax_det = axes.pop(0)
+    ax_kd = axes.pop(0) if has_extra else None
+    ax_map = axes.pop(0) if has_evals else None
+    for i, (label, (steps, evals)) in enumerate(logs.items()):
         colour = PALETTE[i % len(PALETTE)]
         iters = [s["iter"] for s in steps]
         detection = [sum(s.get(k, 0.0) for k in DETECTION_TERMS) for s in steps]
-        ax_det.plot(iters, detection, color=colour, label=f"{label}: detection loss")
-        total = [s["loss"] for s in steps]
-        if any(abs(t - d) > 1e-9 for t, d in zip(total, detection)):
-            ax_det.plot(iters, total, color=colour, linestyle="--", alpha=0.7, label=f"{label}: total loss")
-        if evals:
+        ax_det.plot(iters, _smooth(detection), color=colour, label=label)
+        for j, term in enumerate(extra_terms[label]):
+            ax_kd.plot(iters, _smooth([s.get(term, 0.0) for s in steps]), color=PALETTE[(i + j + 1) % len(PALETTE)],
+                       label=f"{label}: {term}")
+        if evals and ax_map is not None:
             ax_map.plot([e["iter"] for e in evals], [100 * e["eval"]["AP50"] for e in evals], marker="o",
                         color=colour, label=label)
-    ax_det.set_xlabel("iteration")
-    ax_det.set_ylabel("loss")
+    ax_det.set(xlabel="iteration", ylabel="loss (moving average of 5 logs)", title="detection loss")
     ax_det.legend(fontsize=8)
-    ax_det.set_title("training loss")
-    ax_map.set_xlabel("iteration")
-    ax_map.set_ylabel("AP50 (%) on held-out patches")
-    ax_map.set_title("evaluation during training")
-    if ax_map.has_data():
+    if ax_kd is not None:
+        ax_kd.set(xlabel="iteration", ylabel="weighted loss term", title="distillation terms", yscale="log")
+        ax_kd.legend(fontsize=7)
+    if ax_map is not None:
+        ax_map.set(xlabel="iteration", ylabel="AP50 (%)", title="evaluation during training")
         ax_map.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(out))

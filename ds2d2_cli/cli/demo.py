@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ds2d2_cli.cli.common import RichReporter, handle_errors, stdout_console, write_json_output
 
-ROWS = (("teacher", "teacher"), ("baseline", "student, no distillation"), ("ds2d2", "student, DS2D2"))
+ROWS = (("teacher", "teacher"), ("baseline", "baseline student"), ("ds2d2", "DS2D2 student"))
 
 
 def _pct(value: float) -> str:
@@ -19,7 +19,8 @@ def _pct(value: float) -> str:
 
 def print_results(results: dict[str, Any], out: Path) -> None:
     console = stdout_console()
-    table = Table(title=f"ds2d2 demo: held-out synthetic scenes ({results['preset']}, {results['device']})")
+    table = Table(title=f"ds2d2 demo: held-out synthetic scenes ({results['preset']}, {results['device']})",
+                  caption="AP in %, COCO metrics by pycocotools; baseline = same student, schedule and seed, no teacher")
     for column in ("model", "backbone", "mAP", "AP50", "AP75", "APs", "params", "images/s"):
         table.add_column(column, justify="left" if column in ("model", "backbone") else "right")
     for key, label in ROWS:

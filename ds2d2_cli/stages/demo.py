@@ -136,20 +136,18 @@ def run_demo(
     results: dict[str, Any] = {}
     predictions: dict[str, Path] = {}
     for name, path in (("teacher", teacher), ("baseline", students["baseline"]), ("ds2d2", students["ds2d2"])):
-        reporter.note(f"eval: {name} on the held-out patches")
+        reporter.note(f"eval: {name} on the held-out scenes (patch detections merged per scene)")
+        predictions[name] = path.parent / "scene_predictions.json"
         metrics = evaluate_checkpoint(path, data_dir=patches, split=config.data.eval_split, device=device,
-                                      reporter=reporter)
-        if name != "teacher":
-            predictions[name] = out / name / "scene_predictions.json"
-            evaluate_checkpoint(path, data_dir=patches, split=config.data.eval_split, device=device,
-                                merge_patches=True, predictions_out=predictions[name], reporter=reporter)
+                                      merge_patches=True, predictions_out=predictions[name], reporter=reporter)
         checkpoint = load_checkpoint(path)
+        model = checkpoint.meta.model
         results[name] = {
             **{k: metrics[k] for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")},
             "per_class": metrics["per_class"],
             "params": count_parameters(model_from_checkpoint(checkpoint)),
             "images_per_s": metrics["images_per_s"],
-            "backbone": f"{checkpoint.meta.model.backbone}-FPN{checkpoint.meta.model.fpn_channels}",
+            "backbone": f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}",
             "checkpoint": str(path),
         }
     results["gain_AP50_points"] = round(100 * (results["ds2d2"]["AP50"] - results["baseline"]["AP50"]), 2)
