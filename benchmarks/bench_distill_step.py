@@ -17,8 +17,8 @@ clip + SGD step, as `engine.train` does) for:
 Variants are interleaved (the order rotates every repeat) on the same batch and the
 same student weights; times are medians after warm-up. Ratios: ds2d2 / (student+teacher)
 is the overhead of the DS2D2 streams themselves, ds2d2 / student the whole price of
-distilling. The main rows use the `tiny-synthetic` sizes (256 px, R34-FPN128 teacher ->
-R18-FPN64 student, batch 4); `--full` adds the paper's `retina-dior` / `frcnn-dior`
+distilling. The main rows use the `tiny-synthetic` presets' architectures and input size
+(R34-FPN64 teacher -> R18-FPN64 student, 128 px, batch 8); `--full` adds the paper's `retina-dior` / `frcnn-dior`
 architectures (R101 teacher / R18 student, FPN 256, frozen BN and 3 trainable stages as
 with ImageNet weights) at a reduced 512 px input and batch 2.
 
@@ -61,8 +61,8 @@ VARIANTS = ("ds2d2", "student+teacher", "fitnet", "student")
 
 # (row name, preset, --set overrides, batch); "full" rows only with --full.
 MAIN_CONFIGS = (
-    ("retinanet tiny-synthetic", "tiny-synthetic", [], 4),
-    ("faster_rcnn tiny-synthetic", "tiny-synthetic-frcnn", [], 4),
+    ("retinanet tiny-synthetic", "tiny-synthetic", [], 8),
+    ("faster_rcnn tiny-synthetic", "tiny-synthetic-frcnn", [], 8),
 )
 FULL_CONFIGS = (
     ("retinanet retina-dior@512", "retina-dior", ["input.size=512"], 2),
