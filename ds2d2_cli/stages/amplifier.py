@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 
-from ds2d2_cli.checkpoint import CheckpointMeta, check_classes, load_checkpoint
+from ds2d2_cli.checkpoint import CheckpointMeta
 from ds2d2_cli.config import RunConfig
-from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.amplifier import amplifier_head, amplify, head_state_dict
 from ds2d2_cli.progress import Reporter
-from ds2d2_cli.stages.common import load_stage_data, model_from_checkpoint, seed_everything, with_data_root
+from ds2d2_cli.stages.common import (
+    load_stage_data, load_teacher, model_from_checkpoint, seed_everything, with_data_root,
+)
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 
 # Faster R-CNN's RPN stays frozen (it reads the full features), so its losses carry no
@@ -52,13 +53,7 @@ def train_amplifier(
     device = torch.device(device)
     config = with_data_root(config, data_dir)
     data = load_stage_data(config)
-    teacher_ckpt = load_checkpoint(teacher, "teacher", option="--teacher")
-    check_classes(teacher_ckpt, data.classes, data.train.path)
-    if teacher_ckpt.meta.input != config.input:
-        raise InputError(
-            f"the teacher was trained at input {teacher_ckpt.meta.input.size} px, the preset says "
-            f"{config.input.size} px; use the teacher's preset", teacher,
-        )
+    teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path)
     prepare_stage(config, out, resume)
     seed_everything(config.schedule("amplifier").seed)
     model = model_from_checkpoint(teacher_ckpt, device)

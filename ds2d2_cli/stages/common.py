@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ds2d2_cli.checkpoint import Checkpoint
+from ds2d2_cli.checkpoint import Checkpoint, check_classes, load_checkpoint
 from ds2d2_cli.classes import get_class_set
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.data.dataset import CocoSplit, DetectionDataset, load_coco_split, split_json_path
@@ -98,3 +98,20 @@ def evaluate_on_split(model: nn.Module, split: CocoSplit, device: torch.device, 
     metrics["images_per_s"] = round(images_per_s, 3)
     metrics["images"] = len(dataset)
     return metrics, results
+
+
+def load_teacher(path: Path, config: RunConfig, classes: list[str], data_path: Path) -> Checkpoint:
+    """The `--teacher` checkpoint, checked against the data's classes and the preset's student and input."""
+    checkpoint = load_checkpoint(path, "teacher", option="--teacher")
+    check_classes(checkpoint, classes, data_path)
+    if checkpoint.meta.model.detector != config.student.detector:
+        raise InputError(
+            f"the teacher is a {checkpoint.meta.model.detector}, the preset's student a {config.student.detector}; "
+            "teacher and student must be the same detector family", path,
+        )
+    if checkpoint.meta.input != config.input:
+        raise InputError(
+            f"the teacher was trained at input {checkpoint.meta.input.size} px with its own normalisation; "
+            f"the preset says {config.input.size} px (use the teacher's preset or --set input...)", path,
+        )
+    return checkpoint

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 
-from ds2d2_cli.checkpoint import Checkpoint, check_classes, load_checkpoint, meta_for
+from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint, meta_for
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.distill import Adapter, explicit_losses, faster_rcnn_implicit_loss, fitnet_loss, high_frequency
 from ds2d2_cli.distill import retinanet_implicit_loss
@@ -25,7 +25,9 @@ from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.amplifier import load_head
 from ds2d2_cli.models.detectors import build_detector
 from ds2d2_cli.progress import NullReporter, Reporter
-from ds2d2_cli.stages.common import load_stage_data, model_from_checkpoint, seed_everything, with_data_root
+from ds2d2_cli.stages.common import (
+    load_stage_data, load_teacher, model_from_checkpoint, seed_everything, with_data_root,
+)
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 from ds2d2_cli.stages.teacher import DetectorTask
 
@@ -142,22 +144,6 @@ class DistillTask:
         return terms, implicit
 
 
-def _load_teacher(path: Path, config: RunConfig, classes: list[str], data_path: Path) -> Checkpoint:
-    checkpoint = load_checkpoint(path, "teacher", option="--teacher")
-    check_classes(checkpoint, classes, data_path)
-    if checkpoint.meta.model.detector != config.student.detector:
-        raise InputError(
-            f"the teacher is a {checkpoint.meta.model.detector}, the preset's student a {config.student.detector}; "
-            "teacher and student must be the same detector family", path,
-        )
-    if checkpoint.meta.input != config.input:
-        raise InputError(
-            f"the teacher was trained at input {checkpoint.meta.input.size} px with its own normalisation; "
-            f"the preset says {config.input.size} px (use the teacher's preset or --set input...)", path,
-        )
-    return checkpoint
-
-
 def _load_amplifier(path: Path, teacher: Checkpoint, teacher_model: nn.Module) -> nn.Module:
     checkpoint = load_checkpoint(path, "amplifier", option="--amplifier")
     if checkpoint.meta.teacher_sha256 != teacher.sha256:
@@ -189,7 +175,7 @@ def distill(
     data = load_stage_data(config)
     if method != "none" and teacher is None:
         raise InputError(f"--method {method} needs --teacher T.safetensors (or use --method none for the baseline)")
-    teacher_ckpt = _load_teacher(teacher, config, data.classes, data.train.path) if method != "none" else None
+    teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path) if method != "none" else None
     teacher_model = model_from_checkpoint(teacher_ckpt, device) if teacher_ckpt is not None else None
     amplifier_head = None
     if method == "ds2d2" and "implicit-high" in config.distill.streams:
