@@ -29,7 +29,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from ds2d2_cli.errors import Ds2d2Error
 
-__all__ = ["faster_rcnn_implicit_loss", "retinanet_implicit_loss"]
+__all__ = ["faster_rcnn_implicit_loss", "retinanet_implicit_loss", "sample_rois"]
 
 
 def _level_list(feats: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
@@ -119,6 +119,13 @@ def retinanet_implicit_loss(
     return {"cls": cls, "box": box}
 
 
+def sample_rois(roi_heads: RoIHeads, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
+    """RoIs as the RoI head samples them in training (512 per image, 25% positive, GT added)."""
+    with torch.no_grad():
+        rois, _, _, _ = roi_heads.select_training_samples([p.detach() for p in proposals], targets)
+    return rois
+
+
 def faster_rcnn_implicit_loss(
     roi_heads: RoIHeads,
     student_feats: dict[str, Tensor],
@@ -129,6 +136,7 @@ def faster_rcnn_implicit_loss(
     *,
     temperature: float = 3.0,
     cls_weight: float = 0.5,
+    rois: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """{"cls", "box"}: Faster R-CNN amplifier KD on RoIs sampled from the student's proposals.
 
@@ -148,12 +156,13 @@ def faster_rcnn_implicit_loss(
     box: L1 between student and teacher class-specific deltas of the teacher's most likely
         foreground class c* = argmax_{k>=1} softmax(t)_k, weighted by that probability
         p* (at T = 1), normalised by `4 * sum(p*)` (clamped away from 0).
+    rois: RoIs already drawn with `sample_rois` (pass the same ones to both amplifiers
+        of a step: one draw, and both streams compare the predictions on the same boxes).
     """
     if list(student_feats) != list(teacher_feats):
         raise Ds2d2Error(f"student FPN levels {list(student_feats)} do not match teacher {list(teacher_feats)}")
-    proposals = [p.detach() for p in proposals]
-    with torch.no_grad():
-        rois, _, _, _ = roi_heads.select_training_samples(proposals, targets)
+    if rois is None:
+        rois = sample_rois(roi_heads, proposals, targets)
 
     s_logits, s_deltas = roi_heads.box_predictor(
         roi_heads.box_head(roi_heads.box_roi_pool(student_feats, rois, image_sizes))

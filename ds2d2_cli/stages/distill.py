@@ -21,6 +21,7 @@ from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint, meta_for
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.distill import Adapter, explicit_losses, faster_rcnn_implicit_loss, fitnet_loss, high_frequency
 from ds2d2_cli.distill import retinanet_implicit_loss
+from ds2d2_cli.distill.implicit import sample_rois
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.amplifier import load_head
 from ds2d2_cli.models.detectors import build_detector
@@ -132,13 +133,16 @@ class DistillTask:
         _, roi_losses = student.roi_heads(features, proposals, batch.image_sizes, targets)
         terms = {**rpn_losses, **roi_losses}
         detached = [p.detach() for p in proposals]
+        drawn: list[list[Tensor]] = []  # one RoI draw per step, shared by the full and high streams
 
         def implicit(high: bool) -> dict[str, Tensor]:
             s, t = self._inputs(high, adapted, teacher_features)
             roi_heads = self.amplifier_head if high else self.teacher.roi_heads
+            if not drawn:
+                drawn.append(sample_rois(self.teacher.roi_heads, detached, targets))
             return faster_rcnn_implicit_loss(
                 roi_heads, s, t, detached, batch.image_sizes, targets,
-                temperature=self.settings.kd_temperature, cls_weight=self.settings.kd_cls_weight,
+                temperature=self.settings.kd_temperature, cls_weight=self.settings.kd_cls_weight, rois=drawn[0],
             )
 
         return terms, implicit
