@@ -115,13 +115,15 @@ def training_curves(runs: dict[str, str | Path], out: str | Path) -> Path:
     ax_det = axes.pop(0)
     ax_kd = axes.pop(0) if has_extra else None
     ax_map = axes.pop(0) if has_evals else None
+    term_lines = 0  # one colour per distillation-term line across all runs
     for i, (label, (steps, evals)) in enumerate(logs.items()):
         colour = PALETTE[i % len(PALETTE)]
         iters = [s["iter"] for s in steps]
         detection = [sum(s.get(k, 0.0) for k in DETECTION_TERMS) for s in steps]
         ax_det.plot(iters, _smooth(detection), color=colour, label=label)
-        for j, term in enumerate(extra_terms[label]):
-            ax_kd.plot(iters, _smooth([s.get(term, 0.0) for s in steps]), color=PALETTE[(i + j + 1) % len(PALETTE)],
+        for term in extra_terms[label]:
+            term_lines += 1
+            ax_kd.plot(iters, _smooth([s.get(term, 0.0) for s in steps]), color=PALETTE[term_lines % len(PALETTE)],
                        label=f"{label}: {term}")
         if evals and ax_map is not None:
             ax_map.plot([e["iter"] for e in evals], [100 * e["eval"]["AP50"] for e in evals], marker="o",
