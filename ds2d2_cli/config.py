@@ -88,6 +88,8 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0, description="iterations between evaluations (None: only at the end)")
     num_workers: int = Field(2, ge=0)
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss term or gradient: stop the run, or skip that step and count it")
     augment: tuple[Literal["hflip", "vflip", "rot90"], ...] = ("hflip", "vflip", "rot90")
 
     @field_validator("lr_steps")

@@ -5,12 +5,22 @@ trainable weights, how a batch becomes named loss terms); this module does the r
 the same way for all three: optimiser and LR schedule, mixed precision, gradient
 clipping, logging every loss term to `metrics.jsonl`, periodic atomic checkpoints and
 exact `--resume`, evaluation and the best checkpoint.
+
+Faults never cost more than one checkpoint interval: Ctrl-C and SIGTERM let the current
+step finish, write the resume checkpoint and stop (`TrainingInterrupted`; a second signal
+aborts at once and keeps the previous checkpoint), a SIGKILL leaves the last
+periodic one (written atomically, so a half-written file is never picked up), and a
+non-finite loss term stops the run at the step it appears - or, with
+`on_nonfinite: skip`, that step is skipped and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +32,13 @@ from torch.utils.data import DataLoader
 
 from ds2d2_cli.config import TrainConfig
 from ds2d2_cli.data.dataset import DetectionDataset, ResumableBatchSampler, collate
-from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.errors import Ds2d2Error, InputError, TrainingInterrupted
 from ds2d2_cli.fileio import atomic_path
 from ds2d2_cli.progress import NullReporter, Reporter
 
 RESUME_FILE = "checkpoints/last.pt"
+# With on_nonfinite=skip, this many non-finite steps in a row mean the run has diverged.
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 class TrainingTask(Protocol):
@@ -46,6 +58,7 @@ class TrainResult:
     images_per_s: float
     final_losses: dict[str, float]
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # non-finite steps skipped (on_nonfinite=skip)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,6 +167,40 @@ def prepare_run_dir(out: Path, config_json: str, resume: bool) -> None:
         tmp.write_text(config_json)
 
 
+@dataclass
+class _StopRequest:
+    """Set by the first Ctrl-C / SIGTERM; the loop stops at the next step boundary."""
+
+    signal_name: str | None = None
+    signal_number: int = 0
+
+
+@contextlib.contextmanager
+def _stop_at_step_boundary():
+    """The first SIGINT/SIGTERM asks for a clean stop after the current step (so the
+    checkpoint holds a consistent state); a second one aborts at once (KeyboardInterrupt)."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signal_name is not None:
+            raise KeyboardInterrupt
+        stop.signal_name, stop.signal_number = signal.Signals(signum).name, signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _nonfinite(values: dict[str, float]) -> str | None:
+    return next((name for name, value in values.items() if not math.isfinite(value)), None)
+
+
 def train(
     task: TrainingTask,
     dataset: DetectionDataset,
@@ -175,7 +222,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
     metrics_path = out / "metrics.jsonl"
 
-    start, best = 0, -1.0
+    start, best, result_skipped = 0, -1.0, 0
     if resume:
         state = _load_resume(out)
         task.module.load_state_dict(state["module"])
@@ -187,6 +234,7 @@ def train(
         if state.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         start, best = int(state["iteration"]), float(state["extra"].get("best", -1.0))
+        result_skipped = int(state["extra"].get("skipped_steps", 0))
         _trim_metrics(metrics_path, start)
         reporter.note(f"{stage}: resuming at iteration {start} of {total}")
 
@@ -197,72 +245,114 @@ def train(
     )
     task.train_mode()
     progress = reporter.task(stage, total=total, completed=start)
-    result = TrainResult(iterations=start, seconds=0.0, images_per_s=0.0, final_losses={})
+    result = TrainResult(iterations=start, seconds=0.0, images_per_s=0.0, final_losses={},
+                         skipped_steps=result_skipped)
+    consecutive_skips = 0
+    resume_path = out / RESUME_FILE
+
+    last_saved = start if resume else None
+
+    def save(at: int) -> None:
+        nonlocal last_saved
+        _save_resume(out, at, task, optimizer, scheduler, scaler,
+                     {"best": best, "skipped_steps": result.skipped_steps})
+        last_saved = at
+
+    def skip_or_stop(what: str, value: float, at: int) -> None:
+        """A non-finite loss term or gradient norm at iteration `at`: stop, or skip the step."""
+        nonlocal consecutive_skips
+        kept = f"last good checkpoint: {resume_path}" if resume_path.is_file() else "no checkpoint written yet"
+        if schedule.on_nonfinite == "stop":
+            raise Ds2d2Error(f"{stage}: {what} is {value} at iteration {at}; stopped ({kept}; "
+                             "--set <schedule>.on_nonfinite=skip skips such steps)")
+        consecutive_skips += 1
+        result.skipped_steps += 1
+        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise Ds2d2Error(f"{stage}: {what} is {value} at iteration {at}, the {consecutive_skips}th non-finite "
+                             f"step in a row; the run has diverged, stopped ({kept})")
+        log.write(json.dumps({"iter": at, "skipped_step": {"term": what, "value": str(value)}}) + "\n")
+        log.flush()
+        reporter.note(f"{stage}: {what} is {value} at iteration {at}; step skipped "
+                      f"({result.skipped_steps} so far)")
+
     window_images, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     iteration = completed = start
+    in_step = False  # between the forward pass and the optimiser step the state is inconsistent
     log = open(metrics_path, "a", encoding="utf-8")
     try:
-        for iteration, (images, targets) in enumerate(loader, start=start + 1):
-            images, targets = _to_device(images, targets, device)
-            with _autocast(device, use_amp):
-                terms = task.losses(images, targets)
-            loss = sum(terms.values())
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            for name, value in values.items():
-                if not math.isfinite(value):
-                    raise Ds2d2Error(
-                        f"{stage}: loss term {name} is {value} at iteration {iteration}; stopped "
-                        f"(last good checkpoint: {out / RESUME_FILE})"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if schedule.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip
-                )
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            completed = iteration
+        with _stop_at_step_boundary() as stop:
+            for iteration, (images, targets) in enumerate(loader, start=start + 1):
+                in_step = True
+                images, targets = _to_device(images, targets, device)
+                with _autocast(device, use_amp):
+                    terms = task.losses(images, targets)
+                loss = sum(terms.values())
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                optimizer.zero_grad(set_to_none=True)
+                bad = _nonfinite(values)
+                if bad is not None:
+                    skip_or_stop(f"loss term {bad}", values[bad], iteration)
+                else:
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    grad_norm = None
+                    if schedule.grad_clip:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                            [p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip))
+                    if scaler is not None:
+                        scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
+                        scaler.update()
+                    elif grad_norm is not None and not math.isfinite(grad_norm):
+                        optimizer.zero_grad(set_to_none=True)
+                        skip_or_stop("the gradient norm", grad_norm, iteration)
+                    else:
+                        optimizer.step()
+                        consecutive_skips = 0
+                    result.final_losses = values
+                scheduler.step()  # skipped steps keep the schedule aligned with the data order
+                completed, in_step = iteration, False
 
-            window_images += len(images)
-            result.final_losses = values
-            if iteration % schedule.log_every == 0 or iteration == total:
-                elapsed = time.perf_counter() - window_start
-                speed = window_images / elapsed if elapsed > 0 else 0.0
-                record = {
-                    "iter": iteration, "epoch": (iteration - 1) // sampler.iters_per_epoch,
-                    "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach()), **values,
-                    "images_per_s": round(speed, 3),
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                window_images, window_start = 0, time.perf_counter()
-            progress.update(1, loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
+                window_images += len(images)
+                if bad is None and (iteration % schedule.log_every == 0 or iteration == total):
+                    elapsed = time.perf_counter() - window_start
+                    speed = window_images / elapsed if elapsed > 0 else 0.0
+                    record = {
+                        "iter": iteration, "epoch": (iteration - 1) // sampler.iters_per_epoch,
+                        "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach()), **values,
+                        "images_per_s": round(speed, 3),
+                    }
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    window_images, window_start = 0, time.perf_counter()
+                progress.update(1, loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
 
-            evaluate_now = evaluate is not None and schedule.eval_every and iteration % schedule.eval_every == 0
-            if evaluate_now and iteration != total:
-                metrics = evaluate()
-                task.train_mode()
-                result.evaluations.append({"iter": iteration, **metrics})
-                log.write(json.dumps({"iter": iteration, "eval": metrics}) + "\n")
-                log.flush()
-                if on_best is not None and metrics.get("mAP", -1.0) > best:
-                    best = metrics["mAP"]
-                    on_best(metrics)
-            if iteration % schedule.checkpoint_every == 0 or iteration == total:
-                _save_resume(out, iteration, task, optimizer, scheduler, scaler, {"best": best})
-    except KeyboardInterrupt:
-        if completed > start:
-            _save_resume(out, completed, task, optimizer, scheduler, scaler, {"best": best})
+                evaluate_now = evaluate is not None and schedule.eval_every and iteration % schedule.eval_every == 0
+                if evaluate_now and iteration != total:
+                    metrics = evaluate()
+                    task.train_mode()
+                    result.evaluations.append({"iter": iteration, **metrics})
+                    log.write(json.dumps({"iter": iteration, "eval": metrics}) + "\n")
+                    log.flush()
+                    if on_best is not None and metrics.get("mAP", -1.0) > best:
+                        best = metrics["mAP"]
+                        on_best(metrics)
+                if iteration % schedule.checkpoint_every == 0 or iteration == total:
+                    save(iteration)
+                if stop.signal_name is not None and iteration != total:
+                    if last_saved != iteration:
+                        save(iteration)
+                    raise TrainingInterrupted(stop.signal_name, stop.signal_number, iteration, resume_path)
+    except TrainingInterrupted:
         raise
+    except KeyboardInterrupt:
+        # Raised mid-step (a second Ctrl-C) the weights are half-updated: keep the last checkpoint.
+        if not in_step and completed != last_saved:
+            save(completed)
+        raise TrainingInterrupted("SIGINT", signal.SIGINT, last_saved or 0,
+                                  resume_path if last_saved is not None else None) from None
     finally:
         log.close()
         progress.close()

@@ -31,3 +31,23 @@ class InputError(Ds2d2Error):
     """Bad user input: a file, folder, preset, option or checkpoint we cannot use (exit code 2)."""
 
     exit_code = 2
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a training run after its resume checkpoint was written.
+
+    A KeyboardInterrupt, so it passes through `except Exception`; the CLI exits with
+    128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), as shells expect.
+    """
+
+    def __init__(self, signal_name: str, signal_number: int, iteration: int, checkpoint: Path | None):
+        self.signal_name = signal_name
+        self.exit_code = 128 + signal_number
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = (f"checkpoint at iteration {self.iteration}: {self.checkpoint}; continue with --resume"
+                 if self.checkpoint is not None else "no iteration finished, nothing to resume")
+        return f"stopped by {self.signal_name} ({where})"

@@ -82,6 +82,8 @@ def read_metrics_log(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[
         if not line.strip():
             continue
         record = json.loads(line)
+        if "skipped_step" in record:
+            continue  # a non-finite step skipped with on_nonfinite=skip: no losses to plot
         (evals if "eval" in record else steps).append(record)
     return steps, evals
 

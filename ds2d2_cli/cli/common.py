@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ds2d2_cli.errors import Ds2d2Error
+from ds2d2_cli.errors import Ds2d2Error, TrainingInterrupted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,6 +54,9 @@ def handle_errors(fn: F) -> F:
             if state.debug:
                 traceback.print_exc()
             fail(_escape(str(exc)), exc.exit_code)
+        except TrainingInterrupted as exc:
+            stderr_console().print(f"[bold yellow]interrupted:[/] {_escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             stderr_console().print("interrupted")
             raise typer.Exit(130) from None

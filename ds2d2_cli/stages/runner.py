@@ -91,6 +91,7 @@ def run_stage(
         "images_per_s": round(result.images_per_s, 3),
         "iterations_per_s": round(result.images_per_s / schedule.batch_size, 4),
         "final_losses": {k: round(v, 5) for k, v in result.final_losses.items()},
+        "skipped_steps": result.skipped_steps,
         "metrics": final_metrics,
         "eval_split": data.eval.path.stem if data.eval is not None else None,
         **(extra_summary or {}),
