@@ -7,7 +7,8 @@ and a timestamp, so numbers in docs can be traced to a run.
     python benchmarks/run_all.py --only disw --device cuda
     python benchmarks/run_all.py --only distill_step     # DS2D2 step vs student + teacher forward
 
-Registered benchmarks (found by file name): disw, wavelet, distill_step. The step
+Registered benchmarks (found by file name): disw, wavelet, distill_step, inference
+(teacher vs student and eager vs onnxruntime images/s, parameters, FLOPs). The step
 benchmark's larger R101 configuration needs its own script:
 `python benchmarks/bench_distill_step.py --full`. The seed-averaged accuracy gain is not a
 timing benchmark and is not run here: `python benchmarks/distill_gain.py --help`.

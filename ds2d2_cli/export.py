@@ -345,15 +345,20 @@ def _onnx_with_metadata(data: bytes, metadata: dict[str, str]) -> Any:
     return model
 
 
-def onnx_session(model: Any | bytes | str | Path) -> Any:
+def onnx_session(model: Any | bytes | str | Path, *, device: str = "cpu", threads: int | None = None) -> Any:
+    """An onnxruntime session; `device="cuda"` uses the CUDA provider when this onnxruntime has it."""
     import onnxruntime as ort
 
     if not isinstance(model, (bytes, str, Path)):
         model = model.SerializeToString()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
 
 
 def verify_onnx(onnx_model: Any | bytes | str | Path, checkpoint: Checkpoint | str | Path,
