@@ -1,0 +1,71 @@
+"""`ds2d2 predict`: detections of a checkpoint or ONNX export on image files, whole or tiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from ds2d2_cli.cli.common import RichReporter, handle_errors, stdout_console, write_json_output
+
+
+def print_predict_summary(result: dict[str, Any]) -> None:
+    console = stdout_console()
+    table = Table(title=f"predict: {result['out']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("model", f"{result['model']} ({result['model_description']}, input {result['input_size']} px, "
+                           f"{result['device']})")
+    tiling = (f"{result['tiles']} tiles of {result['slice']} px, overlap {result['overlap']}, "
+              f"NMS IoU {result['nms_iou']:g}" if result["slice"] else "whole images")
+    table.add_row("images", f"{result['images']} ({tiling})")
+    table.add_row("detections", f"{result['detections']} (score >= {result['score_thr']:g})")
+    for name, count in result["per_class"].items():
+        if count:
+            table.add_row(f"  {name}", str(count))
+    table.add_row("time", f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s)")
+    table.add_row("predictions", result["predictions"])
+    table.add_row("images json", result["images_json"])
+    if result["annotated"]:
+        shown = result["annotated"][0] + (f" (+{len(result['annotated']) - 1} more)" if len(result["annotated"]) > 1
+                                          else "")
+        table.add_row("annotated", shown)
+    console.print(table)
+
+
+@handle_errors
+def predict_command(
+    model: Path = typer.Argument(..., help="a teacher or student .safetensors checkpoint, or an .onnx export"),
+    inputs: List[Path] = typer.Argument(..., help="image files (PNG, JPEG, TIFF) or folders of them (not recursive)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: predictions.json (COCO results), "
+                             "images.json (image ids, categories), <stem>.png annotated images"),
+    slice_size: Optional[int] = typer.Option(None, "--slice", help="tile large scenes into N px windows "
+                                             "(DOTA devkit style) and merge with class-wise NMS", show_default=False),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="overlap of neighbouring tiles in px "
+                                          "(default: 200, or a quarter of a smaller --slice)", show_default=False),
+    nms_iou: float = typer.Option(0.5, "--nms-iou", help="IoU above which tile detections of one class are merged"),
+    score_thr: Optional[float] = typer.Option(None, "--score-thr", help="keep detections scoring at least this "
+                                              "(default: the model's score_thresh)", show_default=False),
+    batch_size: int = typer.Option(8, "--batch-size", help="tiles or images per forward pass (checkpoints)"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N "
+                               "(ONNX models run on the CPU)"),
+    no_images: bool = typer.Option(False, "--no-images", help="write only the JSON files, no annotated images"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the summary as JSON to FILE "
+                                            "(`-` for stdout)"),
+) -> None:
+    """Detect objects in images with a trained checkpoint or an ONNX export.
+
+    Examples: ds2d2 predict runs/student/model.safetensors scenes/ --out preds --slice 1024 --overlap 200
+
+              ds2d2 predict runs/student/model.onnx P0706.png --out preds --score-thr 0.3
+    """
+    from ds2d2_cli.predict import predict_paths
+
+    result = predict_paths(model, inputs, out, device=device, slice_size=slice_size, overlap=overlap,
+                           nms_iou=nms_iou, score_thresh=score_thr, batch_size=batch_size, draw=not no_images,
+                           reporter=RichReporter())
+    if not (json_out is not None and str(json_out) == "-"):
+        print_predict_summary(result)
+    write_json_output(json_out, result)

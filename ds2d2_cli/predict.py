@@ -1,0 +1,677 @@
+"""Detections on new images: a checkpoint or an exported ONNX model over image files, whole or tiled.
+
+Models (`load_predictor`)
+    A teacher or student ``.safetensors`` checkpoint (run by PyTorch on the chosen device,
+    images batched) or an ONNX file written by ``ds2d2 export`` (run by onnxruntime on the
+    CPU; class names, input size and score threshold come from its ``metadata_props``).
+    Both are a `Predictor`: ``predictor(images)`` takes a list of ``[3, H, W]`` float
+    tensors in 0..1 and returns one dict per image with ``boxes`` ``[K, 4]`` (x1, y1, x2,
+    y2 in that image's pixels), ``scores`` ``[K]`` and ``labels`` ``[K]`` (category id 1..C:
+    class name = ``classes[label - 1]``). The checkpoint's detector resizes each image to
+    its input size itself; the ONNX graph takes one ``[3, S, S]`` image, so each image is
+    padded with zeros to a square on the right/bottom, resized to S x S and its boxes are
+    scaled back (the aspect ratio is kept, as the checkpoint's detector keeps it).
+
+Large scenes (`slice_windows`, `predict_scene`)
+    Aerial scenes are far larger than the input size and their objects a few pixels wide;
+    shrinking a whole 4000 px scene to 1024 px loses them. With ``slice_size`` the scene
+    is cut into ``slice_size`` windows as the DOTA devkit's ImgSplit does (step
+    ``slice_size - overlap``; the last window in each direction moved back to end at the
+    border; a scene smaller than the window gets one window at 0, padded with zeros), each
+    window is detected on its own, and the detections are shifted to scene coordinates,
+    clipped to the scene and merged with class-wise NMS (`torchvision.ops.batched_nms`),
+    so an object seen by two overlapping windows is reported once.
+
+Files (`predict_paths`)
+    ``OUT/predictions.json``: a COCO results list ``[{image_id, category_id, bbox [x, y, w,
+    h], score}]``; ``OUT/images.json``: ``{"images": [{id, file_name (absolute), width,
+    height}], "categories": [{id, name}]}``, so ``COCO("images.json").loadRes(
+    "predictions.json")`` pairs them; ``OUT/<stem>.png``: each image with its detections
+    drawn. Nothing is left behind on failure: every file is written to a hidden staging folder
+    inside OUT and moved into place (`os.replace`, predictions.json last) only once every
+    image is done; a failed run removes the staging folder (and OUT, if it created it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.fileio import write_json
+from ds2d2_cli.progress import NullReporter, Reporter
+
+IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DEFAULT_NMS_IOU = 0.5
+DEFAULT_OVERLAP = 200
+DEFAULT_BATCH_SIZE = 8
+LARGE_FACTOR = 2.0  # without slicing, warn about images whose longer side exceeds this x the input size
+PREDICTIONS_FILE = "predictions.json"
+IMAGES_FILE = "images.json"
+ONNX_META_KEYS = ("classes", "input_size", "score_thresh")
+
+Detections = dict[str, torch.Tensor]
+
+
+class Predictor(Protocol):
+    """A detector over ``[3, H, W]`` float images in 0..1 (see the module docstring)."""
+
+    classes: list[str]
+    input_size: int
+    score_thresh: float  # the lowest score it reports
+    description: str
+
+    def __call__(self, images: list[torch.Tensor]) -> list[Detections]: ...
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _set_score_thresh(model: torch.nn.Module, score_thresh: float) -> None:
+    """The detector's own cut-off (RetinaNet: `score_thresh`; Faster R-CNN: `roi_heads.score_thresh`)."""
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.score_thresh = score_thresh
+    else:
+        model.score_thresh = score_thresh
+
+
+class CheckpointPredictor:
+    """A teacher or student checkpoint rebuilt as its torchvision detector (eval mode, no autograd)."""
+
+    kind = "checkpoint"
+
+    def __init__(self, checkpoint: Any, device: torch.device | str = "cpu", score_thresh: float | None = None):
+        from ds2d2_cli.stages.common import model_from_checkpoint
+
+        meta = checkpoint.meta
+        self.path = Path(checkpoint.path)
+        self.classes = list(meta.classes)
+        self.input_size = int(meta.input.size)
+        self.device = torch.device(device)
+        self.score_thresh = float(meta.model.score_thresh if score_thresh is None else score_thresh)
+        self.description = f"{meta.stage}: {meta.model.detector} {meta.model.backbone}"
+        self.model = model_from_checkpoint(checkpoint, self.device)
+        _set_score_thresh(self.model, self.score_thresh)
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> list[Detections]:
+        if not images:
+            return []
+        outputs = self.model([image.to(self.device, torch.float32) for image in images])
+        return [{"boxes": out["boxes"].float().cpu(), "scores": out["scores"].float().cpu(),
+                 "labels": out["labels"].cpu()} for out in outputs]
+
+
+class OnnxPredictor:
+    """An ONNX file from `ds2d2 export`, run by onnxruntime on the CPU, one image at a time."""
+
+    kind = "onnx"
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | Path):
+        from ds2d2_cli.export import onnx_session
+
+        self.path = Path(path)
+        try:
+            self.session = onnx_session(self.path)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise InputError(f"not a readable ONNX model ({type(exc).__name__}: {first})", self.path) from None
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        if any(key not in meta for key in ONNX_META_KEYS):
+            raise InputError("an ONNX model without ds2d2 metadata (classes, input size); "
+                             "predict with a file written by `ds2d2 export`", self.path)
+        try:
+            self.classes = [str(c) for c in json.loads(meta["classes"])]
+            self.input_size = int(meta["input_size"])
+            self.score_thresh = float(meta["score_thresh"])
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"damaged ds2d2 metadata in this ONNX model ({exc})", self.path) from None
+        inputs = self.session.get_inputs()
+        outputs = {o.name for o in self.session.get_outputs()}
+        if len(inputs) != 1 or not {"boxes", "scores", "labels"} <= outputs or self.input_size <= 0:
+            raise InputError("not a ds2d2 detector export (expected input `image` and outputs boxes, scores, "
+                             "labels)", self.path)
+        self.input_name = inputs[0].name
+        self.description = f"{meta.get('stage', '?')}: {meta.get('detector', '?')} {meta.get('backbone', '?')} (ONNX)"
+
+    def __call__(self, images: list[torch.Tensor]) -> list[Detections]:
+        return [self._one(image) for image in images]
+
+    def _one(self, image: torch.Tensor) -> Detections:
+        size = self.input_size
+        _, height, width = image.shape
+        side = max(height, width)
+        square = image.float()
+        if height != width:
+            square = torch.nn.functional.pad(square, (0, side - width, 0, side - height))
+        if side != size:
+            square = torch.nn.functional.interpolate(square[None], size=(size, size), mode="bilinear",
+                                                     align_corners=False)[0].clamp_(0.0, 1.0)
+        try:
+            boxes, scores, labels = self.session.run(["boxes", "scores", "labels"],
+                                                     {self.input_name: square.contiguous().numpy()})
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise Ds2d2Error(f"onnxruntime failed on an image ({type(exc).__name__}: {first})", self.path) from None
+        boxes = torch.from_numpy(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * (side / size)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return {"boxes": boxes, "scores": torch.from_numpy(np.asarray(scores, dtype=np.float32)).reshape(-1),
+                "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)).reshape(-1)}
+
+
+def _require_onnxruntime() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise Ds2d2Error("running an ONNX model needs onnxruntime: pip install 'ds2d2[export]'")
+
+
+def load_predictor(path: str | Path, device: torch.device | str = "cpu",
+                   score_thresh: float | None = None) -> CheckpointPredictor | OnnxPredictor:
+    """A `.onnx` export or a teacher/student checkpoint, ready to predict.
+
+    `score_thresh` replaces a checkpoint detector's own cut-off (lower finds more); an ONNX
+    export has its cut-off built in (`.score_thresh`), so there it only filters afterwards.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise InputError("model file not found", path)
+        _require_onnxruntime()
+        return OnnxPredictor(path)
+    from ds2d2_cli.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    if checkpoint.meta.stage not in ("teacher", "student"):
+        raise InputError(f"this is an {checkpoint.meta.stage} checkpoint, not a detector; "
+                         "predict with a teacher or student checkpoint (or its ONNX export)", path)
+    return CheckpointPredictor(checkpoint, device, score_thresh)
+
+
+# ----------------------------------------------------------------------------- tiling
+
+
+def check_slice(size: int, overlap: int) -> None:
+    if size <= 0:
+        raise InputError(f"--slice must be a positive number of pixels (got {size})")
+    if overlap < 0 or overlap >= size:
+        raise InputError(f"--overlap must be at least 0 and smaller than --slice (got overlap {overlap}, slice {size})")
+
+
+def slice_windows(width: int, height: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """(x0, y0) of every `size` x `size` window of a `width` x `height` scene, row by row.
+
+    Windows step by `size - overlap`; the last one in each direction is moved back to end at
+    the border (x0 = width - size); a side no longer than `size` gets the single origin 0.
+    """
+    from ds2d2_cli.data.dota import window_starts  # one definition of the DOTA window grid
+
+    check_slice(size, overlap)
+    xs = window_starts(width, size, overlap)
+    return [(x0, y0) for y0 in window_starts(height, size, overlap) for x0 in xs]
+
+
+def default_overlap(slice_size: int) -> int:
+    """200 px (the usual DOTA split gap) for 1024 px windows; a quarter of smaller windows."""
+    return min(DEFAULT_OVERLAP, slice_size // 4)
+
+
+def _as_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+
+
+def _window(image: torch.Tensor, origin: tuple[int, int] | None, size: int | None) -> torch.Tensor:
+    """The whole image, or one `size` x `size` window of it padded with zeros past the border."""
+    if origin is None or size is None:
+        return _as_float(image).contiguous()
+    x0, y0 = origin
+    crop = _as_float(image[:, y0:y0 + size, x0:x0 + size])
+    if crop.shape[1:] == (size, size):
+        return crop.contiguous()
+    tile = torch.zeros((3, size, size), dtype=torch.float32)
+    tile[:, :crop.shape[1], :crop.shape[2]] = crop
+    return tile
+
+
+def _empty() -> Detections:
+    return {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+
+
+def _merge(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, height: int,
+           score_thresh: float, nms_iou: float) -> Detections:
+    """Window detections -> scene detections: shift, clip, filter, class-wise NMS across windows."""
+    from torchvision.ops import batched_nms
+
+    if not pieces:
+        return _empty()
+    boxes, scores, labels = [], [], []
+    for origin, det in pieces:
+        b = det["boxes"].detach().float().cpu().reshape(-1, 4).clone()
+        if origin is not None:
+            b[:, 0::2] += origin[0]
+            b[:, 1::2] += origin[1]
+        boxes.append(b)
+        scores.append(det["scores"].detach().float().cpu().reshape(-1))
+        labels.append(det["labels"].detach().cpu().reshape(-1).to(torch.int64))
+    box, score, label = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    box[:, 0::2] = box[:, 0::2].clamp(0, width)
+    box[:, 1::2] = box[:, 1::2].clamp(0, height)
+    keep = (score >= score_thresh) & (label > 0) & (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    box, score, label = box[keep], score[keep], label[keep]
+    if len(pieces) > 1:
+        order = batched_nms(box, score, label, nms_iou)
+    else:  # one window: the detector has already run its own NMS
+        order = torch.argsort(score, descending=True, stable=True)
+    return {"boxes": box[order], "scores": score[order], "labels": label[order]}
+
+
+def predict_images(predictor: Predictor, images: Sequence[torch.Tensor], *, slice_size: int | None = None,
+                   overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU,
+                   score_thresh: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Detections]:
+    """Scene detections for each `[3, H, W]` image (uint8 0..255 or float 0..1), whole or tiled.
+
+    Whole images (or all windows of all images with `slice_size`) go through the predictor
+    `batch_size` at a time; windows are cut lazily, so a huge scene never exists as floats.
+    Returned boxes are in scene pixels, sorted by score, all scores >= `score_thresh`
+    (default: the predictor's own).
+    """
+    _check_numbers(nms_iou, score_thresh, batch_size)
+    if slice_size is not None:
+        check_slice(slice_size, overlap)
+    threshold = predictor.score_thresh if score_thresh is None else float(score_thresh)
+    jobs: list[tuple[int, tuple[int, int] | None]] = []
+    for index, image in enumerate(images):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise InputError(f"images must be [3, H, W] tensors (got {tuple(image.shape)})")
+        if slice_size is None:
+            jobs.append((index, None))
+        else:
+            jobs.extend((index, origin) for origin in slice_windows(image.shape[2], image.shape[1], slice_size, overlap))
+    pieces: list[list[tuple[tuple[int, int] | None, Detections]]] = [[] for _ in images]
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        outputs = predictor([_window(images[i], origin, slice_size) for i, origin in batch])
+        for (index, origin), det in zip(batch, outputs):
+            pieces[index].append((origin, det))
+    return [_merge(pieces[i], image.shape[2], image.shape[1], threshold, nms_iou) for i, image in enumerate(images)]
+
+
+def predict_scene(predictor: Predictor, image: torch.Tensor, *, slice_size: int | None = None,
+                  overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU, score_thresh: float | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> Detections:
+    """One scene's detections in scene pixels (see `predict_images`)."""
+    return predict_images(predictor, [image], slice_size=slice_size, overlap=overlap, nms_iou=nms_iou,
+                          score_thresh=score_thresh, batch_size=batch_size)[0]
+
+
+def _check_numbers(nms_iou: float, score_thresh: float | None, batch_size: int) -> None:
+    if not 0.0 < nms_iou <= 1.0:
+        raise InputError(f"--nms-iou must be in (0, 1] (got {nms_iou})")
+    if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
+        raise InputError(f"--score-thr must be between 0 and 1 (got {score_thresh})")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@contextlib.contextmanager
+def _no_pixel_limit() -> Iterator[None]:
+    """DOTA scenes reach 20000 px: lift PIL's decompression-bomb limit while reading them."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files from files and folders (folders: their PNG/JPEG/TIFF files, not recursive, sorted)."""
+    if not inputs:
+        raise InputError("give at least one image file or folder")
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            if not images:
+                raise InputError("no PNG, JPEG or TIFF images in this folder", path)
+            found.extend(images)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTS:
+                raise InputError(f"unsupported image type {path.suffix or '(no extension)'!r}; "
+                                 "use PNG, JPEG or TIFF", path)
+            found.append(path)
+        elif path.exists():
+            raise InputError("not a file or folder", path)
+        else:
+            raise InputError("no such file or folder", path)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, or a one-line InputError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _no_pixel_limit(), Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise InputError("image file not found", path) from None
+    except UnidentifiedImageError:
+        raise InputError("cannot read image: not a PNG, JPEG or TIFF file (or a damaged one)", path) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot read image: {exc}", path) from None
+
+
+def load_image(path: Path) -> tuple[Any, torch.Tensor]:
+    """The decoded RGB image (PIL, for drawing) and the same pixels as a uint8 [3, H, W] tensor."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _no_pixel_limit(), Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except FileNotFoundError:
+        raise InputError("image file not found", path) from None
+    except UnidentifiedImageError:
+        raise InputError("cannot read image: not a PNG, JPEG or TIFF file (or a damaged one)", path) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot read image: {exc}", path) from None
+    return rgb, torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(font: Any, text: str) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return int(right - left), int(bottom - top)
+
+
+def _put_text(draw: Any, xy: tuple[float, float], text: str, font: Any, fill: Any) -> None:
+    """Text whose ink box starts exactly at `xy` (top left)."""
+    left, top, _, _ = font.getbbox(text)
+    draw.text((xy[0] - left, xy[1] - top), text, fill=fill, font=font)
+
+
+def draw_detections(image: Any, detections: Detections, classes: Sequence[str]) -> Any:
+    """The image (PIL, RGB) with its detections, for dense aerial scenes.
+
+    Thin boxes in the class colour (`plots.PALETTE`), the higher scores on top; a small
+    "class score" label on a dark background only where the box is wide enough to carry it
+    and the label does not cover a better one; below the image, a legend strip with each
+    class's colour and count. Returns a new image (the input is drawn on and pasted in).
+    """
+    from PIL import Image, ImageDraw
+
+    from ds2d2_cli.plots import PALETTE
+
+    width, height = image.size
+    line = max(1, round(max(width, height) / 1500))
+    font = _font(int(np.clip(max(width, height) / 110, 10, 22)))
+    _, text_h = _text_size(font, "Ag 0.99")
+    pad = max(1, text_h // 4)
+    draw = ImageDraw.Draw(image)
+    boxes = detections["boxes"].numpy()
+    scores = detections["scores"].numpy()
+    labels = detections["labels"].numpy()
+
+    def colour(label: int) -> str:
+        return PALETTE[(int(label) - 1) % len(PALETTE)]
+
+    def name(label: int) -> str:
+        return classes[label - 1] if 0 < label <= len(classes) else str(label)
+
+    by_score = np.argsort(scores, kind="stable")
+    for i in by_score:
+        x0, y0, x1, y1 = boxes[i]
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour(labels[i]), width=line)
+    placed = np.zeros((0, 4))
+    for i in by_score[::-1]:
+        x0, y0, x1, y1 = boxes[i]
+        text = f"{name(int(labels[i]))} {scores[i]:.2f}"
+        text_w, _ = _text_size(font, text)
+        if x1 - x0 < text_w / 2 or y1 - y0 < text_h:
+            continue  # too small to carry a label: its colour (legend) says the class
+        top = y0 - text_h - 2 * pad if y0 >= text_h + 2 * pad else y0
+        rect = np.array([x0, top, x0 + text_w + 2 * pad, top + text_h + 2 * pad])
+        if len(placed) and np.any((placed[:, 0] < rect[2]) & (rect[0] < placed[:, 2])
+                                  & (placed[:, 1] < rect[3]) & (rect[1] < placed[:, 3])):
+            continue
+        placed = np.vstack([placed, rect])
+        draw.rectangle(rect.tolist(), fill=(16, 16, 16))
+        _put_text(draw, (rect[0] + pad, rect[1] + pad), text, font, colour(labels[i]))
+    # legend strip below the scene: colour swatch + "class count", wrapped to the image width
+    counts = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+    entries = [(colour(c), f"{name(c)} {n}") for c, n in sorted(counts.items())] or [(None, "no detections")]
+    row_h = text_h + 2 * pad
+    rows: list[list[tuple[str | None, str, int]]] = [[]]
+    x = pad
+    for fill, text in entries:
+        w = text_h + pad + _text_size(font, text)[0] + 3 * pad
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = pad
+        rows[-1].append((fill, text, x))
+        x += w
+    canvas = Image.new("RGB", (width, height + len(rows) * row_h + pad), (16, 16, 16))
+    canvas.paste(image, (0, 0))
+    legend = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = height + pad + r * row_h
+        for fill, text, x in row:
+            tx = x
+            if fill is not None:
+                legend.rectangle([x, y + pad, x + text_h - 1, y + pad + text_h - 1], fill=fill)
+                tx = x + text_h + pad
+            _put_text(legend, (tx, y + pad), text, font, (235, 235, 235))
+    return canvas
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@dataclass
+class _Staging:
+    """OUT, the folders we created for it, and the hidden folder annotated images wait in."""
+
+    out: Path
+    created: list[Path]
+    folder: Path
+
+    @classmethod
+    def open(cls, out: Path) -> "_Staging":
+        created: list[Path] = []
+        probe = out
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=".ds2d2-predict-", dir=out))
+        except OSError as exc:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise Ds2d2Error(f"cannot write here: {exc.strerror or exc}", out) from None
+        return cls(out, created, folder)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for path in self.created:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+    def publish(self, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                os.replace(self.folder / name, self.out / name)
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot write: {exc.strerror or exc}", self.out / name) from None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _check_outputs(paths: Sequence[Path], out: Path, draw: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError("--out must be a folder (this is a file)", out)
+    inputs = {p.resolve() for p in paths}
+    reserved = {out.resolve() / PREDICTIONS_FILE, out.resolve() / IMAGES_FILE}
+    if reserved & inputs:
+        raise InputError("an input would be overwritten by the predictions; choose another --out", out)
+    if not draw:
+        return
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in stems:
+            raise InputError(f"two inputs share the name {path.stem!r} ({stems[path.stem]}, {path}), so their "
+                             "annotated images would collide; rename one or use --no-images", path)
+        stems[path.stem] = path
+        if (out.resolve() / f"{path.stem}.png") in inputs:
+            raise InputError("its annotated image would overwrite an input; choose another --out", path)
+
+
+def _coco_rows(image_id: int, det: Detections) -> list[dict[str, Any]]:
+    boxes = det["boxes"]
+    if boxes.numel() == 0:
+        return []
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).numpy().round(2).tolist()
+    scores = det["scores"].numpy().round(5).tolist()
+    return [{"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
+            for b, s, c in zip(xywh, scores, det["labels"].tolist())]
+
+
+def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], out: str | Path, *,
+                  device: str | torch.device = "auto", slice_size: int | None = None, overlap: int | None = None,
+                  nms_iou: float = DEFAULT_NMS_IOU, score_thresh: float | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, draw: bool = True,
+                  reporter: Reporter | None = None) -> dict[str, Any]:
+    """Detect on image files/folders and write OUT/predictions.json, OUT/images.json, OUT/<stem>.png.
+
+    `model`: a checkpoint or ONNX path (loaded with `load_predictor`) or a `Predictor`.
+    `overlap` defaults to `default_overlap(slice_size)`. Returns the summary the CLI prints
+    (counts per class, timing, the files written).
+    """
+    reporter = reporter or NullReporter()
+    out = Path(out)
+    if slice_size is not None:
+        overlap = default_overlap(slice_size) if overlap is None else overlap
+        check_slice(slice_size, overlap)
+    elif overlap is not None:
+        raise InputError("--overlap only applies with --slice")
+    _check_numbers(nms_iou, score_thresh, batch_size)
+    paths = collect_images(inputs)
+    sizes = [image_size(p) for p in paths]
+    _check_outputs(paths, out, draw)
+
+    from ds2d2_cli.engine import resolve_device
+
+    resolved = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if isinstance(model, (str, Path)):
+        predictor: Predictor = load_predictor(model, resolved, score_thresh)
+        source = str(model)
+    else:
+        predictor, source = model, getattr(model, "description", type(model).__name__)
+    kind = getattr(predictor, "kind", "custom")
+    if kind == "onnx" and str(device).startswith("cuda"):
+        reporter.note("ONNX models run on the CPU here (onnxruntime); --device applies to checkpoints")
+    threshold = predictor.score_thresh if score_thresh is None else float(score_thresh)
+    if threshold < predictor.score_thresh:
+        reporter.note(f"the model keeps only scores >= {predictor.score_thresh:g} (set when it was exported); "
+                      f"--score-thr {threshold:g} cannot add lower ones")
+    limit = LARGE_FACTOR * predictor.input_size
+    large = [(p, w, h) for p, (w, h) in zip(paths, sizes) if max(w, h) > limit]
+    if slice_size is None and large:
+        p, w, h = max(large, key=lambda item: max(item[1], item[2]))
+        reporter.note(f"{len(large)} image(s) are more than {LARGE_FACTOR:g}x the model's {predictor.input_size} px "
+                      f"input (largest: {p.name}, {w}x{h} px) and are shrunk to it whole, so small objects may be "
+                      f"lost; tile them with --slice (e.g. --slice {predictor.input_size})")
+
+    classes = list(predictor.classes)
+    images_meta: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    per_image: list[dict[str, Any]] = []
+    annotated: list[str] = []
+    per_class = np.zeros(len(classes) + 1, dtype=np.int64)
+    tiles = 0
+    # sliced: one scene at a time (its windows fill the batches); whole images: batch_size files at a time
+    chunk = 1 if slice_size is not None else batch_size
+    staging = _Staging.open(out)
+    progress = reporter.task("predict", total=len(paths))
+    start = time.perf_counter()
+    try:
+        for first in range(0, len(paths), chunk):
+            group = paths[first:first + chunk]
+            loaded = [load_image(p) for p in group]
+            results = predict_images(predictor, [t for _, t in loaded], slice_size=slice_size,
+                                     overlap=overlap if overlap is not None else 0, nms_iou=nms_iou,
+                                     score_thresh=threshold, batch_size=batch_size)
+            for offset, (path, (picture, tensor), det) in enumerate(zip(group, loaded, results)):
+                image_id = first + offset + 1
+                height, width = int(tensor.shape[1]), int(tensor.shape[2])
+                n_tiles = len(slice_windows(width, height, slice_size, overlap or 0)) if slice_size else 1
+                tiles += n_tiles
+                images_meta.append({"id": image_id, "file_name": str(path.resolve()), "width": width,
+                                    "height": height})
+                rows.extend(_coco_rows(image_id, det))
+                counts = np.bincount(det["labels"].numpy().clip(0, len(classes)), minlength=len(classes) + 1)
+                per_class += counts[:len(classes) + 1]
+                record = {"id": image_id, "file": str(path), "width": width, "height": height, "tiles": n_tiles,
+                          "detections": int(det["scores"].numel())}
+                if draw:
+                    name = f"{path.stem}.png"
+                    draw_detections(picture, det, classes).save(staging.folder / name, format="PNG",
+                                                                 compress_level=3)
+                    annotated.append(name)
+                    record["annotated"] = str(out / name)
+                per_image.append(record)
+                progress.update(1, detections=len(rows))
+        seconds = time.perf_counter() - start
+        categories = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+        write_json(staging.folder / IMAGES_FILE, {
+            "info": {"description": f"ds2d2 predict: {source}", "model": source},
+            "licenses": [], "images": images_meta, "categories": categories,
+        }, indent=1)
+        write_json(staging.folder / PREDICTIONS_FILE, rows)
+        staging.publish([*annotated, IMAGES_FILE, PREDICTIONS_FILE])  # the results file last
+    except BaseException:
+        staging.discard()
+        raise
+    finally:
+        progress.close()
+    return {
+        "model": source, "model_format": kind, "model_description": predictor.description,
+        "classes": classes, "input_size": predictor.input_size, "device": str(getattr(predictor, "device", resolved)),
+        "slice": slice_size, "overlap": overlap if slice_size is not None else None, "nms_iou": nms_iou,
+        "score_thr": threshold, "batch_size": batch_size,
+        "images": len(paths), "tiles": tiles, "detections": len(rows),
+        "per_class": {n: int(per_class[i + 1]) for i, n in enumerate(classes)},
+        "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 3) if seconds > 0 else 0.0,
+        "out": str(out), "predictions": str(out / PREDICTIONS_FILE), "images_json": str(out / IMAGES_FILE),
+        "annotated": [str(out / n) for n in annotated], "per_image": per_image,
+    }
