@@ -88,6 +88,9 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0, description="iterations between evaluations (None: only at the end)")
     num_workers: int = Field(2, ge=0)
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    sync_bn: bool = Field(False, description="multi-GPU (torchrun): SyncBatchNorm across processes")
+    find_unused_parameters: bool = Field(
+        False, description="multi-process: let DDP tolerate parameters a step does not use")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss term or gradient: stop the run, or skip that step and count it")
     augment: tuple[Literal["hflip", "vflip", "rot90"], ...] = ("hflip", "vflip", "rot90")
@@ -214,11 +217,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+    """One line (errors are one line): `SOURCE: invalid config: a.b: problem; c: problem`."""
+    problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+        problems.append(f"{loc}: {' '.join(str(err['msg']).split())}")
+    return f"{source}: invalid config: {'; '.join(problems)}"
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ds2d2_cli import distributed
 from ds2d2_cli.config import TrainConfig
 from ds2d2_cli.data.dataset import DetectionDataset, ResumableBatchSampler, collate
 from ds2d2_cli.errors import Ds2d2Error, InputError, TrainingInterrupted
@@ -197,6 +199,32 @@ def _stop_at_step_boundary():
             signal.signal(sig, old)
 
 
+class _TaskForward(nn.Module):
+    """`task.losses` as a module's forward, so DistributedDataParallel sees (and syncs) the step."""
+
+    def __init__(self, task: TrainingTask):
+        super().__init__()
+        self.trained = task.module  # registers the trainable parameters with DDP
+        self._losses = task.losses
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return self._losses(images, targets)
+
+
+def _distributed_forward(task: TrainingTask, schedule: TrainConfig, device: torch.device) -> Callable:
+    """`task.losses`, or a DDP-wrapped equivalent when running under torchrun."""
+    if distributed.world_size() == 1:
+        return task.losses
+    from torch.nn.parallel import DistributedDataParallel
+
+    if schedule.sync_bn:
+        if device.type != "cuda":
+            raise InputError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernels)")
+        task.module = nn.SyncBatchNorm.convert_sync_batchnorm(task.module)
+    return DistributedDataParallel(_TaskForward(task), device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=schedule.find_unused_parameters)
+
+
 def _nonfinite(values: dict[str, float]) -> str | None:
     return next((name for name, value in values.items() if not math.isfinite(value)), None)
 
@@ -214,9 +242,11 @@ def train(
     evaluate: Callable[[], dict[str, Any]] | None = None,
     on_best: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    reporter = reporter or NullReporter()
-    total = total_iterations(schedule, len(dataset))
-    optimizer = build_optimizer(task.module, schedule)
+    world, main = distributed.world_size(), distributed.is_main()
+    reporter = (reporter or NullReporter()) if main else NullReporter()
+    total = total_iterations(schedule, len(dataset), world)
+    forward = _distributed_forward(task, schedule, device)
+    optimizer = build_optimizer(task.module, schedule, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, schedule))
     use_amp = device.type == "cuda" and schedule.amp
     scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
@@ -235,14 +265,19 @@ def train(
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         start, best = int(state["iteration"]), float(state["extra"].get("best", -1.0))
         result_skipped = int(state["extra"].get("skipped_steps", 0))
-        _trim_metrics(metrics_path, start)
+        if main:
+            _trim_metrics(metrics_path, start)
         reporter.note(f"{stage}: resuming at iteration {start} of {total}")
 
-    sampler = ResumableBatchSampler(len(dataset), schedule.batch_size, total, start, seed=schedule.seed)
+    sampler = ResumableBatchSampler(len(dataset), schedule.batch_size, total, start, seed=schedule.seed,
+                                    rank=distributed.rank(), world_size=world)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=schedule.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
+    if world > 1:
+        reporter.note(f"{stage}: {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
+                      f"{schedule.batch_size} images per process, {schedule.batch_size * world} per step")
     task.train_mode()
     progress = reporter.task(stage, total=total, completed=start)
     result = TrainResult(iterations=start, seconds=0.0, images_per_s=0.0, final_losses={},
@@ -254,8 +289,9 @@ def train(
 
     def save(at: int) -> None:
         nonlocal last_saved
-        _save_resume(out, at, task, optimizer, scheduler, scaler,
-                     {"best": best, "skipped_steps": result.skipped_steps})
+        if main:
+            _save_resume(out, at, task, optimizer, scheduler, scaler,
+                         {"best": best, "skipped_steps": result.skipped_steps})
         last_saved = at
 
     def skip_or_stop(what: str, value: float, at: int) -> None:
@@ -278,20 +314,24 @@ def train(
     window_images, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     iteration = completed = start
     in_step = False  # between the forward pass and the optimiser step the state is inconsistent
-    log = open(metrics_path, "a", encoding="utf-8")
+    log = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
     try:
         with _stop_at_step_boundary() as stop:
             for iteration, (images, targets) in enumerate(loader, start=start + 1):
                 in_step = True
                 images, targets = _to_device(images, targets, device)
                 with _autocast(device, use_amp):
-                    terms = task.losses(images, targets)
+                    terms = forward(images, targets)
                 loss = sum(terms.values())
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 optimizer.zero_grad(set_to_none=True)
                 bad = _nonfinite(values)
-                if bad is not None:
-                    skip_or_stop(f"loss term {bad}", values[bad], iteration)
+                # Every rank must take the same branch (a lone rank skipping its backward would hang the rest).
+                bad_anywhere, stop_anywhere = distributed.any_rank([bad is not None, stop.signal_name is not None],
+                                                                   device)
+                if bad_anywhere:
+                    what = f"loss term {bad}" if bad is not None else "a loss term on another process"
+                    skip_or_stop(what, values[bad] if bad is not None else float("nan"), iteration)
                 else:
                     if scaler is not None:
                         scaler.scale(loss).backward()
@@ -315,14 +355,14 @@ def train(
                 scheduler.step()  # skipped steps keep the schedule aligned with the data order
                 completed, in_step = iteration, False
 
-                window_images += len(images)
-                if bad is None and (iteration % schedule.log_every == 0 or iteration == total):
+                window_images += len(images) * world
+                if not bad_anywhere and (iteration % schedule.log_every == 0 or iteration == total):
                     elapsed = time.perf_counter() - window_start
                     speed = window_images / elapsed if elapsed > 0 else 0.0
+                    logged = distributed.mean_over_ranks({"loss": float(loss.detach()), **values}, device)
                     record = {
                         "iter": iteration, "epoch": (iteration - 1) // sampler.iters_per_epoch,
-                        "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach()), **values,
-                        "images_per_s": round(speed, 3),
+                        "lr": optimizer.param_groups[0]["lr"], **logged, "images_per_s": round(speed, 3),
                     }
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -341,10 +381,11 @@ def train(
                         on_best(metrics)
                 if iteration % schedule.checkpoint_every == 0 or iteration == total:
                     save(iteration)
-                if stop.signal_name is not None and iteration != total:
+                if stop_anywhere and iteration != total:
                     if last_saved != iteration:
                         save(iteration)
-                    raise TrainingInterrupted(stop.signal_name, stop.signal_number, iteration, resume_path)
+                    raise TrainingInterrupted(stop.signal_name or "SIGTERM", stop.signal_number or signal.SIGTERM,
+                                              iteration, resume_path)
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt:
@@ -360,5 +401,5 @@ def train(
     result.iterations = total
     result.seconds = time.perf_counter() - run_start
     done = total - start
-    result.images_per_s = done * schedule.batch_size / result.seconds if result.seconds > 0 else 0.0
+    result.images_per_s = done * schedule.batch_size * world / result.seconds if result.seconds > 0 else 0.0
     return result

@@ -29,12 +29,27 @@ METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 @torch.no_grad()
 def predict(model: nn.Module, dataset: DetectionDataset, device: torch.device, batch_size: int = 8,
             num_workers: int = 0, reporter: Reporter | None = None) -> tuple[list[dict[str, Any]], float]:
-    """COCO result rows for every image of `dataset`, and the model's images/s."""
+    """COCO result rows for every image of `dataset`, and the model's images/s.
+
+    Under torchrun each process predicts every world_size-th image and all processes get
+    all rows (in rank order; one image's rows stay together and in order), so the metrics
+    equal a single-process evaluation.
+    """
+    from torch.utils.data import Subset
+
+    from ds2d2_cli import distributed
+
     reporter = reporter or NullReporter()
+    if not distributed.is_main():
+        reporter = NullReporter()
+    world = distributed.world_size()
+    total_images = len(dataset)
+    if world > 1:
+        dataset = Subset(dataset, range(distributed.rank(), total_images, world))
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
     rows: list[dict[str, Any]] = []
-    progress = reporter.task("eval", total=len(dataset))
+    progress = reporter.task("eval", total=total_images)
     model_seconds = 0.0
     try:
         for images, targets in loader:
@@ -46,10 +61,14 @@ def predict(model: nn.Module, dataset: DetectionDataset, device: torch.device, b
             model_seconds += time.perf_counter() - start
             for target, out in zip(targets, outputs):
                 rows.extend(detections_to_coco(int(target["image_id"]), out))
-            progress.update(len(images))
+            progress.update(len(images) * world)
     finally:
         progress.close()
-    return rows, (len(dataset) / model_seconds if model_seconds > 0 else 0.0)
+    speed = len(dataset) / model_seconds if model_seconds > 0 else 0.0
+    if world > 1:
+        rows = distributed.gather_lists(rows)
+        speed = sum(distributed.gather_lists([speed]))  # all processes together
+    return rows, speed
 
 
 def detections_to_coco(image_id: int, detections: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

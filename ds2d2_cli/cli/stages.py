@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ds2d2_cli.cli.common import (
-    PRESET_HELP, SET_HELP, RichReporter, fail, handle_errors, stdout_console, write_json_output,
+    PRESET_HELP, SET_HELP, RichReporter, fail, handle_errors, state, stdout_console, write_json_output,
 )
 from ds2d2_cli.errors import InputError
 
@@ -28,9 +28,10 @@ def register(app: typer.Typer) -> None:
     app.command("train-amplifier")(train_amplifier_command)
     app.command("distill")(distill_command)
     app.command("eval")(eval_command)
-    from ds2d2_cli.cli import export as export_cli
+    from ds2d2_cli.cli import export as export_cli, predict as predict_cli
 
     app.command("export")(export_cli.export_command)
+    app.command("predict")(predict_cli.predict_command)
     for name in _PENDING:
         app.command(
             name,
@@ -71,9 +72,14 @@ def resolve_config(preset: str, overrides: list[str], *, stage: str, max_iters: 
 
 
 def _device(name: str):
+    """`--device`, and under torchrun this process's device (cuda:LOCAL_RANK) in the process group."""
+    from ds2d2_cli import distributed
     from ds2d2_cli.engine import resolve_device
 
-    return resolve_device(name)
+    device = distributed.setup(resolve_device(name))
+    if not distributed.is_main():
+        state.quiet = True  # one set of tables and notes: rank 0's
+    return device
 
 
 def _json_to_stdout(json_out: Optional[Path]) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ds2d2_cli import distributed
 from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint
 from ds2d2_cli.config import RunConfig, config_to_json
 from ds2d2_cli.data.dataset import DetectionDataset
@@ -34,7 +35,10 @@ class StageResult:
 
 
 def prepare_stage(config: RunConfig, out: Path, resume: bool) -> None:
-    prepare_run_dir(Path(out), config_to_json(config), resume)
+    """Rank 0 checks and creates the run folder; the other processes wait for it."""
+    if distributed.is_main():
+        prepare_run_dir(Path(out), config_to_json(config), resume)
+    distributed.barrier()
 
 
 def run_stage(
@@ -57,7 +61,8 @@ def run_stage(
     `weights()` returns the state dict that goes into the checkpoint and `meta(metrics)`
     its metadata, so amplifier and student stages can save only what they hand over.
     """
-    reporter = reporter or NullReporter()
+    main = distributed.is_main()
+    reporter = (reporter or NullReporter()) if main else NullReporter()
     out = Path(out)
     schedule = config.schedule(stage)  # type: ignore[arg-type]
     dataset = DetectionDataset(data.train, augment=schedule.augment, seed=schedule.seed)
@@ -69,7 +74,8 @@ def run_stage(
             return metrics
 
     def on_best(metrics: dict[str, Any]) -> None:
-        save_checkpoint(best_path, weights(), meta(metrics))
+        if main:
+            save_checkpoint(best_path, weights(), meta(metrics))
 
     result = train(task, dataset, schedule, out, stage=stage, device=device, resume=resume,
                    reporter=reporter, evaluate=evaluate, on_best=on_best)
@@ -80,7 +86,9 @@ def run_stage(
         best_so_far = max((e.get("mAP", -1.0) for e in result.evaluations), default=-1.0)
         if final_metrics["mAP"] >= best_so_far:
             on_best(final_metrics)
-    model_path = save_checkpoint(out / "model.safetensors", weights(), meta(final_metrics))
+    model_path = out / "model.safetensors"
+    if main:
+        save_checkpoint(model_path, weights(), meta(final_metrics))
     summary = {
         "stage": stage,
         "out": str(out),
@@ -96,5 +104,9 @@ def run_stage(
         "eval_split": data.eval.path.stem if data.eval is not None else None,
         **(extra_summary or {}),
     }
-    write_json(out / "summary.json", summary, indent=2)
+    if distributed.world_size() > 1:
+        summary["processes"] = distributed.world_size()
+    if main:
+        write_json(out / "summary.json", summary, indent=2)
+    distributed.barrier()  # the run is complete on disk before any process returns
     return StageResult(out, model_path, best_path if best_path.is_file() else None, summary)
