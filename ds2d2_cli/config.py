@@ -89,6 +89,10 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     sync_bn: bool = Field(False, description="multi-GPU (torchrun): SyncBatchNorm across processes")
+    channels_last: bool = Field(False, description="NHWC memory format for the trained module (faster convs "
+                                "with tensor cores under AMP)")
+    compile: bool = Field(False, description="torch.compile the ResNet bodies (static shapes; the first step "
+                          "pays the compilation)")
     find_unused_parameters: bool = Field(
         False, description="multi-process: let DDP tolerate parameters a step does not use")
     on_nonfinite: Literal["stop", "skip"] = Field(
@@ -126,6 +130,8 @@ class DistillConfig(_Strict):
     qfl_beta: float = Field(1.0, ge=0, description="RetinaNet classification KD focusing exponent")
     kd_temperature: float = Field(3.0, gt=0, description="Faster R-CNN classification KD temperature")
     kd_cls_weight: float = Field(0.5, ge=0, description="Faster R-CNN classification KD weight")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="precision of the frozen teacher backbone during distillation (half: less memory)")
 
     @field_validator("wavelet")
     @classmethod

@@ -211,6 +211,16 @@ class _TaskForward(nn.Module):
         return self._losses(images, targets)
 
 
+def _compile_backbones(module: nn.Module) -> None:
+    """Compile the ResNet bodies in place (state-dict keys unchanged); detection heads and
+    post-processing have data-dependent shapes and stay eager."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    for sub in module.modules():
+        if isinstance(sub, BackboneWithFPN):
+            sub.body.compile()
+
+
 def _distributed_forward(task: TrainingTask, schedule: TrainConfig, device: torch.device) -> Callable:
     """`task.losses`, or a DDP-wrapped equivalent when running under torchrun."""
     if distributed.world_size() == 1:
@@ -245,6 +255,10 @@ def train(
     world, main = distributed.world_size(), distributed.is_main()
     reporter = (reporter or NullReporter()) if main else NullReporter()
     total = total_iterations(schedule, len(dataset), world)
+    if schedule.channels_last:
+        task.module.to(memory_format=torch.channels_last)
+    if schedule.compile:
+        _compile_backbones(task.module)
     forward = _distributed_forward(task, schedule, device)
     optimizer = build_optimizer(task.module, schedule, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, schedule))

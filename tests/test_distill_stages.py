@@ -179,3 +179,35 @@ def test_teacher_is_frozen_and_adapter_learns(pipeline, tiny_data):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.adapter.parameters())
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
+
+
+def test_half_precision_teacher_channels_last_student(retina, tmp_path):
+    """distill.teacher_dtype runs the frozen teacher backbone in bf16 (CPU has bf16 kernels
+    too); train.channels_last trains the student in NHWC. Losses stay finite and close to
+    the float32 run's: the teacher features only lose bf16 rounding."""
+    preset, runs, common = retina
+    args = ["distill", *common, "--teacher", str(runs / "teacher/model.safetensors"),
+            "--amplifier", str(runs / "amplifier/model.safetensors"), "--max-iters", "1"]
+    _run([*args, "--out", str(tmp_path / "fp32")])
+    _run([*args, "--out", str(tmp_path / "bf16"), "--set", "distill.teacher_dtype=bfloat16",
+          "--set", "train.channels_last=true"])
+    full, half = _steps(tmp_path / "fp32")[-1], _steps(tmp_path / "bf16")[-1]
+    assert json.loads((tmp_path / "bf16/config.json").read_text())["distill"]["teacher_dtype"] == "bfloat16"
+    for name in ("classification", "explicit_low", "explicit_high", "implicit_full_cls", "implicit_high_box"):
+        assert half[name] == pytest.approx(full[name], rel=0.1), name
+    assert half["explicit_low"] != full["explicit_low"]  # the teacher really ran in bf16
+
+
+def test_compile_option_reaches_the_backbones():
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    from ds2d2_cli.engine import _compile_backbones
+    from ds2d2_cli.models.detectors import build_detector
+
+    config = load_config("tiny-synthetic")
+    model = build_detector(config.student, 5, config.input)
+    keys = list(model.state_dict())
+    _compile_backbones(model)  # lazy: nothing compiles until the first forward
+    bodies = [m.body for m in model.modules() if isinstance(m, BackboneWithFPN)]
+    assert bodies and all(body._compiled_call_impl is not None for body in bodies)
+    assert list(model.state_dict()) == keys  # checkpoints keep their keys

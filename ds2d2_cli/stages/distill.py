@@ -63,6 +63,10 @@ class DistillTask:
         self.module = Student(student, Adapter(student.backbone.out_channels, teacher_channels))
         self.teacher = _frozen(teacher)
         self.amplifier_head = _frozen(amplifier_head)
+        # The teacher backbone only extracts features (no gradient): it may run in half precision.
+        # The heads stay float32, since the implicit streams backpropagate through them.
+        self.teacher_dtype = getattr(torch, config.distill.teacher_dtype)
+        self.teacher.backbone.to(self.teacher_dtype)
         self.is_retinanet = isinstance(student, RetinaNet)
 
     def train_mode(self) -> None:
@@ -76,7 +80,9 @@ class DistillTask:
         batch, targets = student.transform(images, targets)
         features = student.backbone(batch.tensors)
         with torch.no_grad():
-            teacher_features = self.teacher.backbone(batch.tensors)
+            teacher_features = self.teacher.backbone(batch.tensors.to(self.teacher_dtype))
+            if self.teacher_dtype != torch.float32:
+                teacher_features = OrderedDict((k, f.float()) for k, f in teacher_features.items())
         adapted = OrderedDict((name, self.module.adapter(f)) for name, f in features.items())
         if self.is_retinanet:
             terms, implicit = self._retinanet(student, batch, targets, features, adapted, teacher_features)
