@@ -86,7 +86,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(20, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     eval_every: int | None = Field(None, gt=0, description="iterations between evaluations (None: only at the end)")
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, description="loader processes (started once per run)")
+    cache_images: bool = Field(False, description="keep decoded images in memory (small datasets)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     sync_bn: bool = Field(False, description="multi-GPU (torchrun): SyncBatchNorm across processes")
     channels_last: bool = Field(False, description="NHWC memory format for the trained module (faster convs "

@@ -285,6 +285,8 @@ def train(
 
     sampler = ResumableBatchSampler(len(dataset), schedule.batch_size, total, start, seed=schedule.seed,
                                     rank=distributed.rank(), world_size=world)
+    # One iterator spans the whole run (the batch sampler covers every epoch), so the workers
+    # start once and keep their decoded-image caches: persistent by construction.
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=schedule.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,

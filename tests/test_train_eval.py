@@ -266,3 +266,27 @@ def test_local_backbone_weights(tiny_data, tmp_path):
                                  "--out", str(tmp_path / "t2"), "--max-iters", "1", "--backbone-weights", str(bad),
                                  *_sets(TINY)])
     assert "backbone weights do not fit" in _error_line(result)
+
+
+def test_decoded_image_cache_gives_the_same_samples(tiny_data, tmp_path):
+    import shutil
+
+    from ds2d2_cli.data.dataset import DetectionDataset, load_coco_split
+    from ds2d2_cli.errors import InputError
+
+    shutil.copytree(tiny_data, tmp_path / "data")
+    split = load_coco_split(tmp_path / "data/train.json")
+    plain = DetectionDataset(split, augment=("hflip", "rot90"), seed=1)
+    cached = DetectionDataset(split, augment=("hflip", "rot90"), seed=1, cache_images=True)
+    items = [(i, epoch) for i in range(len(split.images)) for epoch in (0, 3)]
+    expected = {item: plain[item] for item in items}
+    for item in items:  # the first epoch fills the cache
+        image, target = cached[item]
+        assert torch.equal(image, expected[item][0]) and torch.equal(target["boxes"], expected[item][1]["boxes"])
+    for image in split.images:  # from now on only the cache can answer
+        split.image_path(image).unlink()
+    for item in items:
+        image, target = cached[item]
+        assert torch.equal(image, expected[item][0]) and torch.equal(target["boxes"], expected[item][1]["boxes"])
+    with pytest.raises(InputError, match="not found"):
+        plain[0]

@@ -65,7 +65,8 @@ def run_stage(
     reporter = (reporter or NullReporter()) if main else NullReporter()
     out = Path(out)
     schedule = config.schedule(stage)  # type: ignore[arg-type]
-    dataset = DetectionDataset(data.train, augment=schedule.augment, seed=schedule.seed)
+    dataset = DetectionDataset(data.train, augment=schedule.augment, seed=schedule.seed,
+                               cache_images=schedule.cache_images)
     evaluate = None
     best_path = out / "best.safetensors"
     if scored is not None and data.eval is not None:
