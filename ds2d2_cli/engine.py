@@ -153,11 +153,23 @@ def _trim_metrics(path: Path, last_iteration: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
+def _same_config(stored_path: Path, config_json: str) -> bool:
+    """Equal as validated configs, so a run started before a new option (with its default)
+    existed still resumes."""
+    from ds2d2_cli.config import config_from_dict
+
+    try:
+        stored = json.loads(stored_path.read_text())
+        return config_from_dict(stored) == config_from_dict(json.loads(config_json))
+    except (ValueError, InputError):
+        return False
+
+
 def prepare_run_dir(out: Path, config_json: str, resume: bool) -> None:
     """Refuse to mix two runs in one folder; write the resolved config."""
     config_path = out / "config.json"
     if resume:
-        if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(config_json):
+        if config_path.is_file() and not _same_config(config_path, config_json):
             raise InputError("--resume: the resolved config differs from the run's config.json", config_path)
     elif (out / RESUME_FILE).exists() or (out / "model.safetensors").exists():
         raise InputError("this folder already holds a run; use --resume to continue it or choose another --out", out)

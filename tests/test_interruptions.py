@@ -187,3 +187,20 @@ def test_a_diverged_run_stops_even_when_skipping(tiny_data, tmp_path):
     task = _NanTask(range(3, 100))
     with pytest.raises(Ds2d2Error, match=f"the {MAX_CONSECUTIVE_SKIPS}th non-finite step in a row"):
         train(task, _dataset(tiny_data), schedule, tmp_path, stage="teacher", device=torch.device("cpu"))
+
+
+def test_resume_accepts_a_config_written_before_a_new_option_existed(tmp_path):
+    from ds2d2_cli.config import config_to_json, load_config
+    from ds2d2_cli.engine import _same_config
+
+    current = config_to_json(load_config("tiny-synthetic"))
+    older = json.loads(current)
+    del older["train"]["cache_images"]  # an option added later, left at its default
+    stored = tmp_path / "config.json"
+    stored.write_text(json.dumps(older))
+    assert _same_config(stored, current)
+    older["train"]["lr"] = 0.5  # a real change is still refused
+    stored.write_text(json.dumps(older))
+    assert not _same_config(stored, current)
+    stored.write_text("{")
+    assert not _same_config(stored, current)
