@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ds2d2_cli import distributed
 from ds2d2_cli.checkpoint import check_classes, load_checkpoint
 from ds2d2_cli.evaluation import evaluate_results_file
 from ds2d2_cli.fileio import write_json
@@ -42,7 +43,7 @@ def evaluate_checkpoint(
     model = model_from_checkpoint(checkpoint, device)
     metrics, results = evaluate_on_split(model, coco, device, batch_size=batch_size,
                                          merge_patches=merge_patches, reporter=reporter)
-    if predictions_out is not None:
+    if predictions_out is not None and distributed.is_main():
         write_json(predictions_out, results)
     metrics.update({
         "checkpoint": str(checkpoint_path), "stage": checkpoint.meta.stage, "split": split,
