@@ -158,6 +158,10 @@ def _check_layout(path: Path) -> None:
         raise InputError(f"truncated safetensors file ({size} bytes, needs {8 + header_len + max(ends)})", path)
 
 
+def _an(word: str) -> str:
+    return f"{'an' if word[:1] and word[0] in 'aeiou' else 'a'} {word}"
+
+
 def load_checkpoint(path: str | Path, stage: Stage | Sequence[Stage] | None = None,
                     option: str | None = None) -> Checkpoint:
     """Load and validate a ds2d2 checkpoint; `stage` is what the calling command expects."""
@@ -177,7 +181,8 @@ def load_checkpoint(path: str | Path, stage: Stage | Sequence[Stage] | None = No
     expected = (stage,) if isinstance(stage, str) else tuple(stage or ())
     if expected and meta.stage not in expected:
         where = f" for {option}" if option else ""
-        raise InputError(f"this is a {meta.stage} checkpoint; expected a {' or '.join(expected)} checkpoint{where}", path)
+        raise InputError(f"this is {_an(str(meta.stage))} checkpoint; expected {_an(' or '.join(expected))} "
+                         f"checkpoint{where}", path)
     return Checkpoint(path, tensors, meta, file_sha256(path))
 
 

@@ -76,7 +76,9 @@ def _escape(text: str) -> str:
 
 def write_json_output(path: Optional[Path], data: Any) -> None:
     """`--json FILE` (or `-` for stdout) machine-readable output."""
-    if path is None:
+    from ds2d2_cli import distributed
+
+    if path is None or not distributed.is_main():  # under torchrun: rank 0 speaks for all
         return
     if str(path) == "-":
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -152,7 +154,8 @@ class _PlainTask:
         self._done += advance
 
     def close(self) -> None:
-        if not state.quiet:
+        # Closed while an error propagates (a `finally`): stay quiet, the error is the one line to print.
+        if not state.quiet and sys.exc_info()[1] is None:
             self._owner._console.print(
                 f"{self._description}: {self._done}{'/' + str(self._total) if self._total else ''} "
                 f"in {time.time() - self._start:.1f}s", soft_wrap=True

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ds2d2_cli.classes import CLASS_SETS
@@ -20,6 +21,8 @@ app = typer.Typer(
 )
 
 JSON_HELP = "also write the summary figures as JSON to FILE (`-` for stdout)"
+SKIP_BAD_HELP = ("skip bad images, label files, lines and objects instead of stopping at the first; each is "
+                 "reported, counted in the summary and listed in the output JSON's info.skipped")
 CLASSES_HELP = f"class set: {', '.join(CLASS_SETS)}"
 
 
@@ -50,6 +53,23 @@ def _default_dota_out(src: Path, split: int) -> Path:
     return base.with_name(f"{base.name}-{split}") if base.name else Path(f"data-{split}")
 
 
+def _problem_table(summary: dict[str, Any]) -> Table | None:
+    """Counts of what was left out or repaired, by problem (None when the input was clean)."""
+    tally: dict[tuple[str, str], int] = {}
+    for entry in [*summary.get("skipped", []), *summary.get("repaired", [])]:
+        key = (entry["reason"], entry["action"])
+        tally[key] = tally.get(key, 0) + 1
+    if not tally:
+        return None
+    table = Table(title="bad input (--json lists each item)")
+    table.add_column("problem")
+    table.add_column("action")
+    table.add_column("count", justify="right")
+    for (reason, action), n in sorted(tally.items(), key=lambda kv: (kv[0][1] == "repaired", -kv[1], kv[0])):
+        table.add_row(reason, action, str(n))
+    return table
+
+
 def _nonzero_class_table(title: str, columns: dict[str, dict[str, int]]) -> Table | None:
     names = [n for n in next(iter(columns.values()), {}) if any(col.get(n, 0) for col in columns.values())]
     if not names:
@@ -61,6 +81,19 @@ def _nonzero_class_table(title: str, columns: dict[str, dict[str, int]]) -> Tabl
     for n in names:
         table.add_row(n, *(str(col.get(n, 0)) for col in columns.values()))
     return table
+
+
+def _console(json_out: Optional[Path]) -> Console:
+    """Tables on stdout, unless `--json -` reserves stdout for the JSON alone."""
+    if json_out is not None and str(json_out) == "-":
+        return Console(quiet=True)
+    return stdout_console()
+
+
+def _print_problems(console: Any, summary: dict[str, Any]) -> None:
+    table = _problem_table(summary)
+    if table is not None:
+        console.print(table)
 
 
 @app.command("dota")
@@ -80,6 +113,7 @@ def dota_command(
     classes: str = typer.Option("dota-v1.0", "--classes", help=CLASSES_HELP),
     partial: str = typer.Option("drop", "--partial", help="cut objects under --iof-thr: drop them, or keep them "
                                 "as crowd (iscrowd 1, ignored in training)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Cut DOTA scenes into overlapping patches with COCO JSON, as the DOTA devkit's ImgSplit does.
@@ -94,6 +128,10 @@ def dota_command(
     OUT/<split>_scenes.json (whole scenes, for evaluating merged detections).
     A split without labelTxt/ (DOTA test) gets image-only JSON.
 
+    Bad input (a label line that does not parse, an unknown class, an image without
+    label file or the reverse, an unreadable image ...) stops the run with one line
+    naming the file and line, and nothing is written; --skip-bad skips and reports it.
+
     Example: ds2d2 prepare-data dota data/DOTA --split 1024 --gap 200 --scales 1.0,0.5 -j 8
     """
     from ds2d2_cli.data.dota import prepare_dota
@@ -102,8 +140,9 @@ def dota_command(
         raise InputError(f"source folder {str(src)!r} not found; to give several scales write --scales 1.0,0.5")
     out = out if out is not None else _default_dota_out(src, split)
     summary = prepare_dota(src, out, size=split, gap=gap, scales=_parse_scales(scales), iof_thr=iof_thr,
-                           workers=workers, classes=classes, partial=partial, reporter=RichReporter())
-    console = stdout_console()
+                           workers=workers, classes=classes, partial=partial, skip_bad=skip_bad,
+                           reporter=RichReporter())
+    console = _console(json_out)
     table = Table(title=f"DOTA -> {out} ({split} px, gap {gap}, scales "
                         f"{', '.join(f'{s:g}' for s in summary['scales'])})")
     for column in ("split", "scenes", "patches", "objects", "patch boxes", "crowd kept", "dropped iof<thr",
@@ -121,6 +160,7 @@ def dota_command(
     per_class = _nonzero_class_table("objects per class", columns) if columns else None
     if per_class is not None:
         console.print(per_class)
+    _print_problems(console, summary)
     console.print(f"done in {summary['seconds']:.1f} s; wrote {', '.join(s['json'] for s in summary['splits'].values())}")
     write_json_output(json_out, summary)
 
@@ -130,17 +170,20 @@ def dota_command(
 def dior_command(
     root: Path = typer.Argument(Path("data/DIOR"), help="DIOR folder (Annotations/, ImageSets/Main/, JPEGImages-*/)"),
     out: Path = typer.Option(Path("data/DIOR-coco"), "--out", "-o", help="output folder"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Convert DIOR's VOC XML (horizontal boxes) into train/val/trainval/test COCO JSON.
 
     Images are not copied: file_name points at them relative to OUT. Each XML's <size>
     is checked against its image; boxes are [xmin, ymin, xmax - xmin, ymax - ymin].
+    Bad input stops the run with one line naming the file (nothing is written);
+    --skip-bad skips and reports it.
     """
     from ds2d2_cli.data.dior import prepare_dior
 
-    summary = prepare_dior(root, out, reporter=RichReporter())
-    console = stdout_console()
+    summary = prepare_dior(root, out, skip_bad=skip_bad, reporter=RichReporter())
+    console = _console(json_out)
     table = Table(title=f"DIOR -> {out}")
     for column in ("split", "images", "objects", "clipped", "dropped degenerate"):
         table.add_column(column, justify="left" if column == "split" else "right")
@@ -151,6 +194,7 @@ def dior_command(
                                                            for n, s in summary["splits"].items()})
     if per_class is not None:
         console.print(per_class)
+    _print_problems(console, summary)
     console.print(f"done in {summary['seconds']:.1f} s")
     write_json_output(json_out, summary)
 
@@ -165,17 +209,22 @@ def coco_command(
                                        "[default: the annotation file's stem]"),
     classes: Optional[str] = typer.Option(None, "--classes", help=f"order and name categories as this {CLASSES_HELP} "
                                           "[default: the file's own, by original id]"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines and objects",
+                                                                                  "image entries and annotations")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Validate a COCO detection file and write it with category ids 1..K.
 
     Checks ids, image files and sizes, and boxes (small overflows are clipped, boxes
-    with no area dropped). Images are not copied: file_name points at them relative to OUT.
+    with no area dropped and reported). Images are not copied: file_name points at them
+    relative to OUT. A bad entry stops the run with one line naming the file and the id
+    (nothing is written); --skip-bad skips and reports it.
     """
     from ds2d2_cli.data.coco import ingest_coco
 
-    summary = ingest_coco(annotations, images, out, name=name, classes=classes, reporter=RichReporter())
-    console = stdout_console()
+    summary = ingest_coco(annotations, images, out, name=name, classes=classes, skip_bad=skip_bad,
+                          reporter=RichReporter())
+    console = _console(json_out)
     table = Table(title=f"COCO -> {summary['out']}")
     for column in ("images", "objects", "clipped", "dropped degenerate"):
         table.add_column(column, justify="right")
@@ -184,6 +233,7 @@ def coco_command(
     per_class = _nonzero_class_table("objects per class", {"objects": summary["objects_per_class"]})
     if per_class is not None:
         console.print(per_class)
+    _print_problems(console, summary)
     write_json_output(json_out, summary)
 
 
@@ -203,7 +253,7 @@ def synthetic_command(
     from ds2d2_cli.data.synthetic import generate_synthetic
 
     summary: dict[str, Any] = generate_synthetic(out, images=images, size=size, seed=seed, reporter=RichReporter())
-    console = stdout_console()
+    console = _console(json_out)
     table = Table(title=f"synthetic scenes -> {out}")
     table.add_column("split")
     table.add_column("scenes", justify="right")

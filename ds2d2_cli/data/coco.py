@@ -4,8 +4,10 @@ Checks: unique image / annotation / category ids, every image file present (its 
 read from the file header and compared with the JSON's), every annotation pointing to
 a known image and category, bboxes of 4 finite numbers with non-negative width and
 height. Boxes sticking out of the image by a little (at most `OVERFLOW_TOLERANCE`
-of the image side, or 2 px) are clipped; more than that is an error. Boxes with no
-area (after clipping) are dropped and counted.
+of the image side, or 2 px) are clipped and counted; more than that is an error. Boxes
+with no area are dropped and reported. Image files are decoded (cheaply) to catch
+truncated and corrupt ones. Bad entries stop the run, or are skipped and reported with
+`skip_bad` (see `ds2d2_cli.data.validate`).
 
 Output: `OUT/<name>.json` with images renumbered 1..N (the original id kept as
 `source_id`), annotations 1..M, categories 1..K (in the order of the original ids, or
@@ -18,10 +20,12 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ds2d2_cli.classes import canonical_name, get_class_set
+from ds2d2_cli.data.validate import BadItem, Problems, check_image, held_progress, one_line
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import write_json
 from ds2d2_cli.progress import NullReporter, Reporter
@@ -41,88 +45,103 @@ def _relpath(path: Path, start: Path) -> str:
         return str(path.resolve())
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _int_id(value: Any, what: str, path: Path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what} has a missing or non-integer id ({value!r})", path)
+    if not _is_int(value):
+        raise InputError(f"{what} has a missing or non-integer id ({_short(value)})", path)
     return value
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+def _short(value: Any, limit: int = 60) -> str:
+    text = one_line(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as img:  # header only
-            return img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"cannot read image: {exc}", path) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """Size of an image that decodes completely (BadItem otherwise)."""
+    return check_image(path)
 
 
 def _clip_box(bbox: Any, width: int, height: int, ann_path: Path, what: str) -> tuple[list[float] | None, bool]:
-    """(clipped [x, y, w, h] or None when no area is left, whether it was clipped)."""
+    """(clipped [x, y, w, h] or None when the box has no area, whether it was clipped).
+
+    Raises BadItem for a box that is not 4 finite numbers, has a negative side, or lies
+    outside its image by more than the tolerance (or wholly).
+    """
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise InputError(f"{what}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}", ann_path)
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise InputError(f"{what}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}", ann_path) from None
+        raise BadItem(f"{what}: bbox must be 4 numbers [x, y, w, h], got {_short(bbox)}", ann_path,
+                      reason="bad box")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        raise BadItem(f"{what}: bbox must be 4 numbers [x, y, w, h], got {_short(bbox)}", ann_path,
+                      reason="bad box")
+    x, y, w, h = (float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise InputError(f"{what}: bbox has a non-finite number: {bbox!r}", ann_path)
+        raise BadItem(f"{what}: bbox has a non-finite number: {_short(bbox)}", ann_path, reason="bad box")
     if w < 0 or h < 0:
-        raise InputError(f"{what}: bbox width and height must not be negative: {bbox!r}", ann_path)
+        raise BadItem(f"{what}: bbox width and height must not be negative: {_short(bbox)}", ann_path,
+                      reason="bad box")
+    if _r(w) <= 0 or _r(h) <= 0:
+        return None, False
     tol_x = max(OVERFLOW_PIXELS, OVERFLOW_TOLERANCE * width)
     tol_y = max(OVERFLOW_PIXELS, OVERFLOW_TOLERANCE * height)
     if x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
-        raise InputError(f"{what}: bbox {bbox!r} lies outside its {width}x{height} image", ann_path)
+        raise BadItem(f"{what}: bbox {_short(bbox)} lies outside its {width}x{height} image", ann_path,
+                      reason="object outside image")
     x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
     x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
     clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
     cw, ch = _r(x1 - x0), _r(y1 - y0)
     if cw <= 0 or ch <= 0:
-        return None, clipped
+        raise BadItem(f"{what}: bbox {_short(bbox)} lies outside its {width}x{height} image", ann_path,
+                      reason="object outside image")
     return [_r(x0), _r(y0), cw, ch], clipped
 
 
-def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path, *, name: str | None = None,
-                classes: str | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Validate `annotations` against the images in `images_dir`; write `OUT/<name>.json`.
+def _segmentation(seg: Any) -> list[list[float]] | None:
+    """Polygons of finite numbers (at least 3 points each), or None when there is none usable."""
+    if not isinstance(seg, list) or not seg:
+        return None
+    for poly in seg:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in poly):
+            return None
+    return seg
 
-    `classes` (a ds2d2 class-set name, e.g. `dior`) fixes the category order and names
-    (every category of the file must match one, spelling-insensitively); without it the
-    categories keep their names, ordered by their original ids.
-    """
-    reporter = reporter or NullReporter()
-    ann_path, images_dir, out = Path(annotations), Path(images_dir), Path(out)
-    name = name or ann_path.stem
-    if not name or "/" in name or "\\" in name:
-        raise InputError(f"--name must be a plain file name (got {name!r})")
-    started = time.perf_counter()
+
+def _load(ann_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(ann_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("annotation file not found", ann_path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read: {exc}", ann_path) from None
+    except IsADirectoryError:
+        raise InputError("a folder, not an annotation file", ann_path) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"cannot read: not UTF-8 text (bad byte at offset {exc.start})", ann_path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {one_line(exc.strerror or exc)}", ann_path) from None
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON: {exc.msg} (column {exc.colno})", ann_path, exc.lineno) from None
+    except RecursionError:
+        raise InputError("not valid JSON: nested too deeply", ann_path) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list):
         raise InputError("not a COCO detection file (needs 'images' and 'categories' lists)", ann_path)
-    raw_anns = data.get("annotations", [])
-    if not isinstance(raw_anns, list):
+    if not isinstance(data.get("annotations", []), list):
         raise InputError("'annotations' must be a list", ann_path)
-    if not images_dir.is_dir():
-        raise InputError("image folder not found", images_dir)
+    return data
 
-    # Categories.
+
+def _categories(data: dict[str, Any], classes: str | None, ann_path: Path) -> tuple[list[str], dict[int, int]]:
+    """(class names in output order, original category id -> output id 1..K); problems here stop the run."""
     source_cats: dict[int, str] = {}
     for cat in data["categories"]:
         if not isinstance(cat, dict):
-            raise InputError(f"category entry is not an object: {cat!r}", ann_path)
-        cid = _int_id(cat.get("id"), f"category {cat.get('name', '?')!r}", ann_path)
+            raise InputError(f"category entry is not an object: {_short(cat)}", ann_path)
+        cid = _int_id(cat.get("id"), f"category {_short(cat.get('name', '?'))}", ann_path)
         if cid in source_cats:
             raise InputError(f"category id {cid} appears twice", ann_path)
         cname = cat.get("name")
@@ -137,7 +156,7 @@ def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path
         for cid, cname in source_cats.items():
             canonical = canonical_name(cname, class_names)
             if canonical is None:
-                raise InputError(f"category {cid} {cname!r} is not a class of {classes}", ann_path)
+                raise InputError(f"category {cid} {_short(cname)} is not a class of {classes}", ann_path)
             remap[cid] = class_names.index(canonical) + 1
         if len(set(remap.values())) != len(remap):
             raise InputError(f"two categories map to the same {classes} class", ann_path)
@@ -146,83 +165,182 @@ def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path
         if len(set(class_names)) != len(class_names):
             raise InputError("two categories share a name", ann_path)
         remap = {cid: i + 1 for i, cid in enumerate(sorted(source_cats))}
+    return class_names, remap
+
+
+def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path, *, name: str | None = None,
+                classes: str | None = None, skip_bad: bool = False,
+                reporter: Reporter | None = None) -> dict[str, Any]:
+    """Validate `annotations` against the images in `images_dir`; write `OUT/<name>.json`.
+
+    `classes` (a ds2d2 class-set name, e.g. `dior`) fixes the category order and names
+    (every category of the file must match one, spelling-insensitively); without it the
+    categories keep their names, ordered by their original ids. A problem with the file
+    as a whole (not JSON, no categories, a broken category list) stops the run; a bad
+    image entry (duplicate id, missing, unreadable or mis-sized file) or annotation
+    (duplicate id, unknown image or category, bad box) stops it too, or with `skip_bad`
+    is skipped (an image with its annotations) and reported. Zero-size boxes are always
+    dropped and reported; boxes overflowing a little are clipped and counted. The output's
+    `info.skipped` lists everything left out.
+    """
+    with held_progress(reporter if reporter is not None else NullReporter()) as held:
+        return _ingest_coco(Path(annotations), Path(images_dir), Path(out), name, classes, skip_bad, held)
+
+
+def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, classes: str | None,
+                 skip_bad: bool, reporter: Reporter) -> dict[str, Any]:
+    problems = Problems(skip_bad, reporter)
+    name = name or ann_path.stem
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise InputError(f"--name must be a plain file name (got {name!r})")
+    started = time.perf_counter()
+    data = _load(ann_path)
+    raw_anns = data.get("annotations", [])
+    if not images_dir.is_dir():
+        raise InputError("image folder not found", images_dir)
+    class_names, remap = _categories(data, classes, ann_path)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
 
     # Images.
+    id_count = Counter(img.get("id") for img in data["images"] if isinstance(img, dict) and _is_int(img.get("id")))
+    anns_per_image = Counter(a.get("image_id") for a in raw_anns if isinstance(a, dict) and _is_int(a.get("image_id")))
     images_out: list[dict[str, Any]] = []
     new_image_id: dict[int, int] = {}
     sizes: dict[int, tuple[int, int]] = {}
+    skipped_images: set[int] = set()
     task = reporter.task("check images", total=len(data["images"]))
     try:
-        for img in data["images"]:
-            if not isinstance(img, dict):
-                raise InputError(f"image entry is not an object: {img!r}", ann_path)
-            iid = _int_id(img.get("id"), f"image {img.get('file_name', '?')!r}", ann_path)
-            if iid in new_image_id:
-                raise InputError(f"image id {iid} appears twice", ann_path)
-            file_name = img.get("file_name")
-            if not isinstance(file_name, str) or not file_name:
-                raise InputError(f"image {iid} has no file_name", ann_path)
-            path = images_dir / file_name
-            if not path.is_file():
-                raise InputError(f"image {iid}: file {file_name!r} not found in {images_dir}", ann_path)
-            width, height = _image_size(path)
-            declared = (img.get("width"), img.get("height"))
-            if declared != (None, None) and declared != (width, height):
-                raise InputError(
-                    f"image {iid}: the JSON says {declared[0]}x{declared[1]} but {file_name} is {width}x{height}",
-                    ann_path,
-                )
-            new_image_id[iid] = len(images_out) + 1
-            sizes[iid] = (width, height)
-            images_out.append({"id": new_image_id[iid], "file_name": _relpath(path, out), "width": width,
-                               "height": height, "source_id": iid})
+        for position, img in enumerate(data["images"], start=1):
+            iid = img.get("id") if isinstance(img, dict) else None
+            try:
+                entry = _check_image_entry(img, position, id_count, images_dir, out, ann_path, anns_per_image)
+            except BadItem as exc:
+                problems.bad(exc, "image", image=iid if _is_int(iid) else None)
+                if _is_int(iid):
+                    skipped_images.add(iid)
+                task.update(1)
+                continue
+            new_image_id[entry["source_id"]] = len(images_out) + 1
+            sizes[entry["source_id"]] = (entry["width"], entry["height"])
+            images_out.append({"id": len(images_out) + 1, **entry})
             task.update(1)
     finally:
         task.close()
+    if not images_out:
+        raise InputError("no usable image: every image entry was skipped as bad" if data["images"] else "no images",
+                         ann_path)
 
     # Annotations.
     anns_out: list[dict[str, Any]] = []
     seen_ann: set[int] = set()
     clipped = degenerate = 0
     per_class = {n: 0 for n in class_names}
-    for ann in raw_anns:
-        if not isinstance(ann, dict):
-            raise InputError(f"annotation entry is not an object: {ann!r}", ann_path)
-        aid = _int_id(ann.get("id"), "an annotation", ann_path)
-        what = f"annotation {aid}"
-        if aid in seen_ann:
-            raise InputError(f"annotation id {aid} appears twice", ann_path)
-        seen_ann.add(aid)
-        iid = ann.get("image_id")
-        if iid not in new_image_id:
-            raise InputError(f"{what} refers to image {iid!r}, which is not in 'images'", ann_path)
-        cid = ann.get("category_id")
-        if cid not in remap:
-            raise InputError(f"{what} refers to category {cid!r}, which is not in 'categories'", ann_path)
-        box, was_clipped = _clip_box(ann.get("bbox"), *sizes[iid], ann_path, what)
-        clipped += was_clipped
-        if box is None:
-            degenerate += 1
+    for position, ann in enumerate(raw_anns, start=1):
+        if isinstance(ann, dict) and _is_int(ann.get("image_id")) and ann["image_id"] in skipped_images:
+            continue  # reported with its image
+        try:
+            entry, was_clipped = _check_annotation(ann, position, seen_ann, new_image_id, remap, sizes, ann_path)
+        except BadItem as exc:
+            if exc.reason == "zero-area object":
+                degenerate += 1
+                problems.drop(exc, "annotation")
+            else:
+                problems.bad(exc, "annotation")
             continue
-        entry: dict[str, Any] = {
-            "id": len(anns_out) + 1, "image_id": new_image_id[iid], "category_id": remap[cid], "bbox": box,
-            "area": _r(box[2] * box[3]) if was_clipped or not isinstance(ann.get("area"), (int, float))
-            else _r(ann["area"]),
-            "iscrowd": 1 if ann.get("iscrowd") else 0,
-            "difficult": 1 if ann.get("difficult") else 0,
-        }
-        seg = ann.get("segmentation")
-        if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 for p in seg):
-            entry["segmentation"] = seg
+        if was_clipped:
+            clipped += 1
+            problems.repair(BadItem(f"annotation {ann['id']}: bbox extends past its image: clipped to it", ann_path,
+                                    reason="object partly outside image"), "annotation")
+        if "segmentation" not in entry and ann.get("segmentation") not in (None, [], {}):
+            # boxes are what ds2d2 trains on; polygons are kept, anything else (RLE masks, junk) is not
+            problems.repair(BadItem(f"annotation {ann['id']}: segmentation is not a list of polygons (RLE or "
+                                    "malformed): left out, the box is kept", ann_path,
+                                    reason="segmentation left out"), "annotation")
+        entry["id"] = len(anns_out) + 1
         anns_out.append(entry)
-        per_class[class_names[remap[cid] - 1]] += 1
+        per_class[class_names[entry["category_id"] - 1]] += 1
+    problems.note_repairs("")
 
     out_path = out / f"{name}.json"
     write_json(out_path, {
-        "info": {"ds2d2": {"source": "coco", "classes": classes, "split": name, "source_file": str(ann_path)}},
+        "info": {"ds2d2": {"source": "coco", "classes": classes, "split": name, "source_file": str(ann_path)},
+                 "skipped": problems.skipped, "repaired": problems.repaired},
         "images": images_out, "annotations": anns_out, "categories": categories,
     })
+    problems.flush()
     return {"source": str(ann_path), "out": str(out_path), "classes": classes, "images": len(images_out),
             "objects": len(anns_out), "clipped": clipped, "degenerate": degenerate,
-            "objects_per_class": per_class, "seconds": round(time.perf_counter() - started, 3)}
+            "objects_per_class": per_class, **problems.summary(),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _check_image_entry(img: Any, position: int, id_count: Counter, images_dir: Path, out: Path, ann_path: Path,
+                       anns_per_image: Counter) -> dict[str, Any]:
+    """The output entry (without its new id) of one 'images' entry, or BadItem."""
+    if not isinstance(img, dict):
+        raise BadItem(f"image entry {position} is not an object: {_short(img)}", ann_path, reason="malformed entry")
+    iid = img.get("id")
+    if not _is_int(iid):
+        raise BadItem(f"image entry {position} ({_short(img.get('file_name', '?'))}) has a missing or non-integer "
+                      f"id ({_short(iid)})", ann_path, reason="malformed entry")
+    along = f" (its {anns_per_image[iid]} annotation(s) left out with it)" if anns_per_image[iid] else ""
+    if id_count[iid] > 1:
+        times = "twice" if id_count[iid] == 2 else f"{id_count[iid]} times"
+        raise BadItem(f"image id {iid} appears {times}: which annotations belong to which is ambiguous{along}",
+                      ann_path, reason="duplicate id")
+    file_name = img.get("file_name")
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise BadItem(f"image {iid} has no file_name{along}", ann_path, reason="malformed entry")
+    path = images_dir / file_name
+    if not path.is_file():
+        raise BadItem(f"image {iid}: file {file_name!r} not found in {images_dir}{along}", ann_path,
+                      reason="missing image")
+    try:
+        width, height = _image_size(path)
+    except BadItem as exc:
+        raise BadItem(f"image {iid}: {file_name}: {exc.message}{along}", ann_path, reason=exc.reason) from None
+    declared = (img.get("width"), img.get("height"))
+    if declared != (None, None) and declared != (width, height):
+        raise BadItem(f"image {iid}: the JSON says {_short(declared[0], 20)}x{_short(declared[1], 20)} but "
+                      f"{file_name} is {width}x{height}{along}", ann_path, reason="size mismatch")
+    return {"file_name": _relpath(path, out), "width": width, "height": height, "source_id": iid}
+
+
+def _check_annotation(ann: Any, position: int, seen: set[int], new_image_id: dict[int, int], remap: dict[int, int],
+                      sizes: dict[int, tuple[int, int]], ann_path: Path) -> tuple[dict[str, Any], bool]:
+    """(output entry without its id, whether its box was clipped), or BadItem."""
+    if not isinstance(ann, dict):
+        raise BadItem(f"annotation entry {position} is not an object: {_short(ann)}", ann_path,
+                      reason="malformed entry")
+    aid = ann.get("id")
+    if not _is_int(aid):
+        raise BadItem(f"annotation entry {position} has a missing or non-integer id ({_short(aid)})", ann_path,
+                      reason="malformed entry")
+    what = f"annotation {aid}"
+    if aid in seen:
+        raise BadItem(f"annotation id {aid} appears twice (the later one is left out)", ann_path,
+                      reason="duplicate id")
+    seen.add(aid)
+    iid = ann.get("image_id")
+    if not _is_int(iid) or iid not in new_image_id:
+        raise BadItem(f"{what} refers to image {_short(iid)}, which is not in 'images'", ann_path,
+                      reason="unknown image id")
+    cid = ann.get("category_id")
+    if not _is_int(cid) or cid not in remap:
+        raise BadItem(f"{what} refers to category {_short(cid)}, which is not in 'categories'", ann_path,
+                      reason="unknown category")
+    box, was_clipped = _clip_box(ann.get("bbox"), *sizes[iid], ann_path, what)
+    if box is None:
+        raise BadItem(f"{what}: zero-size bbox {_short(ann.get('bbox'))}", ann_path, reason="zero-area object")
+    area = ann.get("area")
+    given_area = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area > 0
+    entry: dict[str, Any] = {
+        "image_id": new_image_id[iid], "category_id": remap[cid], "bbox": box,
+        "area": _r(area) if given_area and not was_clipped else _r(box[2] * box[3]),
+        "iscrowd": 1 if ann.get("iscrowd") else 0,
+        "difficult": 1 if ann.get("difficult") else 0,
+    }
+    seg = _segmentation(ann.get("segmentation"))
+    if seg is not None:
+        entry["segmentation"] = seg
+    return entry, was_clipped

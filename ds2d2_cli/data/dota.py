@@ -21,32 +21,52 @@ Objects: the polygon is clipped to the window (the window itself clipped to the 
 iof = clipped area / polygon area. Objects wholly inside are kept; partly inside ones
 with iof >= `iof_thr` are kept with the clipped polygon's extent as box; smaller pieces
 are dropped (`partial="drop"`) or kept with `iscrowd: 1` (`partial="crowd"`, the
-devkit's "difficult 2" pieces). Zero-area objects and pieces are dropped.
+devkit's "difficult 2" pieces). Pieces of no size are dropped and counted.
+
+Bad input (see `ds2d2_cli.data.validate`): a label line that does not parse, an unknown
+class, an image without a label file (when `labelTxt/` exists) or a label file without
+an image, an empty label file, an image that cannot be read or is of another format, and
+an object lying wholly outside its image stop the run with one line naming the file (and
+line), or are skipped and reported with `skip_bad`. Zero-area objects are always dropped
+and reported; self-intersecting quadrilaterals become their convex hull and objects
+reaching past the image border are clipped to it, both counted.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ds2d2_cli.classes import canonical_name, get_class_set
 from ds2d2_cli.data.polygons import clip_polygon, dedupe_vertices, fix_bowtie, polygon_area
+from ds2d2_cli.data.validate import (
+    IMAGE_EXTS,
+    BadItem,
+    Problems,
+    held_progress,
+    json_files,
+    one_line,
+    open_rgb,
+    unsupported_extension,
+    writable_folder,
+)
 from ds2d2_cli.errors import Ds2d2Error, InputError
-from ds2d2_cli.fileio import atomic_path, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PARTIAL_MODES = ("drop", "crowd")
 _SPLIT_ORDER = {"train": 0, "val": 1, "trainval": 2, "test": 3}
 _HEADER = re.compile(r"^\s*(imagesource|gsd)\s*:(.*)$", re.IGNORECASE)
+MAX_COORDINATE = 1e7  # px; DOTA scenes reach 20000 px, anything this far out is a broken line
 
 
 # --------------------------------------------------------------------------- labels
@@ -66,22 +86,45 @@ class DotaLabels:
     imagesource: str | None = None
     gsd: float | None = None
     objects: list[DotaObject] = field(default_factory=list)
+    repaired: list[int] = field(default_factory=list)  # lines of self-intersecting polygons made convex
 
 
-def parse_dota_labels(path: str | Path, classes: Sequence[str], class_set: str = "") -> DotaLabels:
+def parse_dota_labels(path: str | Path, classes: Sequence[str], class_set: str = "",
+                      on_bad: Callable[[BadItem], None] | None = None) -> DotaLabels:
     """Parse one DOTA `labelTxt` file; class names are normalised to `classes`' spelling.
 
-    Raises InputError (file:line) for malformed lines and unknown class names.
     Object lines hold 8 coordinates, a class name and optionally the difficult flag
-    (missing means 0; any non-zero value means difficult).
+    (missing means 0; any non-zero value means difficult). A bad line (wrong number of
+    fields, coordinates that are not finite numbers, an unknown class name, a bad
+    difficult flag) raises a BadItem (an InputError naming file:line), or is handed to
+    `on_bad` and left out when one is given (--skip-bad). A file that cannot be read, or
+    holds nothing at all, is a BadItem for the whole file: a scene without objects is a
+    file with only the `imagesource:` / `gsd:` header lines. Self-intersecting
+    quadrilaterals (corners clicked out of order) become their convex hull; their line
+    numbers are in `repaired`. Zero-area polygons are returned as they are (callers
+    decide; `prepare_dota` reports and drops them).
     """
     path = Path(path)
+
+    def bad(message: str, lineno: int, reason: str) -> None:
+        exc = BadItem(message, path, lineno, reason=reason)
+        if on_bad is None:
+            raise exc
+        on_bad(exc)
+
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise InputError("label file not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read label file: {exc}", path) from None
+        raise BadItem("label file not found", path, reason="image without label file") from None
+    except UnicodeDecodeError as exc:
+        raise BadItem(f"cannot read label file: not UTF-8 text (bad byte at offset {exc.start})", path,
+                      reason="unreadable label file") from None
+    except OSError as exc:
+        raise BadItem(f"cannot read label file: {one_line(exc.strerror or exc)}", path,
+                      reason="unreadable label file") from None
+    if not text.strip():
+        raise BadItem("empty label file (a scene without objects keeps the imagesource:/gsd: header lines)", path,
+                      reason="empty label file")
     labels = DotaLabels(path)
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -102,29 +145,42 @@ def parse_dota_labels(path: str | Path, classes: Sequence[str], class_set: str =
             continue
         tokens = line.split()
         if len(tokens) not in (9, 10):
-            raise InputError(
-                f"expected 8 coordinates, a class name and a difficult flag, got {len(tokens)} fields", path, lineno
-            )
+            bad(f"expected 8 coordinates, a class name and a difficult flag, got {len(tokens)} fields", lineno,
+                "malformed line")
+            continue
         try:
             coords = np.array([float(t) for t in tokens[:8]], dtype=np.float64)
         except ValueError:
-            raise InputError("the first 8 fields must be numbers (x1 y1 ... x4 y4)", path, lineno) from None
+            bad("the first 8 fields must be numbers (x1 y1 ... x4 y4)", lineno, "malformed line")
+            continue
         if not np.all(np.isfinite(coords)):
-            raise InputError("coordinates must be finite numbers", path, lineno)
+            bad("coordinates must be finite numbers", lineno, "malformed line")
+            continue
+        if np.abs(coords).max() > MAX_COORDINATE:
+            bad(f"coordinate {coords[np.abs(coords).argmax()]:g} is far outside any image "
+                f"(more than {MAX_COORDINATE:g} px)", lineno, "object outside image")
+            continue
         name = canonical_name(tokens[8], classes)
         if name is None:
             where = f" of class set {class_set}" if class_set else ""
-            raise InputError(
-                f"unknown class {tokens[8]!r} (not one of the {len(classes)} classes{where}; "
-                "pick another with --classes)", path, lineno,
-            )
+            bad(f"unknown class {tokens[8]!r} (not one of the {len(classes)} classes{where}; "
+                "pick another with --classes)", lineno, "unknown class")
+            continue
         difficult = 0
         if len(tokens) == 10:
             try:
-                difficult = 1 if int(float(tokens[9])) != 0 else 0
+                flag = float(tokens[9])
             except ValueError:
-                raise InputError(f"difficult flag must be 0 or 1, got {tokens[9]!r}", path, lineno) from None
-        labels.objects.append(DotaObject(fix_bowtie(coords.reshape(4, 2)), name, difficult, lineno))
+                flag = float("nan")
+            if not np.isfinite(flag):
+                bad(f"difficult flag must be 0 or 1, got {tokens[9]!r}", lineno, "malformed line")
+                continue
+            difficult = 1 if int(flag) != 0 else 0
+        quad = coords.reshape(4, 2)
+        poly = fix_bowtie(quad)
+        if poly.shape != quad.shape or not np.array_equal(poly, quad):
+            labels.repaired.append(lineno)
+        labels.objects.append(DotaObject(poly, name, difficult, lineno))
     return labels
 
 
@@ -253,7 +309,7 @@ class SceneJob:
     polys: tuple[np.ndarray, ...]
     category_ids: tuple[int, ...]
     difficult: tuple[int, ...]
-    out_dir: Path  # OUT
+    out_dir: Path  # the split's staging folder: patches go to out_dir/images/
     split: str
     size: int
     gap: int
@@ -261,53 +317,83 @@ class SceneJob:
     iof_thr: float
     partial: str
     class_names: tuple[str, ...]
+    label_path: Path | None = None
+    lines: tuple[int, ...] = ()  # label-file line of each polygon
 
 
-def open_rgb(path: Path):
-    """Decode an image as RGB (no decompression-bomb limit: DOTA scenes reach 20000 px)."""
-    from PIL import Image, UnidentifiedImageError
+def scene_objects(polys: Sequence[np.ndarray], width: int, height: int) -> dict[str, Any]:
+    """Which objects lie in the `width x height` scene: their boxes there, and which stick out.
 
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except FileNotFoundError:
-        raise InputError("image file not found", path) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read image: {exc}", path) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    "kept": indices with area inside the scene; "boxes": their [x, y, w, h] clipped to
+    it; "clipped": kept indices reaching past the border; "outside": indices with no
+    area inside (bad items: a label that does not belong to this image).
+    """
+    scene = (0.0, 0.0, float(width), float(height))
+    kept: list[int] = []
+    boxes: list[list[float]] = []
+    clipped: list[int] = []
+    outside: list[int] = []
+    for i, poly in enumerate(polys):
+        inside = (poly[:, 0].min() >= 0 and poly[:, 1].min() >= 0
+                  and poly[:, 0].max() <= width and poly[:, 1].max() <= height)
+        piece = poly if inside else dedupe_vertices(clip_polygon(poly, scene))
+        if len(piece) == 0:
+            outside.append(i)
+            continue
+        x0, y0 = _r(piece[:, 0].min()), _r(piece[:, 1].min())
+        w, h = _r(piece[:, 0].max() - x0), _r(piece[:, 1].max() - y0)
+        if w <= 0 or h <= 0 or polygon_area(piece) <= 0:
+            outside.append(i)
+            continue
+        kept.append(i)
+        boxes.append([x0, y0, w, h])
+        if not inside:
+            clipped.append(i)
+    return {"kept": kept, "boxes": boxes, "clipped": clipped, "outside": outside}
 
 
 def split_scene(job: SceneJob) -> dict[str, Any]:
-    """Cut one scene into patches (written as PNG) and return their records and counts."""
+    """Cut one scene into patches (written as PNG) and return their records and counts.
+
+    Raises BadItem (before writing anything) when the image cannot be read. Objects with
+    no area inside the image are left out of the patches and returned under "outside";
+    the caller decides whether that stops the run.
+    """
     from PIL import Image
 
     image = open_rgb(job.image_path)
     width, height = image.size
+    placed = scene_objects(job.polys, width, height)
+    kept = placed["kept"]
     stats = SplitStats()
     patches: list[dict[str, Any]] = []
-    images_dir = job.out_dir / job.split / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    images_dir = job.out_dir / "images"
+    try:
+        images_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Ds2d2Error(f"cannot write patches: {one_line(exc.strerror or exc)}", job.out_dir.parent) from None
+    category_ids = [job.category_ids[i] for i in kept]
+    difficult = [job.difficult[i] for i in kept]
     for scale in job.scales:
         if scale == 1:
-            scaled, polys = image, list(job.polys)
+            scaled, polys = image, [job.polys[i] for i in kept]
         else:
             new_size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
             scaled = image.resize(new_size, Image.BILINEAR)
-            polys = [p * scale for p in job.polys]
+            polys = [job.polys[i] * scale for i in kept]
         sw, sh = scaled.size
         for left, top in window_origins(sw, sh, job.size, job.gap):
             window = (left, top, min(left + job.size, sw), min(top + job.size, sh))
-            anns = window_annotations(polys, job.category_ids, job.difficult, window, job.iof_thr, job.partial,
+            anns = window_annotations(polys, category_ids, difficult, window, job.iof_thr, job.partial,
                                       stats, job.class_names)
             name = f"{job.stem}__{scale:g}__{left}___{top}.png"
             # crop() beyond the scene border fills with zeros: the devkit's padding.
             patch = scaled.crop((left, top, left + job.size, top + job.size))
-            with atomic_path(images_dir / name) as tmp:
-                patch.save(tmp, format="PNG", compress_level=1)
+            try:
+                patch.save(images_dir / name, format="PNG", compress_level=1)
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot write patch {name}: {one_line(exc.strerror or exc)}",
+                                 job.out_dir.parent) from None
             patches.append({
                 "file_name": f"{job.split}/images/{name}",
                 "width": job.size,
@@ -317,7 +403,7 @@ def split_scene(job: SceneJob) -> dict[str, Any]:
                 "annotations": anns,
             })
             stats.patches += 1
-    return {"stem": job.stem, "width": width, "height": height, "patches": patches, "stats": stats}
+    return {"stem": job.stem, "width": width, "height": height, "patches": patches, "stats": stats, **placed}
 
 
 def _ignore_sigint() -> None:
@@ -328,16 +414,28 @@ def _split_scene_safe(job: SceneJob) -> tuple[str, Any]:
     """Worker entry: library errors come back as plain tuples (they pickle reliably)."""
     try:
         return "ok", split_scene(job)
+    except BadItem as exc:
+        return "bad", (exc.message, str(exc.path) if exc.path else None, exc.line, exc.reason)
     except Ds2d2Error as exc:
         return "error", (isinstance(exc, InputError), exc.message, str(exc.path) if exc.path else None, exc.line)
 
 
-def _unwrap(outcome: tuple[str, Any]) -> dict[str, Any]:
+def _unwrap(outcome: tuple[str, Any]) -> dict[str, Any] | BadItem:
     kind, payload = outcome
     if kind == "ok":
         return payload
+    if kind == "bad":
+        message, path, line, reason = payload
+        return BadItem(message, path, line, reason=reason)
     is_input, message, path, line = payload
     raise (InputError if is_input else Ds2d2Error)(message, path, line)
+
+
+def _split_serial(job: SceneJob) -> dict[str, Any] | BadItem:
+    try:
+        return split_scene(job)
+    except BadItem as exc:
+        return exc
 
 
 # --------------------------------------------------------------------------- folders
@@ -359,14 +457,36 @@ def find_splits(src: str | Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda item: (_SPLIT_ORDER.get(item[0], 99), item[0]))
 
 
-def list_images(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    stems: dict[str, Path] = {}
+def list_images(folder: Path, problems: Problems | None = None, split: str = "") -> list[Path]:
+    """The scene images in `folder`, by name; hidden files (.DS_Store ...) and sub-folders are ignored.
+
+    A file of another format, or two images with the same stem (which label file is
+    whose?), is a bad item: raised, or with `problems` under --skip-bad skipped and reported.
+    """
+    problems = problems if problems is not None else Problems()
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as exc:
+        raise InputError(f"cannot list images: {one_line(exc.strerror or exc)}", folder) from None
+    images: list[Path] = []
+    for p in entries:
+        if p.suffix.lower() in IMAGE_EXTS:
+            images.append(p)
+        else:
+            problems.bad(unsupported_extension(p), "image", split=split, image=p.stem)
+    by_stem: dict[str, list[Path]] = {}
     for p in images:
-        if p.stem in stems:
-            raise InputError(f"two images share the name {p.stem!r} ({stems[p.stem].name}, {p.name})", folder)
-        stems[p.stem] = p
-    return images
+        by_stem.setdefault(p.stem, []).append(p)
+    unique: list[Path] = []
+    for stem, group in by_stem.items():
+        if len(group) == 1:
+            unique.append(group[0])
+            continue
+        names = ", ".join(p.name for p in group)
+        for p in group:
+            problems.bad(BadItem(f"two images share the name {stem!r} ({names}): which label file is whose is "
+                                 "ambiguous", p, reason="duplicate image name"), "image", split=split, image=stem)
+    return sorted(unique)
 
 
 def _relpath(path: Path, start: Path) -> str:
@@ -394,31 +514,171 @@ def _check_options(size: int, gap: int, scales: Sequence[float], iof_thr: float,
         raise InputError(f"--partial must be one of {', '.join(PARTIAL_MODES)} (got {partial!r})")
 
 
+@dataclass
+class _Scene:
+    image: Path
+    labels: DotaLabels | None
+    objects: list[DotaObject]  # non-degenerate
+
+
+@dataclass
+class _Plan:
+    split: str
+    folder: Path
+    labelled: bool
+    scenes: list[_Scene]
+    degenerate: int = 0
+
+
+def _plan_split(split: str, folder: Path, class_names: Sequence[str], classes: str,
+                problems: Problems) -> _Plan:
+    """Read and check one split's images and labels; nothing is written."""
+    images_dir = folder / "images"
+    images = list_images(images_dir, problems, split)
+    label_dir = folder / "labelTxt"
+    labelled = label_dir.is_dir()
+    plan = _Plan(split, folder, labelled, [])
+    for image in images:
+        if not labelled:
+            plan.scenes.append(_Scene(image, None, []))
+            continue
+        where = {"split": split, "image": image.stem}
+        label_path = label_dir / f"{image.stem}.txt"
+        if not label_path.is_file():
+            problems.bad(BadItem(f"no label file for image {image.name} (a scene without objects needs one with "
+                                 "just the imagesource:/gsd: header lines)", label_path,
+                                 reason="image without label file"), "image", **where)
+            continue
+        try:
+            labels = parse_dota_labels(label_path, class_names, classes,
+                                       on_bad=lambda exc: problems.bad(exc, "line", **where))
+        except BadItem as exc:  # the whole file (unreadable or empty), or a bad line without --skip-bad
+            problems.bad(exc, "image", **where)
+            continue
+        objects: list[DotaObject] = []
+        for obj in labels.objects:
+            if polygon_area(obj.poly) <= 0:
+                problems.drop(BadItem("zero-area polygon (its corners lie on one line or point)", label_path, obj.line,
+                                      reason="zero-area object"), "object", **where)
+                plan.degenerate += 1
+                continue
+            objects.append(obj)
+            if obj.line in labels.repaired:
+                problems.repair(BadItem("corners out of order (the outline crosses itself): replaced by their "
+                                        "convex hull", label_path, obj.line, reason="self-intersecting polygon"),
+                                "object", **where)
+        plan.scenes.append(_Scene(image, labels, objects))
+    if labelled:
+        try:
+            stems = {p.stem for p in images_dir.iterdir() if p.is_file()}
+            label_files = sorted(p for p in label_dir.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+        except OSError as exc:
+            raise InputError(f"cannot list files: {one_line(exc.strerror or exc)}", folder) from None
+        for orphan in label_files:
+            if orphan.stem not in stems:
+                problems.bad(BadItem(f"label file without an image (no {orphan.stem}.png, .jpg ... in "
+                                     f"{images_dir})", orphan, reason="label file without image"),
+                             "label file", split=split, image=orphan.stem)
+    if not plan.scenes:
+        if not images and not problems.skipped_where(split=split):
+            raise InputError("no images here", images_dir)
+        raise InputError(f"no usable image left in split {split!r}: every one was skipped as bad", images_dir)
+    return plan
+
+
+def _make_staging(out: Path, split: str) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{split}.", suffix=".tmp", dir=out))
+    except OSError as exc:
+        raise Ds2d2Error(f"cannot write here: {one_line(exc.strerror or exc)}", out) from None
+
+
+def _commit_patches(staging: Path, final: Path) -> None:
+    """Move the finished patches into place (renames on one file system: quick)."""
+    try:
+        final.mkdir(parents=True, exist_ok=True)
+        for patch in sorted((staging / "images").iterdir()):
+            os.replace(patch, final / patch.name)
+    except FileNotFoundError:
+        return  # no patches (cannot happen with at least one scene, but nothing to move)
+    except OSError as exc:
+        raise Ds2d2Error(f"cannot move patches into place: {one_line(exc.strerror or exc)}", final) from None
+
+
+def _run_jobs(jobs: list[SceneJob], workers: int, problems: Problems, task: Any) -> list[dict[str, Any] | BadItem]:
+    """Split every scene; a bad image stops the run at once unless --skip-bad."""
+    results: list[dict[str, Any] | BadItem | None] = [None] * len(jobs)
+
+    def receive(i: int, outcome: dict[str, Any] | BadItem) -> None:
+        if isinstance(outcome, BadItem):
+            if not problems.skip_bad:
+                raise outcome
+        elif outcome["outside"] and not problems.skip_bad:
+            raise _outside_error(jobs[i], outcome, outcome["outside"][0])
+        results[i] = outcome
+        task.update(1, patches=0 if isinstance(outcome, BadItem) else outcome["stats"].patches)
+
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+            futures = {pool.submit(_split_scene_safe, job): i for i, job in enumerate(jobs)}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.5)
+                    for fut in done:
+                        receive(futures[fut], _unwrap(fut.result()))
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+    else:
+        for i, job in enumerate(jobs):
+            receive(i, _split_serial(job))
+    return results  # type: ignore[return-value]
+
+
+def _outside_error(job: SceneJob, result: dict[str, Any], index: int) -> BadItem:
+    poly = job.polys[index]
+    return BadItem(f"object lies outside its {result['width']}x{result['height']} image (x {poly[:, 0].min():g} to "
+                   f"{poly[:, 0].max():g}, y {poly[:, 1].min():g} to {poly[:, 1].max():g})",
+                   job.label_path, job.lines[index], reason="object outside image")
+
+
 def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int = 200,
                  scales: Sequence[float] = (1.0,), iof_thr: float = 0.7, workers: int = 1,
-                 classes: str = "dota-v1.0", partial: str = "drop",
+                 classes: str = "dota-v1.0", partial: str = "drop", skip_bad: bool = False,
                  reporter: Reporter | None = None) -> dict[str, Any]:
     """Split every DOTA split under `src` into patches under `out`; returns summary figures.
 
-    All label files are parsed (and errors raised) before any patch is written; the
-    JSON files are written last and atomically, so a failed run leaves none behind.
-    `workers` > 1 splits scenes in that many processes (0: one per CPU); the output is
-    the same whatever the number of workers.
+    All label files are parsed (and errors raised) before any patch is written. Patches
+    are written to a hidden staging folder per split and moved into `out/<split>/images`
+    only when every split succeeded; the JSON files are written last and atomically, so a
+    failed run leaves no JSON and no partial patches behind. `skip_bad` skips bad images,
+    label files and lines instead of stopping (see `ds2d2_cli.data.validate`); the
+    summary and each JSON's `info.skipped` list everything left out. `workers` > 1 splits
+    scenes in that many processes (0: one per CPU); the output is the same whatever the
+    number of workers.
     """
-    reporter = reporter or NullReporter()
-    src, out = Path(src), Path(out)
+    with held_progress(reporter if reporter is not None else NullReporter()) as held:
+        return _prepare_dota(Path(src), Path(out), size=size, gap=gap, scales=scales, iof_thr=iof_thr,
+                             workers=workers, classes=classes, partial=partial, skip_bad=skip_bad, reporter=held)
+
+
+def _prepare_dota(src: Path, out: Path, *, size: int, gap: int, scales: Sequence[float], iof_thr: float,
+                  workers: int, classes: str, partial: str, skip_bad: bool, reporter: Reporter) -> dict[str, Any]:
     scales = tuple(float(s) for s in scales)
     _check_options(size, gap, scales, iof_thr, partial)
     class_names = get_class_set(classes)
     splits = find_splits(src)
-    for _, folder in splits:
-        if out.resolve() in (folder.resolve(), src.resolve()):
+    for split, folder in splits:
+        if out.resolve() in (folder.resolve(), src.resolve()) or (out / split).resolve() == folder.resolve():
             raise InputError("--out must be a folder of its own, not the DOTA source", out)
     if workers == 0:
         workers = os.cpu_count() or 1
     if workers < 0:
         raise InputError(f"--workers must be 0 (one per CPU) or more (got {workers})")
     started = time.perf_counter()
+    problems = Problems(skip_bad, reporter)
     cat_index = {name: i + 1 for i, name in enumerate(class_names)}
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(class_names)]
     summary: dict[str, Any] = {"source": str(src), "out": str(out), "classes": classes, "patch_size": size,
@@ -426,134 +686,117 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
                                "splits": {}}
 
     # Parse every split's labels first: bad input fails the run before anything is written.
-    plans: list[tuple[str, list[Path], list[DotaLabels | None], bool]] = []
-    for split, folder in splits:
-        images = list_images(folder / "images")
-        if not images:
-            raise InputError("no images here", folder / "images")
-        label_dir = folder / "labelTxt"
-        labelled = label_dir.is_dir()
-        scene_labels: list[DotaLabels | None] = []
-        for image in images:
-            if labelled:
-                label_path = label_dir / f"{image.stem}.txt"
-                if not label_path.is_file():
-                    raise InputError(f"no label file for image {image.name}", label_path)
-                scene_labels.append(parse_dota_labels(label_path, class_names, classes))
-            else:
-                scene_labels.append(None)
-        if labelled:
-            stems = {p.stem for p in images}
-            orphans = sorted(p.name for p in label_dir.glob("*.txt") if p.stem not in stems)
-            if orphans:
-                reporter.note(f"{split}: {len(orphans)} label file(s) without an image ignored (e.g. {orphans[0]})")
-        else:
-            reporter.note(f"{split}: no labelTxt/ folder, writing image-only JSON")
-        plans.append((split, images, scene_labels, labelled))
+    plans = [_plan_split(split, folder, class_names, classes, problems) for split, folder in splits]
+    for plan in plans:
+        if not plan.labelled:
+            problems.note(f"{plan.split}: no labelTxt/ folder, writing image-only JSON")
+    writable_folder(out)
     # A stale JSON from an earlier run must not describe patches this run rewrites.
-    for split, *_ in plans:
-        for stale in (out / f"{split}.json", out / f"{split}_scenes.json"):
-            stale.unlink(missing_ok=True)
+    for plan in plans:
+        for stale in (out / f"{plan.split}.json", out / f"{plan.split}_scenes.json"):
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot replace: {one_line(exc.strerror or exc)}", stale) from None
 
     outputs: list[tuple[Path, dict[str, Any]]] = []
-    for split, images, scene_labels, labelled in plans:
-        split_stats = SplitStats()
-        jobs: list[SceneJob] = []
-        scene_annotations: list[list[dict[str, Any]]] = []
-        for image, labels in zip(images, scene_labels):
-            objects = labels.objects if labels else []
-            kept = [o for o in objects if polygon_area(o.poly) > 0]
-            split_stats.degenerate += len(objects) - len(kept)
-            jobs.append(SceneJob(
-                image_path=image, stem=image.stem, polys=tuple(o.poly for o in kept),
-                category_ids=tuple(cat_index[o.name] for o in kept), difficult=tuple(o.difficult for o in kept),
-                out_dir=out, split=split, size=size, gap=gap, scales=scales, iof_thr=iof_thr, partial=partial,
-                class_names=tuple(class_names),
-            ))
-            scene_annotations.append([])  # filled once the scene size is known
+    staged: list[tuple[Path, Path]] = []  # (staging folder, final images folder)
+    try:
+        for plan in plans:
+            split = plan.split
+            staging = _make_staging(out, split)
+            staged.append((staging, out / split / "images"))
+            split_stats = SplitStats(degenerate=plan.degenerate)
+            jobs = [SceneJob(
+                image_path=scene.image, stem=scene.image.stem, polys=tuple(o.poly for o in scene.objects),
+                category_ids=tuple(cat_index[o.name] for o in scene.objects),
+                difficult=tuple(o.difficult for o in scene.objects), out_dir=staging, split=split, size=size,
+                gap=gap, scales=scales, iof_thr=iof_thr, partial=partial, class_names=tuple(class_names),
+                label_path=scene.labels.path if scene.labels else None, lines=tuple(o.line for o in scene.objects),
+            ) for scene in plan.scenes]
+            task = reporter.task(f"split {split}", total=len(jobs))
+            try:
+                results = _run_jobs(jobs, workers, problems, task)
+            finally:
+                task.close()
 
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
-        task = reporter.task(f"split {split}", total=len(jobs))
-        try:
-            if workers > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
-                    futures = {pool.submit(_split_scene_safe, job): i for i, job in enumerate(jobs)}
-                    pending = set(futures)
-                    try:
-                        while pending:
-                            done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.5)
-                            for fut in done:
-                                result = _unwrap(fut.result())
-                                results[futures[fut]] = result
-                                task.update(1, patches=result["stats"].patches)
-                    except BaseException:
-                        for fut in pending:
-                            fut.cancel()
-                        raise
-            else:
-                for i, job in enumerate(jobs):
-                    results[i] = split_scene(job)
-                    task.update(1, patches=results[i]["stats"].patches)
-        finally:
-            task.close()
-
-        # Assemble in scene-name order: ids do not depend on which worker finished first.
-        patch_images, patch_anns, scene_images, scene_anns = [], [], [], []
-        for scene_id, (job, labels, result) in enumerate(zip(jobs, scene_labels, results), start=1):
-            assert result is not None
-            split_stats.add(result["stats"])
-            width, height = result["width"], result["height"]
-            scene_image: dict[str, Any] = {"id": scene_id, "file_name": _relpath(job.image_path, out),
-                                           "width": width, "height": height}
-            if labels is not None:
-                scene_image["imagesource"] = labels.imagesource
-                scene_image["gsd"] = labels.gsd
-            scene_images.append(scene_image)
-            for poly, cat, diff in zip(job.polys, job.category_ids, job.difficult):
-                x0, y0 = max(0.0, poly[:, 0].min()), max(0.0, poly[:, 1].min())
-                x1, y1 = min(float(width), poly[:, 0].max()), min(float(height), poly[:, 1].max())
-                w, h = _r(x1 - x0), _r(y1 - y0)
-                if w <= 0 or h <= 0:
-                    split_stats.degenerate += 1  # wholly outside the scene
+            # Assemble in scene-name order: ids and reports do not depend on which worker finished first.
+            patch_images, patch_anns, scene_images, scene_anns = [], [], [], []
+            for job, scene, result in zip(jobs, plan.scenes, results):
+                where = {"split": split, "image": job.stem}
+                if isinstance(result, BadItem):
+                    problems.bad(result, "image", **where)
                     continue
-                scene_anns.append({
-                    "id": len(scene_anns) + 1, "image_id": scene_id, "category_id": cat,
-                    "bbox": [_r(x0), _r(y0), w, h], "area": _r(polygon_area(poly)), "iscrowd": 0,
-                    "segmentation": [[_r(v) for v in poly.reshape(-1)]], "difficult": diff,
-                })
-                name = class_names[cat - 1]
-                split_stats.objects += 1
-                split_stats.objects_per_class[name] = split_stats.objects_per_class.get(name, 0) + 1
-            for patch in result["patches"]:
-                image_id = len(patch_images) + 1
-                patch_images.append({
-                    "id": image_id, "file_name": patch["file_name"], "width": patch["width"],
-                    "height": patch["height"], "scene": job.stem, "scene_width": width, "scene_height": height,
-                    "window": patch["window"], "scale": patch["scale"], "scene_id": scene_id,
-                })
-                for ann in patch["annotations"]:
-                    patch_anns.append({"id": len(patch_anns) + 1, "image_id": image_id, **ann})
+                for index in result["outside"]:
+                    problems.bad(_outside_error(job, result, index), "object", **where)
+                for index in result["clipped"]:
+                    problems.repair(BadItem(f"object extends past its {result['width']}x{result['height']} image: "
+                                            "clipped to it", job.label_path, job.lines[index],
+                                            reason="object partly outside image"), "object", **where)
+                scene_id = len(scene_images) + 1
+                split_stats.add(result["stats"])
+                width, height = result["width"], result["height"]
+                scene_image: dict[str, Any] = {"id": scene_id, "file_name": _relpath(job.image_path, out),
+                                               "width": width, "height": height}
+                if scene.labels is not None:
+                    scene_image["imagesource"] = scene.labels.imagesource
+                    scene_image["gsd"] = scene.labels.gsd
+                scene_images.append(scene_image)
+                for index, box in zip(result["kept"], result["boxes"]):
+                    poly, cat = job.polys[index], job.category_ids[index]
+                    scene_anns.append({
+                        "id": len(scene_anns) + 1, "image_id": scene_id, "category_id": cat,
+                        "bbox": box, "area": _r(polygon_area(poly)), "iscrowd": 0,
+                        "segmentation": [[_r(v) for v in poly.reshape(-1)]], "difficult": job.difficult[index],
+                    })
+                    name = class_names[cat - 1]
+                    split_stats.objects += 1
+                    split_stats.objects_per_class[name] = split_stats.objects_per_class.get(name, 0) + 1
+                for patch in result["patches"]:
+                    image_id = len(patch_images) + 1
+                    patch_images.append({
+                        "id": image_id, "file_name": patch["file_name"], "width": patch["width"],
+                        "height": patch["height"], "scene": job.stem, "scene_width": width, "scene_height": height,
+                        "window": patch["window"], "scale": patch["scale"], "scene_id": scene_id,
+                    })
+                    for ann in patch["annotations"]:
+                        patch_anns.append({"id": len(patch_anns) + 1, "image_id": image_id, **ann})
+            if not scene_images:
+                raise InputError(f"no usable image left in split {split!r}: every one was skipped as bad",
+                                 plan.folder / "images")
+            problems.note_repairs(f"{split}: ", problems.repaired_where(split=split))
 
-        meta = {"source": "dota", "classes": classes, "split": split, "patch_size": size, "gap": gap,
-                "scales": list(scales), "iof_thr": iof_thr, "partial": partial, "padded": True,
-                "labelled": labelled}
-        outputs.append((out / f"{split}_scenes.json", {
-            "info": {"ds2d2": {**meta, "scenes": True}}, "images": scene_images,
-            "annotations": scene_anns, "categories": categories,
-        }))
-        outputs.append((out / f"{split}.json", {
-            "info": {"ds2d2": meta}, "images": patch_images, "annotations": patch_anns, "categories": categories,
-        }))
-        summary["splits"][split] = {
-            "scenes": len(jobs), "patches": split_stats.patches, "labelled": labelled,
-            "objects": split_stats.objects, "annotations": split_stats.annotations, "crowd": split_stats.crowd,
-            "dropped_iof": split_stats.dropped_iof, "degenerate": split_stats.degenerate,
-            "objects_per_class": {n: split_stats.objects_per_class.get(n, 0) for n in class_names},
-            "annotations_per_class": {n: split_stats.annotations_per_class.get(n, 0) for n in class_names},
-            "json": str(out / f"{split}.json"),
-        }
-    # JSON last, once every split succeeded: a failed run leaves no JSON at all.
-    for path, data in outputs:
-        write_json(path, data)
+            meta = {"source": "dota", "classes": classes, "split": split, "patch_size": size, "gap": gap,
+                    "scales": list(scales), "iof_thr": iof_thr, "partial": partial, "padded": True,
+                    "labelled": plan.labelled}
+            info_lists = {"skipped": problems.skipped_where(split=split),
+                          "repaired": problems.repaired_where(split=split)}
+            outputs.append((out / f"{split}_scenes.json", {
+                "info": {"ds2d2": {**meta, "scenes": True}, **info_lists}, "images": scene_images,
+                "annotations": scene_anns, "categories": categories,
+            }))
+            outputs.append((out / f"{split}.json", {
+                "info": {"ds2d2": meta, **info_lists}, "images": patch_images, "annotations": patch_anns,
+                "categories": categories,
+            }))
+            summary["splits"][split] = {
+                "scenes": len(scene_images), "patches": split_stats.patches, "labelled": plan.labelled,
+                "objects": split_stats.objects, "annotations": split_stats.annotations, "crowd": split_stats.crowd,
+                "dropped_iof": split_stats.dropped_iof, "degenerate": split_stats.degenerate,
+                "skipped": len(info_lists["skipped"]), "repaired": len(info_lists["repaired"]),
+                "objects_per_class": {n: split_stats.objects_per_class.get(n, 0) for n in class_names},
+                "annotations_per_class": {n: split_stats.annotations_per_class.get(n, 0) for n in class_names},
+                "json": str(out / f"{split}.json"),
+            }
+        # Every split succeeded: the JSON files are written under temporary names, the patches
+        # moved into place, then the JSON files renamed; a failure on the way leaves neither.
+        with json_files(outputs):
+            for staging, final in staged:
+                _commit_patches(staging, final)
+    finally:
+        for staging, _ in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+    problems.flush()
+    summary.update(problems.summary())
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
