@@ -137,11 +137,18 @@ def test_same_seed_same_start(retina, tmp_path):
     assert a["classification"] == b["classification"] and a["bbox_regression"] == b["bbox_regression"]
 
 
-@pytest.mark.parametrize("case", ["student-as-teacher", "other-teacher-amplifier", "bad-stream", "no-teacher"])
-def test_refusals(case, retina, tiny_data, tmp_path):
+@pytest.mark.parametrize("case", ["student-as-teacher", "other-teacher-amplifier", "bad-stream", "no-teacher",
+                                  "other-family", "other-input"])
+def test_refusals(case, retina, tiny_data, tmp_path, tmp_path_factory):
     preset, runs, common = retina
     teacher = str(runs / "teacher/model.safetensors")
-    if case == "student-as-teacher":
+    if case == "other-family":  # a Faster R-CNN teacher cannot teach a RetinaNet student
+        _, frcnn_runs, _ = _pipeline("tiny-synthetic-frcnn", tiny_data, tmp_path_factory)
+        args = ["--teacher", str(frcnn_runs / "teacher/model.safetensors")]
+        message = "the teacher is a faster_rcnn, the preset's student a retinanet"
+    elif case == "other-input":
+        args, message = ["--teacher", teacher, "--set", "input.size=96"], "the teacher was trained at input 128 px"
+    elif case == "student-as-teacher":
         _run(["distill", *common, "--method", "none", "--out", str(tmp_path / "s")])
         args, message = ["--teacher", str(tmp_path / "s/model.safetensors")], "this is a student checkpoint; expected a teacher"
     elif case == "other-teacher-amplifier":
