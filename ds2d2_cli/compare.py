@@ -8,14 +8,13 @@ how an ablation is read: `ds2d2 compare runs/baseline runs/fitnet runs/ds2d2`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.evaluation import METRIC_KEYS
-from ds2d2_cli.fileio import write_json
+from ds2d2_cli.fileio import read_json, write_json
 
 
 @dataclass
@@ -27,15 +26,6 @@ class Run:
     metrics: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # method, iterations, seconds, params, ...
     metrics_log: Path | None = None  # metrics.jsonl, for training curves
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("file not found", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not a readable JSON file: {exc}", path) from None
 
 
 def count_parameters(checkpoint: Path) -> int | None:
@@ -65,7 +55,7 @@ def load_run(path: str | Path) -> Run:
         summary_path = path / "summary.json"
         if not summary_path.is_file():
             raise InputError("not a ds2d2 run folder (no summary.json; the run may not have finished)", path)
-        summary = _read_json(summary_path)
+        summary = read_json(summary_path)
         if not isinstance(summary, dict):
             raise InputError("summary.json is not a JSON object", summary_path)
         metrics = summary.get("metrics") or {}
@@ -88,7 +78,7 @@ def load_run(path: str | Path) -> Run:
         log = path / "metrics.jsonl"
         return Run(path.name, path, metrics, info, log if log.is_file() else None)
     if path.suffix == ".json" or path.is_file():
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or "AP50" not in data:
             raise InputError("not a run folder or an `ds2d2 eval --json` file (no AP50)", path)
         checkpoint = Path(data["checkpoint"]) if data.get("checkpoint") else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,13 +150,9 @@ def _mean_valid(values: np.ndarray) -> float:
 
 
 def load_coco_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("file not found", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not a readable JSON file: {exc}", path) from None
+    from ds2d2_cli.fileio import read_json
+
+    return read_json(path)
 
 
 def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any]:

@@ -42,6 +42,19 @@ def _umask() -> int:
     return mask
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file, or a one-line InputError naming it."""
+    from ds2d2_cli.errors import InputError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a readable JSON file: {exc}", path) from None
+
+
 def write_json(path: str | Path, data: Any, indent: int | None = None) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:

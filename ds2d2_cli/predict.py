@@ -368,35 +368,37 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, or a one-line InputError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+@contextlib.contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """PIL's many failure modes as one-line InputErrors naming the file."""
+    from PIL import UnidentifiedImageError
 
     try:
-        with _no_pixel_limit(), Image.open(path) as img:
-            return img.size
+        with _no_pixel_limit():
+            yield
     except FileNotFoundError:
         raise InputError("image file not found", path) from None
     except UnidentifiedImageError:
         raise InputError("cannot read image: not a PNG, JPEG or TIFF file (or a damaged one)", path) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"cannot read image: {exc}", path) from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, or a one-line InputError naming the file."""
+    from PIL import Image
+
+    with _image_errors(path), Image.open(path) as img:
+        return img.size
 
 
 def load_image(path: Path) -> tuple[Any, torch.Tensor]:
     """The decoded RGB image (PIL, for drawing) and the same pixels as a uint8 [3, H, W] tensor."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with _no_pixel_limit(), Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except FileNotFoundError:
-        raise InputError("image file not found", path) from None
-    except UnidentifiedImageError:
-        raise InputError("cannot read image: not a PNG, JPEG or TIFF file (or a damaged one)", path) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"cannot read image: {exc}", path) from None
+    with _image_errors(path), Image.open(path) as img:
+        img.load()
+        rgb = img.convert("RGB") if img.mode != "RGB" else img.copy()
     return rgb, torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
