@@ -19,6 +19,7 @@ last checkpoint. Without --data, synthetic scenes are generated and split into p
 under --work (what the tiny presets' comments prescribe).
 
     python benchmarks/distill_gain.py                                  # tiny-synthetic, seeds 0,1,2
+    python benchmarks/distill_gain.py --markdown benchmarks/results/distill_gain.json   # README table
     python benchmarks/distill_gain.py --seeds 0 --iters 2 --teacher-iters 2 --images 6 \\
         --work /tmp/gain --output /tmp/gain/distill_gain.json          # smoke test
 """
@@ -242,10 +243,43 @@ def print_table(methods: dict[str, Any], teachers: dict[str, Any], seeds: list[i
           f"{a_mean if a_mean is not None else '-'}")
 
 
+LABELS = {
+    "none": "baseline (no teacher)", "fitnet": "FitNet", "ds2d2": "**DS2D2** (all four streams)",
+    "ds2d2-explicit": "DS2D2 explicit streams only", "ds2d2-implicit": "DS2D2 implicit streams only",
+    "ds2d2-no-disw": "DS2D2 without DISW",
+}
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    """The README table of a results file: mean ± std per method, gain paired by seed."""
+    seeds = [int(s) for s in record["seeds"]]
+
+    def cell(mean: float | None, std: float | None) -> str:
+        return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+    lines = ["| method | mAP | AP50 | AP75 | APs | AP50 gain vs none (per seed) |", "|---|---|---|---|---|---|"]
+    teachers = record["teachers"]
+    t = {m: _mean_std([teachers[str(s)][m] for s in seeds]) for m in METRICS}
+    lines.append("| teacher | " + " | ".join(cell(*t[m]) for m in METRICS) + " | |")
+    for method, entry in record["methods"].items():
+        gain = entry.get("gain_AP50_vs_none") or {}
+        per_seed = ", ".join(f"{gain['per_seed'][str(s)]:+.2f}" for s in seeds) if gain else ""
+        g = f"{gain['mean']:+.2f} ({per_seed})" if gain.get("mean") is not None else "-"
+        lines.append(f"| {LABELS.get(method, method)} | "
+                     + " | ".join(cell(entry["mean"][m], entry["std"][m]) for m in METRICS) + f" | {g} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--markdown"]:  # print the README table of a results file, train nothing
+        if len(argv) != 2:
+            raise SystemExit("usage: distill_gain.py --markdown RESULTS.json")
+        print(markdown_table(json.loads(Path(argv[1]).read_text())))
+        return 0
     args = parse_args(argv)
     from ds2d2_cli.stages.amplifier import train_amplifier
     from ds2d2_cli.stages.distill import distill
