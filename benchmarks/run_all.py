@@ -10,8 +10,10 @@ and a timestamp, so numbers in docs can be traced to a run.
 Registered benchmarks (found by file name): disw, wavelet, distill_step, inference
 (teacher vs student and eager vs onnxruntime images/s, parameters, FLOPs). The step
 benchmark's larger R101 configuration needs its own script:
-`python benchmarks/bench_distill_step.py --full`. The seed-averaged accuracy gain is not a
-timing benchmark and is not run here: `python benchmarks/distill_gain.py --help`.
+`python benchmarks/bench_distill_step.py --full`. The seed-averaged accuracy gain trains
+dozens of models (about an hour per seed on a 2-core CPU), so it runs only when asked:
+`python benchmarks/run_all.py --gain` (then `distill_gain.py` with its defaults: the
+tiny-synthetic preset, seeds 0,1,2; `python benchmarks/distill_gain.py --help` for more).
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ def discover() -> dict[str, Path]:
     return {p.stem[len("bench_") :]: p for p in sorted(HERE.glob("bench_*.py"))}
 
 
-def load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+def load_module(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load(name: str, path: Path) -> ModuleType:
+    module = load_module(f"bench_{name}", path)
     if not callable(getattr(module, "run", None)):
         raise SystemExit(f"{path}: no run(quick, device) function")
     return module
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this benchmark (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for <name>.json")
+    parser.add_argument("--gain", action="store_true",
+                        help="also run distill_gain.py (the accuracy benchmark; hours on a CPU)")
     args = parser.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -98,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print("\n".join(_summary(name, results)))
         print(f"  -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({record['wall_s']} s)")
+    if args.gain:
+        gain = load_module("distill_gain", HERE / "distill_gain.py")
+        gain_args = ["--device", args.device, "--output", str(args.out / "distill_gain.json")]
+        code = gain.main(gain_args)
+        if code:
+            return code
     return 0
 
 
