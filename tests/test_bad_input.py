@@ -627,18 +627,22 @@ def test_output_folder_not_writable(tmp_path):
         out.chmod(0o700)
 
 
+def _prepare_args(kind: str, tmp_path) -> list:
+    """`prepare-data KIND` of a small valid dataset under tmp_path into tmp_path/out."""
+    if kind == "dota":
+        return _dota_args(_dota(tmp_path / "train"), tmp_path / "out")
+    if kind == "dior":
+        return ["prepare-data", "dior", _dior(tmp_path), "--out", tmp_path / "out"]
+    ann, images = _coco(tmp_path)
+    return ["prepare-data", "coco", ann, "--images", images, "--out", tmp_path / "out"]
+
+
 @pytest.mark.parametrize("kind", ["dota", "dior", "coco"])
 def test_output_folder_refused(tmp_path, monkeypatch, kind):
     """The same as a read-only folder, simulated (so it runs as root too): temporary files cannot be made."""
     import tempfile
 
-    if kind == "dota":
-        args = _dota_args(_dota(tmp_path / "train"), tmp_path / "out")
-    elif kind == "dior":
-        args = ["prepare-data", "dior", _dior(tmp_path), "--out", tmp_path / "out"]
-    else:
-        ann, images = _coco(tmp_path)
-        args = ["prepare-data", "coco", ann, "--images", images, "--out", tmp_path / "out"]
+    args = _prepare_args(kind, tmp_path)
     monkeypatch.setattr(tempfile, "mkstemp", _raise(errno.EACCES))
     monkeypatch.setattr(tempfile, "mkdtemp", _raise(errno.EACCES))
     _one_line(_invoke(args), "out", "cannot write here: Permission denied", code=1)
@@ -671,13 +675,7 @@ def test_disk_full_while_writing_patches(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["dota", "dior", "coco"])
 def test_disk_full_while_writing_json(tmp_path, monkeypatch, kind):
     """The disk fills up at the second JSON file (the first for COCO): no JSON appears, no temporary file stays."""
-    if kind == "dota":
-        args = _dota_args(_dota(tmp_path / "train"), tmp_path / "out")
-    elif kind == "dior":
-        args = ["prepare-data", "dior", _dior(tmp_path), "--out", tmp_path / "out"]
-    else:
-        ann, images = _coco(tmp_path)
-        args = ["prepare-data", "coco", ann, "--images", images, "--out", tmp_path / "out"]
+    args = _prepare_args(kind, tmp_path)
     real_dump, calls = json.dump, []
 
     def dump(obj, fh, *a, **k):
