@@ -42,11 +42,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from ds2d2_cli.data.validate import image_size, open_rgb  # one reading of image files, shared with prepare-data
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import write_json
 from ds2d2_cli.progress import NullReporter, Reporter
@@ -328,19 +329,6 @@ def _check_numbers(nms_iou: float, score_thresh: float | None, batch_size: int) 
 # ----------------------------------------------------------------------------- images
 
 
-@contextlib.contextmanager
-def _no_pixel_limit() -> Iterator[None]:
-    """DOTA scenes reach 20000 px: lift PIL's decompression-bomb limit while reading them."""
-    from PIL import Image
-
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Image files from files and folders (folders: their PNG/JPEG/TIFF files, not recursive, sorted)."""
     if not inputs:
@@ -368,37 +356,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-@contextlib.contextmanager
-def _image_errors(path: Path) -> Iterator[None]:
-    """PIL's many failure modes as one-line InputErrors naming the file."""
-    from PIL import UnidentifiedImageError
-
-    try:
-        with _no_pixel_limit():
-            yield
-    except FileNotFoundError:
-        raise InputError("image file not found", path) from None
-    except UnidentifiedImageError:
-        raise InputError("cannot read image: not a PNG, JPEG or TIFF file (or a damaged one)", path) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"cannot read image: {exc}", path) from None
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, or a one-line InputError naming the file."""
-    from PIL import Image
-
-    with _image_errors(path), Image.open(path) as img:
-        return img.size
-
-
 def load_image(path: Path) -> tuple[Any, torch.Tensor]:
     """The decoded RGB image (PIL, for drawing) and the same pixels as a uint8 [3, H, W] tensor."""
-    from PIL import Image
-
-    with _image_errors(path), Image.open(path) as img:
-        img.load()
-        rgb = img.convert("RGB") if img.mode != "RGB" else img.copy()
+    rgb = open_rgb(path)
     return rgb, torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 

@@ -153,6 +153,32 @@ def unsupported_extension(path: Path) -> BadItem:
                    f"(ds2d2 reads {', '.join(IMAGE_EXTS)})", path, reason="unsupported image format")
 
 
+@contextlib.contextmanager
+def no_pixel_limit() -> Iterator[None]:
+    """DOTA scenes reach 20000 px: lift PIL's decompression-bomb limit while reading them."""
+    Image, _ = _pil()
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header only; BadItem for a missing or unreadable file."""
+    Image, _ = _pil()
+    path = Path(path)
+    try:
+        with no_pixel_limit(), Image.open(path) as img:
+            _check_format(img, path)
+            return int(img.size[0]), int(img.size[1])
+    except BadItem:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise _image_error(exc, path) from None
+
+
 def _image_error(exc: Exception, path: Path) -> BadItem:
     Image, UnidentifiedImageError = _pil()
     if isinstance(exc, FileNotFoundError):
@@ -183,10 +209,8 @@ def check_image(path: str | Path) -> tuple[int, int]:
     """
     Image, _ = _pil()
     path = Path(path)
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # DOTA scenes reach 20000 px
     try:
-        with Image.open(path) as img:
+        with no_pixel_limit(), Image.open(path) as img:
             _check_format(img, path)
             size = img.size
             if img.format == "PNG":
@@ -202,18 +226,14 @@ def check_image(path: str | Path) -> tuple[int, int]:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL raises all of these for bad files
         raise _image_error(exc, path) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 def open_rgb(path: str | Path):
     """Decode a whole image as RGB (no decompression-bomb limit: DOTA scenes reach 20000 px)."""
     Image, _ = _pil()
     path = Path(path)
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as img:
+        with no_pixel_limit(), Image.open(path) as img:
             _check_format(img, path)
             img.load()
             image = img.convert("RGB") if img.mode != "RGB" else img.copy()
@@ -224,8 +244,6 @@ def open_rgb(path: str | Path):
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise _image_error(exc, path) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 def writable_folder(folder: Path) -> None:
