@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ds2d2_cli.cli.common import (
-    PRESET_HELP, SET_HELP, RichReporter, fail, handle_errors, state, stdout_console, write_json_output,
+    PRESET_HELP, SET_HELP, RichReporter, handle_errors, state, stdout_console, write_json_output,
 )
 from ds2d2_cli.errors import InputError
 
@@ -19,8 +19,6 @@ DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 DATA_HELP = "prepared data folder [default: the preset's data.root, where prepare-data writes]"
 MAX_ITERS_HELP = "stop after N iterations (overrides the preset's epochs; handy for smoke tests)"
 RESUME_HELP = "continue the run in OUT from its last checkpoint (same config required)"
-
-_PENDING: tuple[str, ...] = ()
 
 
 def register(app: typer.Typer) -> None:
@@ -32,20 +30,6 @@ def register(app: typer.Typer) -> None:
 
     app.command("export")(export_cli.export_command)
     app.command("predict")(predict_cli.predict_command)
-    for name in _PENDING:
-        app.command(
-            name,
-            help=f"{name}: not available yet in this version.",
-            context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-        )(_pending(name))
-
-
-def _pending(name: str):
-    def command(ctx: typer.Context) -> None:
-        fail(f"`ds2d2 {name}` is not available yet in this version", 2)
-
-    command.__name__ = name.replace("-", "_")
-    return command
 
 
 # ----------------------------------------------------------------------------- shared
