@@ -186,18 +186,28 @@ def per_class_delta_chart(comparison: dict[str, Any], out: str | Path) -> Path:
 
 
 def write_comparison(comparison: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """compare.json, per_class_ap50_delta.png and (when the runs logged training) training_curves.png."""
+    """compare.json, per_class_ap50_delta.png and (when the runs logged training) training_curves.png.
+
+    All or nothing: when one file cannot be made (a damaged metrics.jsonl, a full disk), the
+    ones this call already wrote are removed again.
+    """
     from ds2d2_cli.plots import training_curves
 
     out_dir = Path(out_dir)
-    written = {"json": str(out_dir / "compare.json")}
-    if comparison["classes"]:
-        written["per_class_chart"] = str(per_class_delta_chart(comparison, out_dir / "per_class_ap50_delta.png"))
-    logs = comparison["metrics_logs"]
-    if logs:
-        written["training_curves"] = str(training_curves({name: Path(p).parent for name, p in logs.items()},
-                                                         out_dir / "training_curves.png"))
-    write_json(out_dir / "compare.json", {**comparison, "files": written}, indent=2)
+    written: dict[str, str] = {}
+    try:
+        if comparison["classes"]:
+            written["per_class_chart"] = str(per_class_delta_chart(comparison, out_dir / "per_class_ap50_delta.png"))
+        logs = comparison["metrics_logs"]
+        if logs:
+            written["training_curves"] = str(training_curves({name: Path(p).parent for name, p in logs.items()},
+                                                             out_dir / "training_curves.png"))
+        written["json"] = str(out_dir / "compare.json")
+        write_json(out_dir / "compare.json", {**comparison, "files": written}, indent=2)
+    except BaseException:
+        for path in written.values():
+            Path(path).unlink(missing_ok=True)
+        raise
     return written
 
 

@@ -77,11 +77,23 @@ def detections_side_by_side(image: np.ndarray, panels: dict[str, Sequence[dict[s
 
 def read_metrics_log(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training steps, evaluations) from a run's metrics.jsonl."""
+    from ds2d2_cli.errors import InputError
+
+    path = Path(path)
     steps, evals = [], []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the training log: {exc}", path) from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not a JSON line ({exc.msg})", path, number) from None
+        if not isinstance(record, dict) or "iter" not in record:
+            raise InputError("not a ds2d2 training log line (no iter)", path, number)
         if "skipped_step" in record:
             continue  # a non-finite step skipped with on_nonfinite=skip: no losses to plot
         (evals if "eval" in record else steps).append(record)

@@ -115,3 +115,14 @@ def test_compare_refuses_bad_runs(case, tmp_path):
     assert needle in result.output and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_training_log_is_one_line_and_leaves_no_charts(tmp_path):
+    a = _fake_run(tmp_path / "a", 0.2, {"ship": 0.2})
+    b = _fake_run(tmp_path / "b", 0.3, {"ship": 0.3})
+    (b / "metrics.jsonl").write_text('{"iter": 1, "loss": 1.0}\n{"iter": 2, "loss":\n')
+    result = runner.invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "metrics.jsonl:2: not a JSON line" in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list((tmp_path / "out").glob("*")) == []  # the per-class chart made before the failure is gone
