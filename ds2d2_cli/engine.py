@@ -134,8 +134,18 @@ def _save_resume(out: Path, iteration: int, task: TrainingTask, optimizer, sched
         torch.save(state, tmp)
 
 
+def remove_resume_state(out: Path) -> None:
+    """A finished run needs no resume state; it is two to three times the model's size."""
+    path = out / RESUME_FILE
+    path.unlink(missing_ok=True)
+    if path.parent.is_dir() and not any(path.parent.iterdir()):
+        path.parent.rmdir()
+
+
 def _load_resume(out: Path) -> dict[str, Any]:
     path = out / RESUME_FILE
+    if not path.is_file() and (out / "model.safetensors").is_file():
+        raise InputError("--resume: this run already finished (model.safetensors); nothing to resume", out)
     if not path.is_file():
         raise InputError("--resume: no checkpoint to resume from in this run folder", out)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,9 +32,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise Ds2d2Error(f"cannot write: {exc.strerror or exc}", path) from None
+    except Exception:
+        # torch.save and safetensors report a full disk as a short write ("unexpected pos ..."):
+        # look at the free space while the partial file still takes it up.
+        full = _nearly_full(path.parent)
+        tmp_path.unlink(missing_ok=True)
+        if full:
+            raise Ds2d2Error("cannot write: no space left on device", path) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+FULL_DISK_BYTES = 64 << 20
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def _umask() -> int:

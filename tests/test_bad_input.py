@@ -691,3 +691,31 @@ def test_disk_full_while_writing_json(tmp_path, monkeypatch, kind):
     assert not list(out.rglob("*.json")) and not list(out.rglob("*.tmp"))
     if kind == "dota":
         assert not list(out.rglob("*.png"))  # patches are only moved into place after every split and JSON is ready
+
+
+def _short_write(obj, path, *args, **kwargs):
+    """What torch.save does when the disk fills up mid-file: part of the file, then a RuntimeError."""
+    Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25896384 vs 25896272")
+
+
+@pytest.mark.parametrize("free_mb, message, code", [
+    (0, "checkpoints/last.pt: cannot write: no space left on device", 1),
+    (10_000, "internal error: RuntimeError", 1),  # a short write with room left is not a full disk
+])
+def test_disk_full_while_writing_a_training_checkpoint(tiny_data, tmp_path, monkeypatch, free_mb, message, code):
+    import shutil
+
+    from conftest import TINY
+    from ds2d2_cli import engine
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(engine.torch, "save", _short_write)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=free_mb << 20))
+    out = tmp_path / "run"
+    sets = [x for s in [*TINY, "train.max_iters=2"] for x in ("--set", s)]
+    _one_line(_invoke(["train-teacher", "--preset", "tiny-synthetic", "--data", tiny_data, "--out", out, *sets]),
+              message, code=code)
+    assert not list(out.rglob("*.tmp")) and not (out / "checkpoints/last.pt").exists()
+    assert not (out / "model.safetensors").exists()

@@ -50,9 +50,9 @@ def _error_line(result, code: int = 2) -> str:
 
 def test_teacher_run_folder(retina_teacher):
     out = retina_teacher
-    for name in ("model.safetensors", "best.safetensors", "metrics.jsonl", "config.json", "summary.json",
-                 "checkpoints/last.pt"):
+    for name in ("model.safetensors", "best.safetensors", "metrics.jsonl", "config.json", "summary.json"):
         assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()  # the resume state goes once the run has finished
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     assert [s["iter"] for s in steps] == [1, 2, 3, 4]
@@ -202,6 +202,9 @@ def test_resume_gives_the_same_weights(tiny_data, tmp_path):
         assert torch.equal(whole[key], split[key]), key
     logged = [json.loads(x)["iter"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
+    assert not (tmp_path / "split/checkpoints").exists()
+    with pytest.raises(InputError, match="already finished"):
+        train_teacher(config, out=tmp_path / "split", data_dir=tiny_data, device="cpu", resume=True)
 
 
 def test_run_folder_is_not_overwritten(retina_teacher, tiny_data):

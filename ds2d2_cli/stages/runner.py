@@ -2,7 +2,8 @@
 
 A stage only says what it trains (a `TrainingTask`) and which detector to score; this
 module writes `config.json`, `metrics.jsonl`, `best.safetensors` (when evaluation runs
-during training), `model.safetensors` with the final metrics, and `summary.json`.
+during training), `model.safetensors` with the final metrics, and `summary.json`; the
+resume state (`checkpoints/last.pt`) lives only while the run is unfinished.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ds2d2_cli import distributed
 from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint
 from ds2d2_cli.config import RunConfig, config_to_json
 from ds2d2_cli.data.dataset import DetectionDataset
-from ds2d2_cli.engine import TrainingTask, prepare_run_dir, train
+from ds2d2_cli.engine import TrainingTask, prepare_run_dir, remove_resume_state, train
 from ds2d2_cli.fileio import write_json
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.stages.common import StageData, evaluate_on_split
@@ -109,5 +110,6 @@ def run_stage(
         summary["processes"] = distributed.world_size()
     if main:
         write_json(out / "summary.json", summary, indent=2)
+        remove_resume_state(out)
     distributed.barrier()  # the run is complete on disk before any process returns
     return StageResult(out, model_path, best_path if best_path.is_file() else None, summary)
