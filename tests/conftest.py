@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -15,6 +17,24 @@ TINY = [
     "train.batch_size=2", "train.warmup_iters=2", "train.log_every=1",
     "train.checkpoint_every=2", "train.eval_every=2", "train.num_workers=0",
 ]
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """`module_tmp(name)`: a folder shared by one test module and removed when the module ends.
+
+    Training runs take tens of megabytes each; removing them module by module keeps the
+    suite's disk use to one module's worth (pytest would keep them for the whole session).
+    """
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

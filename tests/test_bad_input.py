@@ -552,7 +552,7 @@ def test_preset_errors(tmp_path, args, needles):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(module_tmp) -> dict[str, Path]:
     """Tiny fake checkpoints (the loader checks metadata before any model is built) and a prepared split."""
     from safetensors.torch import save_file
 
@@ -560,7 +560,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     from ds2d2_cli.classes import SYNTHETIC
     from ds2d2_cli.config import load_config
 
-    root = tmp_path_factory.mktemp("ckpt")
+    root = module_tmp("ckpt")
     config = load_config("tiny-synthetic")
     weights = {"w": torch.zeros(4)}
     paths = {

@@ -21,8 +21,8 @@ def _sets(items):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_data, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("compare-runs")
+def two_runs(tiny_data, module_tmp):
+    runs = module_tmp("compare-runs")
     for name, seed in (("a", 0), ("b", 1)):
         result = runner.invoke(app, ["train-teacher", "--preset", "tiny-synthetic", "--data", str(tiny_data),
                                      "--max-iters", "2", "--device", "cpu", "--out", str(runs / name),

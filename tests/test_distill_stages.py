@@ -39,30 +39,34 @@ def _meta(path: Path) -> dict:
         return fh.metadata()
 
 
-_PIPELINES: dict[str, tuple] = {}
+@pytest.fixture(scope="module")
+def pipelines(tiny_data, module_tmp):
+    """`pipelines(preset)`: teacher -> amplifier for one detector family, 2 iterations each,
+    built on first use and shared by this module's tests."""
+    built: dict[str, tuple] = {}
 
+    def get(preset: str) -> tuple:
+        if preset not in built:
+            runs = module_tmp(preset)
+            common = ["--preset", preset, "--data", str(tiny_data), "--max-iters", "2", *_sets(TINY)]
+            _run(["train-teacher", *common, "--out", str(runs / "teacher")])
+            _run(["train-amplifier", *common, "--teacher", str(runs / "teacher/model.safetensors"),
+                  "--out", str(runs / "amplifier")])
+            built[preset] = (preset, runs, common)
+        return built[preset]
 
-def _pipeline(preset, tiny_data, tmp_path_factory):
-    """teacher -> amplifier for one detector family, 2 iterations each (built once per session)."""
-    if preset not in _PIPELINES:
-        runs = tmp_path_factory.mktemp(preset)
-        common = ["--preset", preset, "--data", str(tiny_data), "--max-iters", "2", *_sets(TINY)]
-        _run(["train-teacher", *common, "--out", str(runs / "teacher")])
-        _run(["train-amplifier", *common, "--teacher", str(runs / "teacher/model.safetensors"),
-              "--out", str(runs / "amplifier")])
-        _PIPELINES[preset] = (preset, runs, common)
-    return _PIPELINES[preset]
+    return get
 
 
 @pytest.fixture(params=["tiny-synthetic", "tiny-synthetic-frcnn"])
-def pipeline(request, tiny_data, tmp_path_factory):
-    return _pipeline(request.param, tiny_data, tmp_path_factory)
+def pipeline(request, pipelines):
+    return pipelines(request.param)
 
 
 @pytest.fixture
-def retina(tiny_data, tmp_path_factory):
+def retina(pipelines):
     """The flags below are detector-independent: one family is enough."""
-    return _pipeline("tiny-synthetic", tiny_data, tmp_path_factory)
+    return pipelines("tiny-synthetic")
 
 
 def test_amplifier_checkpoint(pipeline):
@@ -139,11 +143,11 @@ def test_same_seed_same_start(retina, tmp_path):
 
 @pytest.mark.parametrize("case", ["student-as-teacher", "other-teacher-amplifier", "bad-stream", "no-teacher",
                                   "other-family", "other-input"])
-def test_refusals(case, retina, tiny_data, tmp_path, tmp_path_factory):
+def test_refusals(case, retina, pipelines, tiny_data, tmp_path):
     preset, runs, common = retina
     teacher = str(runs / "teacher/model.safetensors")
     if case == "other-family":  # a Faster R-CNN teacher cannot teach a RetinaNet student
-        _, frcnn_runs, _ = _pipeline("tiny-synthetic-frcnn", tiny_data, tmp_path_factory)
+        _, frcnn_runs, _ = pipelines("tiny-synthetic-frcnn")
         args = ["--teacher", str(frcnn_runs / "teacher/model.safetensors")]
         message = "the teacher is a faster_rcnn, the preset's student a retinanet"
     elif case == "other-input":

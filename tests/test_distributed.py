@@ -55,8 +55,8 @@ def _teacher_args(data: Path, out: Path, batch: int, iters: int = 3) -> list[str
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
+def runs(tiny_data, module_tmp):
+    root = module_tmp("ddp")
     two = _run(_torchrun(*_teacher_args(tiny_data, root / "two", batch=1)))
     _run(_single(*_teacher_args(tiny_data, root / "one", batch=2)))
     return root, two

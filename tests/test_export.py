@@ -38,13 +38,13 @@ def _tiny_checkpoint(path: Path, preset: str, score_thresh: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def retina_ckpt(tmp_path_factory) -> Path:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("retina") / "model.safetensors", "tiny-synthetic", 0.05)
+def retina_ckpt(module_tmp) -> Path:
+    return _tiny_checkpoint(module_tmp("retina") / "model.safetensors", "tiny-synthetic", 0.05)
 
 
 @pytest.fixture(scope="module")
-def frcnn_ckpt(tmp_path_factory) -> Path:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("frcnn") / "model.safetensors", "tiny-synthetic-frcnn", 0.01)
+def frcnn_ckpt(module_tmp) -> Path:
+    return _tiny_checkpoint(module_tmp("frcnn") / "model.safetensors", "tiny-synthetic-frcnn", 0.01)
 
 
 def _check_onnx_cli(ckpt: Path, detector: str) -> dict:

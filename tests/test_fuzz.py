@@ -195,7 +195,7 @@ def test_window_origins_bad_arguments_fail_cleanly(width, height, size, gap):
 
 
 @pytest.fixture(scope="module")
-def scene_png(tmp_path_factory) -> bytes:
+def scene_png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (48, 40), (90, 60, 30)).save(buf, format="PNG")
     return buf.getvalue()
@@ -230,8 +230,8 @@ def test_prepare_dota_any_labels(scene_png, label, skip_bad):
 
 
 @pytest.fixture(scope="module")
-def coco_images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("coco_images")
+def coco_images(module_tmp) -> Path:
+    folder = module_tmp("coco_images")
     Image.new("RGB", (40, 30)).save(folder / "a.png")
     Image.new("RGB", (25, 50)).save(folder / "b.jpg")
     (folder / "junk.png").write_bytes(b"not an image")

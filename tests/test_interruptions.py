@@ -69,8 +69,8 @@ def _interrupt_after(command: list[str], out: Path, iteration: int, sig: int) ->
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory) -> dict[str, torch.Tensor]:
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+def reference(tiny_data, module_tmp) -> dict[str, torch.Tensor]:
+    out = module_tmp("uninterrupted") / "run"
     result = _run(_command(tiny_data, out))
     assert result.returncode == 0, result.stderr
     return load_file(str(out / "model.safetensors"))

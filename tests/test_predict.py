@@ -146,7 +146,7 @@ def test_predict_paths_with_any_predictor(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def ckpt(module_tmp) -> Path:
     """An untrained tiny RetinaNet student (as tests/test_export.py builds them), head widened for spread scores."""
     config = load_config("tiny-synthetic", TINY)
     torch.manual_seed(0)
@@ -155,23 +155,23 @@ def ckpt(tmp_path_factory) -> Path:
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.weight, std=0.1)
     torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, -2.0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    path = module_tmp("ckpt") / "model.safetensors"
     return save_checkpoint(path, model.state_dict(), meta_for("student", config, "student", SYNTHETIC,
                                                                "tiny-synthetic"))
 
 
 @pytest.fixture(scope="module")
-def onnx_model(ckpt, tmp_path_factory) -> Path:
+def onnx_model(ckpt, module_tmp) -> Path:
     from ds2d2_cli.export import export_onnx
 
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    out = module_tmp("onnx") / "model.onnx"
     export_onnx(ckpt, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("images") / "scene.png"  # 200 x 160: 2 x 2 windows of 128 px
+def image(module_tmp) -> Path:
+    path = module_tmp("images") / "scene.png"  # 200 x 160: 2 x 2 windows of 128 px
     array = (synthetic_image(200, seed=2)[:, :160].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     Image.fromarray(array).save(path)
     return path

@@ -56,8 +56,8 @@ class _CountingReporter(NullReporter):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[Path, dict, _CountingReporter]:
-    out = tmp_path_factory.mktemp("syn") / "data"
+def small(module_tmp) -> tuple[Path, dict, _CountingReporter]:
+    out = module_tmp("syn") / "data"
     rep = _CountingReporter()
     summary = generate_synthetic(out, images=3, size=256, seed=7, reporter=rep)
     return out, summary, rep

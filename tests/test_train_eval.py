@@ -34,8 +34,8 @@ def _train(preset: str, data: Path, out: Path, iters: int = 4, extra=()):
 
 
 @pytest.fixture(scope="module")
-def retina_teacher(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "teacher"
+def retina_teacher(tiny_data, module_tmp) -> Path:
+    out = module_tmp("runs") / "teacher"
     _train("tiny-synthetic", tiny_data, out)
     return out
 
