@@ -265,6 +265,8 @@ def _summarise(per_image: list[dict[str, Any]], what: str, *, strict: bool = Tru
         summary[key] = max((r[key] for r in per_image), default=0.0)
     summary["tolerance"] = {**STRICT_TOLERANCE, **(tolerance or {})}
     summary["passed"] = summary["mismatched"] == 0
+    # An untrained model (or an empty image) detects nothing in either runtime: a pass that checked nothing.
+    summary["nothing_compared"] = summary["detections_reference"] == 0 and summary["detections_exported"] == 0
     summary["strict"] = strict
     if strict and not summary["passed"]:
         first = next(r["example_mismatch"] for r in per_image if r["mismatched"])

@@ -54,7 +54,7 @@ def _check_onnx_cli(ckpt: Path, detector: str) -> dict:
     out = ckpt.with_name("model.onnx")
     assert figures["file"] == str(out) and out.is_file() and figures["detector"] == detector
     verify = figures["verify"]
-    assert verify["passed"] and verify["mismatched"] == 0
+    assert verify["passed"] and verify["mismatched"] == 0 and not verify["nothing_compared"]
     assert verify["detections_reference"] > 0 and verify["matched"] > 0  # boxes were really compared
     assert verify["max_box_rel_diff"] <= 1e-3 and verify["max_score_abs_diff"] <= 1e-4
     assert not list(ckpt.parent.glob(".*.tmp"))
@@ -176,3 +176,13 @@ def test_comparison_flags_real_differences():
     extra = {"boxes": ref["boxes"] + [[0, 0, 5, 5]], "scores": ref["scores"] + [0.05000001], "labels": [1, 2, 3]}
     figures = compare_detections(ref, extra, score_thresh=0.05, detections_per_img=100)
     assert figures["mismatched"] == 0 and figures["unmatched_near_cutoff"] == 1
+
+
+def test_verify_that_compared_nothing_says_so(tmp_path):
+    """A model that detects nothing passes vacuously: the summary must not read as a real check."""
+    ckpt = _tiny_checkpoint(tmp_path / "model.safetensors", "tiny-synthetic", 0.999)
+    result = runner.invoke(app, ["export", str(ckpt), "--verify", "--json", str(tmp_path / "export.json")])
+    assert result.exit_code == 0, result.output
+    verify = json.loads((tmp_path / "export.json").read_text())["verify"]
+    assert verify["nothing_compared"] and verify["detections_reference"] == verify["detections_exported"] == 0
+    assert "inconclusive" in result.stdout and "--image" in result.stdout

@@ -252,6 +252,7 @@ def test_offline_pretrained_request_is_a_clear_error(tiny_data, tmp_path, monkey
                                  *_sets([*TINY, "teacher.pretrained=true"])])
     line = _error_line(result, code=1)
     assert "cannot get ImageNet weights for resnet18" in line and "--backbone-weights" in line
+    assert "--set teacher.pretrained=false" in line
     assert not (tmp_path / "t" / "model.safetensors").exists()
 
 

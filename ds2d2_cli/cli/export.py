@@ -30,7 +30,12 @@ def print_export_summary(result: dict[str, Any]) -> None:
     figures = result.get("verify")
     if figures:
         status = "passed" if figures["passed"] else ("differs (informational)" if not figures["strict"] else "FAILED")
+        if figures.get("nothing_compared"):
+            status = "inconclusive"
         table.add_row("verify", f"{status}: {figures['compared_with']} vs PyTorch on {figures['images']} image(s)")
+        if figures.get("nothing_compared"):
+            table.add_row("", "neither detected anything above the score threshold, so no box was compared; "
+                              "verify with --image SCENE where the model finds objects")
         table.add_row("detections", f"{figures['detections_reference']} PyTorch / {figures['detections_exported']} "
                                     f"exported, {figures['matched']} matched, "
                                     f"{figures['unmatched_near_cutoff']} unpaired at the score cut-off")

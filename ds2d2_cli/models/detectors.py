@@ -94,7 +94,8 @@ def build_resnet_body(cfg: ModelConfig) -> nn.Module:
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         raise Ds2d2Error(
             f"cannot get ImageNet weights for {cfg.backbone} ({exc}); when offline, pass "
-            "--backbone-weights PATH with a local file or set pretrained: false"
+            "--backbone-weights PATH (a torchvision state_dict file) or train from scratch with "
+            "--set teacher.pretrained=false / student.pretrained=false"
         ) from None
     if cfg.backbone_weights is not None:
         _load_local_weights(body, Path(cfg.backbone_weights))
