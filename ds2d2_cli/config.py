@@ -164,9 +164,13 @@ class RunConfig(_Strict):
             )
         return self
 
+    def schedule_key(self, stage: Literal["teacher", "amplifier", "student"]) -> str:
+        """The config key holding `stage`'s schedule: its own when the preset sets one, else `train`."""
+        key = {"teacher": "teacher_train", "amplifier": "amplifier_train"}.get(stage)
+        return key if key is not None and getattr(self, key) is not None else "train"
+
     def schedule(self, stage: Literal["teacher", "amplifier", "student"]) -> TrainConfig:
-        chosen = {"teacher": self.teacher_train, "amplifier": self.amplifier_train}.get(stage)
-        return chosen if chosen is not None else self.train
+        return getattr(self, self.schedule_key(stage))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -163,30 +163,48 @@ def _trim_metrics(path: Path, last_iteration: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _same_config(stored_path: Path, config_json: str) -> bool:
-    """Equal as validated configs, so a run started before a new option (with its default)
-    existed still resumes."""
+def config_differences(stored_path: Path, config_json: str) -> list[str]:
+    """Dotted keys in which the run's config.json and `config_json` differ, compared as validated
+    configs, so a run started before a new option (with its default) existed still matches."""
     from ds2d2_cli.config import config_from_dict
 
     try:
-        stored = json.loads(stored_path.read_text())
-        return config_from_dict(stored) == config_from_dict(json.loads(config_json))
-    except (ValueError, InputError):
-        return False
+        stored = config_from_dict(json.loads(stored_path.read_text())).model_dump(mode="json")
+    except (OSError, ValueError, InputError):
+        return ["(config.json unreadable)"]
+    wanted = config_from_dict(json.loads(config_json)).model_dump(mode="json")
+    return _dict_differences(stored, wanted)
+
+
+def _dict_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(a.keys() | b.keys())
+                for d in _dict_differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _same_config(stored_path: Path, config_json: str) -> bool:
+    return not config_differences(stored_path, config_json)
 
 
 def prepare_run_dir(out: Path, config_json: str, resume: bool) -> None:
     """Refuse to mix two runs in one folder; write the resolved config."""
     config_path = out / "config.json"
     if resume:
-        if config_path.is_file() and not _same_config(config_path, config_json):
-            raise InputError("--resume: the resolved config differs from the run's config.json", config_path)
-    elif (out / RESUME_FILE).exists() or (out / "model.safetensors").exists():
-        raise InputError("this folder already holds a run; use --resume to continue it or choose another --out", out)
+        differ = config_differences(config_path, config_json) if config_path.is_file() else []
+        if differ:
+            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+            raise InputError(f"--resume: the resolved config differs from the run's config.json in {shown}",
+                             config_path)
+    elif (out / "model.safetensors").exists():
+        raise InputError("this folder holds a finished run (model.safetensors); choose another --out", out)
+    elif (out / RESUME_FILE).exists():
+        raise InputError("this folder holds an unfinished run; use --resume to continue it or choose another --out",
+                         out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create the run folder: {exc.strerror}", out) from None
+        raise Ds2d2Error(f"cannot create the run folder: {exc.strerror}", out) from None
     with atomic_path(config_path) as tmp:
         tmp.write_text(config_json)
 
@@ -269,6 +287,7 @@ def train(
     *,
     stage: str,
     device: torch.device,
+    schedule_key: str = "train",
     resume: bool = False,
     reporter: Reporter | None = None,
     evaluate: Callable[[], dict[str, Any]] | None = None,
@@ -338,7 +357,7 @@ def train(
         kept = f"last good checkpoint: {resume_path}" if resume_path.is_file() else "no checkpoint written yet"
         if schedule.on_nonfinite == "stop":
             raise Ds2d2Error(f"{stage}: {what} is {value} at iteration {at}; stopped ({kept}; "
-                             "--set <schedule>.on_nonfinite=skip skips such steps)")
+                             f"--set {schedule_key}.on_nonfinite=skip skips such steps)")
         consecutive_skips += 1
         result.skipped_steps += 1
         if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:

@@ -95,7 +95,7 @@ def load_detector_checkpoint(checkpoint_path: str | Path) -> Checkpoint:
     checkpoint = load_checkpoint(checkpoint_path)
     if checkpoint.meta.stage not in ("teacher", "student"):
         raise InputError(
-            f"this is a {checkpoint.meta.stage} checkpoint, not a detector; export a teacher or student checkpoint",
+            f"this is an {checkpoint.meta.stage} checkpoint, not a detector; export a teacher or student checkpoint",
             checkpoint.path,
         )
     return checkpoint
@@ -264,10 +264,12 @@ def _summarise(per_image: list[dict[str, Any]], what: str, *, strict: bool = Tru
     for key in ("max_box_abs_diff", "max_box_rel_diff", "max_score_abs_diff", "max_score_rel_diff"):
         summary[key] = max((r[key] for r in per_image), default=0.0)
     summary["tolerance"] = {**STRICT_TOLERANCE, **(tolerance or {})}
-    summary["passed"] = summary["mismatched"] == 0
+    summary["passed"] = summary["mismatched"] == 0  # no detection without its counterpart
     # An untrained model (or an empty image) detects nothing in either runtime: a pass that checked nothing.
     summary["nothing_compared"] = summary["detections_reference"] == 0 and summary["detections_exported"] == 0
     summary["strict"] = strict
+    summary["status"] = ("inconclusive" if summary["nothing_compared"] else "passed" if summary["passed"]
+                         else "failed" if strict else "differs")
     if strict and not summary["passed"]:
         first = next(r["example_mismatch"] for r in per_image if r["mismatched"])
         raise Ds2d2Error(

@@ -566,6 +566,7 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     if threshold < predictor.score_thresh:
         reporter.note(f"the model keeps only scores >= {predictor.score_thresh:g} (set when it was exported); "
                       f"--score-thr {threshold:g} cannot add lower ones")
+        threshold = predictor.score_thresh  # what the results really hold
     limit = LARGE_FACTOR * predictor.input_size
     large = [(p, w, h) for p, (w, h) in zip(paths, sizes) if max(w, h) > limit]
     if slice_size is None and large:

@@ -649,12 +649,18 @@ def test_output_folder_refused(tmp_path, monkeypatch, kind):
     _nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("kind", ["dota", "coco"])
-def test_output_path_is_a_file(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["dota", "coco", "synthetic", "train-teacher"])
+def test_output_path_is_a_file(tmp_path, kind, tiny_data):
+    """A write failure is exit 1 whichever command meets it (bad input is exit 2)."""
     (tmp_path / "out").write_text("I am a file")
     if kind == "dota":
         args = _dota_args(_dota(tmp_path / "train"), tmp_path / "out")
         needle = "output path exists and is not a folder"
+    elif kind == "synthetic":
+        args, needle = ["prepare-data", "synthetic", "--images", 2, "--out", tmp_path / "out" / "x"], "cannot write here"
+    elif kind == "train-teacher":
+        args = ["train-teacher", "--preset", "tiny-synthetic", "--data", tiny_data, "--out", tmp_path / "out" / "run"]
+        needle = "cannot create the run folder"
     else:
         ann, images = _coco(tmp_path)
         args = ["prepare-data", "coco", ann, "--images", images, "--out", tmp_path / "out"]

@@ -69,3 +69,41 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     path.write_text("name: x\ninput:\n  size: [1\n")
     with pytest.raises(InputError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(str(path))
+
+
+def test_schedule_key_names_the_stage_schedule_in_use():
+    config = load_config("tiny-synthetic")  # sets teacher_train and amplifier_train
+    assert [config.schedule_key(s) for s in ("teacher", "amplifier", "student")] == \
+        ["teacher_train", "amplifier_train", "train"]
+    assert config.schedule("teacher").max_iters == 600 and config.schedule("student").max_iters == 300
+    plain = load_config("tiny-synthetic", ["teacher_train=null"])
+    assert plain.schedule_key("teacher") == "train" and plain.schedule("teacher").max_iters == 300
+
+
+def test_global_flags_may_follow_the_command():
+    from ds2d2_cli.cli.app import global_flags_first
+
+    assert global_flags_first(["eval", "m.safetensors", "--debug", "-q"]) == ["--debug", "-q", "eval", "m.safetensors"]
+    assert global_flags_first(["--quiet", "presets"]) == ["--quiet", "presets"]
+    assert global_flags_first(["predict", "m", "--", "--debug"]) == ["predict", "m", "--", "--debug"]
+    assert global_flags_first(["distill", "--set", "x=--debug"]) == ["distill", "--set", "x=--debug"]
+
+
+def test_debug_after_the_command_shows_the_traceback():
+    import subprocess
+    import sys
+
+    plain = subprocess.run([sys.executable, "-m", "ds2d2_cli", "presets", "no-such-preset"],
+                           capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "ds2d2_cli", "presets", "no-such-preset", "--debug"],
+                           capture_output=True, text=True)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert "unknown preset 'no-such-preset'" in debug.stderr
+
+
+def test_presets_table_stays_whole_when_piped():
+    result = CliRunner().invoke(app, ["presets"])
+    assert result.exit_code == 0
+    assert "tiny-synthetic-frcnn" in result.output and "R101-FPN256" in result.output
+    assert "data/synthetic-128" in result.output

@@ -142,7 +142,7 @@ def test_same_seed_same_start(retina, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["student-as-teacher", "other-teacher-amplifier", "bad-stream", "no-teacher",
-                                  "other-family", "other-input"])
+                                  "other-family", "other-input", "no-stream-left"])
 def test_refusals(case, retina, pipelines, tiny_data, tmp_path):
     preset, runs, common = retina
     teacher = str(runs / "teacher/model.safetensors")
@@ -161,6 +161,8 @@ def test_refusals(case, retina, pipelines, tiny_data, tmp_path):
         message = "this amplifier was trained for another teacher"
     elif case == "bad-stream":
         args, message = ["--teacher", teacher, "--streams", "explicit-low,everything"], "--streams takes a comma list"
+    elif case == "no-stream-left":  # the high-frequency stream alone, without the amplifier it needs
+        args, message = ["--teacher", teacher, "--streams", "implicit-high"], "--streams implicit-high needs --amplifier"
     else:
         args, message = [], "--method ds2d2 needs --teacher"
     result = _run(["distill", *common, *args, "--out", str(tmp_path / "out")], code=2)

@@ -100,7 +100,7 @@ def test_two_process_distill_and_resume(runs, tmp_path, tiny_data):
     distill = ["distill", "--teacher", teacher, "--amplifier", str(tmp_path / "amp/model.safetensors"), *common]
     whole = _run(_torchrun(*distill, "--out", str(tmp_path / "whole"), "--max-iters", "4"))
     assert "distill" in whole.stdout or "student run" in whole.stdout
-    terms = json.loads((tmp_path / "whole/metrics.jsonl").read_text().splitlines()[-1])
+    terms = [json.loads(x) for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
     assert {"explicit_low", "explicit_high", "implicit_full_cls", "implicit_high_cls"} <= terms.keys()
 
     # SIGTERM to torchrun reaches both workers; they stop at the same step boundary with a checkpoint.

@@ -55,6 +55,7 @@ def _check_onnx_cli(ckpt: Path, detector: str) -> dict:
     assert figures["file"] == str(out) and out.is_file() and figures["detector"] == detector
     verify = figures["verify"]
     assert verify["passed"] and verify["mismatched"] == 0 and not verify["nothing_compared"]
+    assert verify["status"] == "passed"
     assert verify["detections_reference"] > 0 and verify["matched"] > 0  # boxes were really compared
     assert verify["max_box_rel_diff"] <= 1e-3 and verify["max_score_abs_diff"] <= 1e-4
     assert not list(ckpt.parent.glob(".*.tmp"))
@@ -185,4 +186,5 @@ def test_verify_that_compared_nothing_says_so(tmp_path):
     assert result.exit_code == 0, result.output
     verify = json.loads((tmp_path / "export.json").read_text())["verify"]
     assert verify["nothing_compared"] and verify["detections_reference"] == verify["detections_exported"] == 0
+    assert verify["status"] == "inconclusive"
     assert "inconclusive" in result.stdout and "--image" in result.stdout

@@ -153,8 +153,10 @@ def _dataset(tiny_data):
 
 
 def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
-    with pytest.raises(Ds2d2Error, match=r"loss term mse is nan at iteration 5; stopped \(last good checkpoint"):
-        train(_NanTask({5}), _dataset(tiny_data), _schedule(), tmp_path, stage="teacher", device=torch.device("cpu"))
+    with pytest.raises(Ds2d2Error, match=r"loss term mse is nan at iteration 5; stopped \(last good checkpoint.*"
+                                         r"--set teacher_train.on_nonfinite=skip skips such steps\)"):
+        train(_NanTask({5}), _dataset(tiny_data), _schedule(), tmp_path, stage="teacher", device=torch.device("cpu"),
+              schedule_key="teacher_train")
     assert torch.load(tmp_path / RESUME_FILE, weights_only=True)["iteration"] == 4
     assert _logged_iterations(tmp_path) == [1, 2, 3, 4]
 
@@ -191,7 +193,7 @@ def test_a_diverged_run_stops_even_when_skipping(tiny_data, tmp_path):
 
 def test_resume_accepts_a_config_written_before_a_new_option_existed(tmp_path):
     from ds2d2_cli.config import config_to_json, load_config
-    from ds2d2_cli.engine import _same_config
+    from ds2d2_cli.engine import _same_config, config_differences
 
     current = config_to_json(load_config("tiny-synthetic"))
     older = json.loads(current)
@@ -199,8 +201,11 @@ def test_resume_accepts_a_config_written_before_a_new_option_existed(tmp_path):
     stored = tmp_path / "config.json"
     stored.write_text(json.dumps(older))
     assert _same_config(stored, current)
-    older["train"]["lr"] = 0.5  # a real change is still refused
+    older["train"]["lr"] = 0.5  # a real change is still refused, and named
+    older["student"]["fpn_channels"] = 32
     stored.write_text(json.dumps(older))
     assert not _same_config(stored, current)
+    assert config_differences(stored, current) == ["student.fpn_channels", "train.lr"]
     stored.write_text("{")
     assert not _same_config(stored, current)
+    assert config_differences(stored, current) == ["(config.json unreadable)"]

@@ -19,7 +19,7 @@ from ds2d2_cli.config import load_config
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.export import synthetic_image
 from ds2d2_cli.models.detectors import build_detector
-from ds2d2_cli.predict import predict_images, predict_paths, predict_scene, slice_windows
+from ds2d2_cli.predict import load_predictor, predict_images, predict_paths, predict_scene, slice_windows
 from ds2d2_cli.progress import NullReporter
 
 runner = CliRunner()
@@ -206,8 +206,11 @@ def _run_predict(model: Path, image: Path, out: Path, *extra: str) -> tuple[dict
 def test_cli_checkpoint_and_onnx_end_to_end(ckpt, onnx_model, image, tmp_path):
     summary, _ = _run_predict(ckpt, image, tmp_path / "ckpt", "--score-thr", "0.0", "--batch-size", "3")
     assert summary["model_format"] == "checkpoint" and summary["score_thr"] == 0.0
-    summary, _ = _run_predict(onnx_model, image, tmp_path / "onnx", "--score-thr", "0.0")
+    summary, rows = _run_predict(onnx_model, image, tmp_path / "onnx", "--score-thr", "0.0")
     assert summary["model_format"] == "onnx" and summary["input_size"] == SIZE
+    # an export keeps only scores above its own cut-off: the summary reports that, not the 0.0 asked for
+    floor = float(load_predictor(onnx_model).score_thresh)
+    assert summary["score_thr"] == floor > 0 and min(r["score"] for r in rows) >= floor
     # above both models' floors, the checkpoint and its ONNX export find the same boxes
     from ds2d2_cli.export import compare_detections
 

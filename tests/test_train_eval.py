@@ -58,11 +58,14 @@ def test_teacher_run_folder(retina_teacher):
     assert [s["iter"] for s in steps] == [1, 2, 3, 4]
     assert {"classification", "bbox_regression", "lr", "images_per_s"} <= steps[0].keys()
     assert steps[0]["loss"] == pytest.approx(steps[0]["classification"] + steps[0]["bbox_regression"], rel=1e-5)
-    assert any("eval" in line for line in lines)  # eval_every=2: a mid-run evaluation at iteration 2
+    # eval_every=2: a mid-run evaluation at iteration 2, and the final one (the summary's) at 4
+    evals = [line for line in lines if "eval" in line]
+    assert [e["iter"] for e in evals] == [2, 4]
     config = json.loads((out / "config.json").read_text())
     assert config["teacher"]["fpn_channels"] == 32 and config["teacher_train"]["max_iters"] == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 4 and 0 <= summary["metrics"]["mAP"] <= 1
+    assert evals[-1]["eval"] == summary["metrics"]
 
 
 def test_checkpoint_is_plain_safetensors(retina_teacher):
@@ -200,8 +203,8 @@ def test_resume_gives_the_same_weights(tiny_data, tmp_path):
     assert whole.keys() == split.keys()
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
-    logged = [json.loads(x)["iter"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4]
+    logged = [json.loads(x) for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert [(x["iter"], "eval" in x) for x in logged] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert not (tmp_path / "split/checkpoints").exists()
     with pytest.raises(InputError, match="already finished"):
         train_teacher(config, out=tmp_path / "split", data_dir=tiny_data, device="cpu", resume=True)
@@ -210,7 +213,7 @@ def test_resume_gives_the_same_weights(tiny_data, tmp_path):
 def test_run_folder_is_not_overwritten(retina_teacher, tiny_data):
     result = runner.invoke(app, ["train-teacher", "--preset", "tiny-synthetic", "--data", str(tiny_data),
                                  "--out", str(retina_teacher), "--max-iters", "1", *_sets(TINY)])
-    assert "already holds a run" in _error_line(result)
+    assert "holds a finished run (model.safetensors); choose another --out" in _error_line(result)
 
 
 def test_checkpoint_errors(retina_teacher, tiny_data, tmp_path):
@@ -268,6 +271,16 @@ def test_local_backbone_weights(tiny_data, tmp_path):
     save_file({"conv1.weight": torch.zeros(1)}, str(bad))
     result = runner.invoke(app, ["train-teacher", "--preset", "tiny-synthetic", "--data", str(tiny_data),
                                  "--out", str(tmp_path / "t2"), "--max-iters", "1", "--backbone-weights", str(bad),
+                                 *_sets(TINY)])
+    assert "backbone weights do not fit" in _error_line(result)
+    # distill: the same option sets the student's backbone
+    result = runner.invoke(app, ["distill", "--method", "none", "--preset", "tiny-synthetic", "--data", str(tiny_data),
+                                 "--out", str(tmp_path / "s"), "--max-iters", "1", "--backbone-weights", str(weights),
+                                 *_sets(TINY)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s/config.json").read_text())["student"]["backbone_weights"] == str(weights)
+    result = runner.invoke(app, ["distill", "--method", "none", "--preset", "tiny-synthetic", "--data", str(tiny_data),
+                                 "--out", str(tmp_path / "s2"), "--max-iters", "1", "--backbone-weights", str(bad),
                                  *_sets(TINY)])
     assert "backbone weights do not fit" in _error_line(result)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import List, Optional
 
 import typer
@@ -65,18 +66,32 @@ def presets_command(
         return
     table = Table(title="presets")
     for column in ("name", "detector", "teacher", "student", "input", "data"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)  # names and paths stay whole, to be typed back
     for name in available_presets():
         cfg = load_config(name)
-        table.add_row(
-            name, cfg.teacher.detector, f"{cfg.teacher.backbone}/{cfg.teacher.fpn_channels}",
-            f"{cfg.student.backbone}/{cfg.student.fpn_channels}", str(cfg.input.size), str(cfg.data.root),
-        )
+        table.add_row(name, cfg.teacher.detector, _model_label(cfg.teacher), _model_label(cfg.student),
+                      str(cfg.input.size), str(cfg.data.root))
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # piped: no 80-column squeeze
     console.print(table)
 
 
+def _model_label(model) -> str:
+    return f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}"
+
+
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+
+
+def global_flags_first(args: list[str]) -> list[str]:
+    """`ds2d2 CMD ... --debug` means `ds2d2 --debug CMD ...`: users put these flags anywhere."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
+
+
 def main() -> None:
-    app()
+    app(args=global_flags_first(sys.argv[1:]))
 
 
 _ = PRESET_HELP  # re-exported for stage modules

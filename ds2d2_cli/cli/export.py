@@ -29,9 +29,7 @@ def print_export_summary(result: dict[str, Any]) -> None:
         table.add_row("input / outputs", f"{result['input']} -> {result['outputs']}")
     figures = result.get("verify")
     if figures:
-        status = "passed" if figures["passed"] else ("differs (informational)" if not figures["strict"] else "FAILED")
-        if figures.get("nothing_compared"):
-            status = "inconclusive"
+        status = {"differs": "differs (informational)", "failed": "FAILED"}.get(figures["status"], figures["status"])
         table.add_row("verify", f"{status}: {figures['compared_with']} vs PyTorch on {figures['images']} image(s)")
         if figures.get("nothing_compared"):
             table.add_row("", "neither detected anything above the score threshold, so no box was compared; "

@@ -176,7 +176,7 @@ def dior_command(
     """Convert DIOR's VOC XML (horizontal boxes) into train/val/trainval/test COCO JSON.
 
     Images are not copied: file_name points at them relative to OUT. Each XML's <size>
-    is checked against its image; boxes are [xmin, ymin, xmax - xmin, ymax - ymin].
+    is checked against its image; boxes become COCO x, y, width, height (xmin, ymin, xmax - xmin, ymax - ymin).
     Bad input stops the run with one line naming the file (nothing is written);
     --skip-bad skips and reports it.
     """
@@ -248,7 +248,8 @@ def synthetic_command(
 ) -> None:
     """Generate small synthetic DOTA-like scenes (train/ and val/) for smoke tests and demos.
 
-    Then split them: ds2d2 prepare-data dota data/synthetic --split 256 --classes synthetic
+    Then cut them into patches for the tiny-synthetic preset:
+    ds2d2 prepare-data dota data/synthetic --split 128 --gap 32 --classes synthetic
     """
     from ds2d2_cli.data.synthetic import generate_synthetic
 
@@ -264,5 +265,6 @@ def synthetic_command(
             total = sum(objects.values()) if isinstance(objects, dict) else objects
             table.add_row(name, str(s["images"]), str(total))
     console.print(table)
-    console.print(f"next: ds2d2 prepare-data dota {out} --split 256 --gap 64 --classes synthetic")
+    console.print(f"next (the tiny-synthetic preset's patches): "
+                  f"ds2d2 prepare-data dota {out} --split 128 --gap 32 --classes synthetic", soft_wrap=True)
     write_json_output(json_out, summary)

@@ -83,7 +83,7 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     table.add_row("iterations", str(summary["iterations"]))
     table.add_row("time", f"{summary['seconds']:.1f} s ({summary['images_per_s']:.2f} images/s)")
     for name, value in summary.get("final_losses", {}).items():
-        table.add_row(f"loss {name}", f"{value:.4g}")
+        table.add_row(f"loss {name.removeprefix('loss_')}", f"{value:.4g}")
     metrics = summary.get("metrics") or {}
     if metrics:
         table.add_row(f"{summary.get('eval_split')} mAP / AP50", f"{_pct(metrics.get('mAP'))} / {_pct(metrics.get('AP50'))}")
@@ -204,6 +204,9 @@ def distill_command(
     no_disw: bool = typer.Option(False, "--no-disw", help="ablation: plain (unweighted) explicit losses"),
     wavelet: Optional[str] = typer.Option(None, "--wavelet", help="any pywt discrete wavelet [default: preset, haar]",
                                           show_default=False),
+    backbone_weights: Optional[Path] = typer.Option(
+        None, "--backbone-weights", help="local ImageNet weights for the student backbone (state_dict "
+        ".pth/.safetensors) instead of downloading", show_default=False),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
@@ -228,7 +231,7 @@ def distill_command(
         extra.append("distill.disw=false")
     if wavelet:
         extra.append(f"distill.wavelet={wavelet}")
-    config = resolve_config(preset, extra, stage="student", max_iters=max_iters)
+    config = resolve_config(preset, extra, stage="student", max_iters=max_iters, weights={"student": backbone_weights})
     result = distill(config, out=out, teacher=teacher, amplifier=amplifier, data_dir=data, preset=preset,
                      device=_device(device), resume=resume, reporter=RichReporter())
     if not _json_to_stdout(json_out):

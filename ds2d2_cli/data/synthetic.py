@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ds2d2_cli.classes import SYNTHETIC
-from ds2d2_cli.errors import InputError
+from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path
 from ds2d2_cli.progress import NullReporter, Reporter
 
@@ -149,7 +149,7 @@ def _prepare_out(out: Path, keep: set[tuple[str, str]]) -> None:
                     if f.is_file() and _NAME_RE.match(f.name) and (split, f.name[:-4]) not in keep:
                         f.unlink()
     except OSError as exc:
-        raise InputError(f"cannot write here: {exc.strerror or exc}", out) from None
+        raise Ds2d2Error(f"cannot write here: {exc.strerror or exc}", out) from None
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

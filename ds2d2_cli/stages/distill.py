@@ -189,6 +189,9 @@ def distill(
     teacher_model = model_from_checkpoint(teacher_ckpt, device) if teacher_ckpt is not None else None
     amplifier_head = None
     if method == "ds2d2" and "implicit-high" in config.distill.streams:
+        if amplifier is None and set(config.distill.streams) == {"implicit-high"}:
+            raise InputError("--streams implicit-high needs --amplifier A.safetensors (without it no stream is "
+                             "left and the run would be the undistilled baseline)")
         if amplifier is None:
             reporter.note("no --amplifier: the implicit high-frequency stream is off for this run")
         else:

@@ -8,6 +8,7 @@ resume state (`checkpoints/last.pt`) lives only while the run is unfinished.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,11 +81,15 @@ def run_stage(
             save_checkpoint(best_path, weights(), meta(metrics))
 
     result = train(task, dataset, schedule, out, stage=stage, device=device, resume=resume,
+                   schedule_key=config.schedule_key(stage),  # type: ignore[arg-type]
                    reporter=reporter, evaluate=evaluate, on_best=on_best)
     final_metrics: dict[str, Any] = {}
     if evaluate is not None:
         reporter.note(f"{stage}: evaluating on {data.eval.path.stem} ({len(data.eval.images)} images)")
         final_metrics = evaluate()
+        if main:  # the log holds every evaluation, the final one included
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps({"iter": result.iterations, "eval": final_metrics}) + "\n")
         best_so_far = max((e.get("mAP", -1.0) for e in result.evaluations), default=-1.0)
         if final_metrics["mAP"] >= best_so_far:
             on_best(final_metrics)
@@ -100,7 +105,8 @@ def run_stage(
         "seconds": round(result.seconds, 2),
         "images_per_s": round(result.images_per_s, 3),
         "iterations_per_s": round(result.images_per_s / schedule.batch_size, 4),
-        "final_losses": {k: round(v, 5) for k, v in result.final_losses.items()},
+        # five significant digits: the explicit streams' weighted terms are 1e-8..1e-5
+        "final_losses": {k: float(f"{v:.5g}") for k, v in result.final_losses.items()},
         "skipped_steps": result.skipped_steps,
         "metrics": final_metrics,
         "eval_split": data.eval.path.stem if data.eval is not None else None,
