@@ -29,21 +29,16 @@ class Run:
 
 
 def count_parameters(checkpoint: Path) -> int | None:
-    """Number of weights in a safetensors checkpoint (header only; nothing is loaded)."""
+    """Parameters of the model a teacher/student checkpoint builds, counted as `ds2d2 demo` counts
+    them (`model.parameters()`; BatchNorm statistics are buffers, not parameters)."""
     if not checkpoint.is_file():
         return None
-    from safetensors import safe_open
+    from ds2d2_cli.checkpoint import load_checkpoint
+    from ds2d2_cli.models.detectors import count_parameters as count_model_parameters
+    from ds2d2_cli.stages.common import model_from_checkpoint
 
     try:
-        with safe_open(str(checkpoint), framework="pt") as fh:
-            total = 0
-            for key in fh.keys():
-                shape = fh.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
-            return total
+        return count_model_parameters(model_from_checkpoint(load_checkpoint(checkpoint, ("teacher", "student"))))
     except Exception:  # noqa: BLE001 - a damaged checkpoint only costs the params column
         return None
 
@@ -73,6 +68,7 @@ def load_run(path: str | Path) -> Run:
             "iterations": summary.get("iterations"),
             "train_seconds": summary.get("seconds"),
             "eval_split": summary.get("eval_split"),
+            "merged_patches": False,  # training scores its eval split patch by patch
             "params": count_parameters(model),
         }
         log = path / "metrics.jsonl"
@@ -82,7 +78,9 @@ def load_run(path: str | Path) -> Run:
         if not isinstance(data, dict) or "AP50" not in data:
             raise InputError("not a run folder or an `ds2d2 eval --json` file (no AP50)", path)
         checkpoint = Path(data["checkpoint"]) if data.get("checkpoint") else None
+        merged = data.get("merged_patches")
         info = {"stage": data.get("stage"), "eval_split": data.get("split"),
+                "merged_patches": merged if isinstance(merged, bool) else None,  # None: not recorded
                 "params": count_parameters(checkpoint) if checkpoint else None}
         log = checkpoint.parent / "metrics.jsonl" if checkpoint else None
         return Run(path.stem, path, data, info, log if log is not None and log.is_file() else None)
@@ -110,7 +108,8 @@ def compare_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None
 
     Returns {"reference", "runs": [{name, path, metrics, deltas, per_class_AP50,
     per_class_delta, info}], "classes", "warnings"}. Runs scored on different splits or
-    class lists still compare, with a warning: the numbers are then not like for like.
+    class lists, or a mix of merged-scene (`eval --merge-patches`) and patch-level scores,
+    still compare, with a warning: the numbers are then not like for like.
     """
     if len(paths) < 2:
         raise InputError("compare needs at least two runs (the first is the reference)")
@@ -125,6 +124,11 @@ def compare_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None
     splits = {r.info.get("eval_split") for r in runs}
     if len(splits) > 1:
         warnings.append(f"the runs were scored on different splits ({', '.join(sorted(map(str, splits)))})")
+    merged = [r.name for r in runs if r.info.get("merged_patches") is True]
+    per_patch = [r.name for r in runs if r.info.get("merged_patches") is False]
+    if merged and per_patch:
+        warnings.append(f"the runs mix merged-scene scores ({', '.join(merged)}) with patch-level scores "
+                        f"({', '.join(per_patch)})")
     class_lists = [list((r.metrics.get("per_class") or {}).keys()) for r in runs]
     classes = [c for c in class_lists[0] if all(c in other for other in class_lists[1:])]
     if any(set(c) != set(class_lists[0]) for c in class_lists[1:]):

@@ -163,24 +163,35 @@ def _trim_metrics(path: Path, last_iteration: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
+UNREADABLE_CONFIG = "(config.json unreadable)"
+
+
 def config_differences(stored_path: Path, config_json: str) -> list[str]:
-    """Dotted keys in which the run's config.json and `config_json` differ, compared as validated
-    configs, so a run started before a new option (with its default) existed still matches."""
+    """`key old -> new` for each setting in which the run's config.json and `config_json` differ,
+    compared as validated configs, so a run started before a new option (with its default)
+    existed still matches."""
     from ds2d2_cli.config import config_from_dict
 
     try:
         stored = config_from_dict(json.loads(stored_path.read_text())).model_dump(mode="json")
     except (OSError, ValueError, InputError):
-        return ["(config.json unreadable)"]
-    wanted = config_from_dict(json.loads(config_json)).model_dump(mode="json")
-    return _dict_differences(stored, wanted)
+        return [UNREADABLE_CONFIG]
+    return value_differences(stored, config_from_dict(json.loads(config_json)).model_dump(mode="json"))
 
 
-def _dict_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for key in sorted(a.keys() | b.keys())
-                for d in _dict_differences(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def value_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key old -> new` for every differing leaf of two JSON objects, in the objects' order."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in dict.fromkeys([*old, *new]):
+            found += value_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix[:-1]} {_short_json(old)} -> {_short_json(new)}"]
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _same_config(stored_path: Path, config_json: str) -> bool:
@@ -193,8 +204,8 @@ def prepare_run_dir(out: Path, config_json: str, resume: bool) -> None:
     if resume:
         differ = config_differences(config_path, config_json) if config_path.is_file() else []
         if differ:
-            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-            raise InputError(f"--resume: the resolved config differs from the run's config.json in {shown}",
+            shown = ", ".join(differ[:3]) + (f", and {len(differ) - 3} more" if len(differ) > 3 else "")
+            raise InputError(f"--resume: the resolved config differs from the run's config.json ({shown})",
                              config_path)
     elif (out / "model.safetensors").exists():
         raise InputError("this folder holds a finished run (model.safetensors); choose another --out", out)

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from ds2d2_cli.checkpoint import load_checkpoint
 from ds2d2_cli.cli.app import app
 from ds2d2_cli.compare import compare_runs
+from ds2d2_cli.stages.common import model_from_checkpoint
 
 from conftest import TINY
 
@@ -61,6 +63,32 @@ def test_mismatched_splits_and_classes_warn(tmp_path):
     assert len(comparison["warnings"]) == 2
 
 
+def _fake_eval(path, ap50, merged, split="val"):
+    """What `ds2d2 eval CKPT --json FILE` writes (no checkpoint on disk: no params)."""
+    path.write_text(json.dumps({"mAP": ap50 / 2, "AP50": ap50, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0,
+                                "per_class": {"ship": {"AP50": ap50, "AP": ap50 / 2}}, "images_per_s": 10.0,
+                                "stage": "student", "split": split, "merged_patches": merged}))
+    return path
+
+
+def test_merged_scene_and_patch_level_scores_warn(tmp_path):
+    run = _fake_run(tmp_path / "run", 0.2, {"ship": 0.2})
+    merged = _fake_eval(tmp_path / "merged.json", 0.3, True)
+    patches = _fake_eval(tmp_path / "patches.json", 0.25, False)
+    assert compare_runs([run, patches])["warnings"] == []  # a run folder is scored per patch too
+    assert compare_runs([run, merged])["warnings"] == [
+        "the runs mix merged-scene scores (merged) with patch-level scores (run)"]
+    assert compare_runs([merged, run, patches])["warnings"] == [
+        "the runs mix merged-scene scores (merged) with patch-level scores (run, patches)"]
+    assert compare_runs([merged, _fake_eval(tmp_path / "merged2.json", 0.1, True)])["warnings"] == []
+    [row] = [r for r in compare_runs([run, merged])["runs"] if r["name"] == "merged"]
+    assert row["info"]["merged_patches"] is True
+
+    result = runner.invoke(app, ["compare", str(run), str(merged), "--no-charts"])
+    assert result.exit_code == 0, result.output
+    assert "note: the runs mix merged-scene scores (merged) with patch-level scores (run)" in result.stderr
+
+
 def test_compare_cli_on_two_tiny_runs(two_runs, tmp_path):
     a, b = two_runs
     out = tmp_path / "cmp"
@@ -74,7 +102,10 @@ def test_compare_cli_on_two_tiny_runs(two_runs, tmp_path):
     summary_b = json.loads((b / "summary.json").read_text())["metrics"]
     assert data["runs"][1]["deltas"]["AP50"] == round(round(100 * summary_b["AP50"], 2)
                                                       - round(100 * summary_a["AP50"], 2), 2)
-    assert data["runs"][0]["info"]["params"] > 1_000_000  # counted from model.safetensors
+    # parameters of the built model, as `ds2d2 demo` counts them (BatchNorm buffers are not parameters)
+    model = model_from_checkpoint(load_checkpoint(a / "model.safetensors"))
+    assert data["runs"][0]["info"]["params"] == sum(p.numel() for p in model.parameters())
+    assert data["runs"][0]["info"]["params"] < sum(t.numel() for t in model.state_dict().values())
     for picture in ("per_class_ap50_delta.png", "training_curves.png"):
         with Image.open(out / picture) as image:
             assert image.format == "PNG" and image.width > 300
@@ -89,7 +120,18 @@ def test_compare_accepts_eval_json(two_runs, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["runs"][1]["name"] == "b-eval"
+    assert data["runs"][1]["info"]["merged_patches"] is False and data["warnings"] == []
+    assert data["runs"][1]["info"]["params"] == compare_runs([b, a])["runs"][0]["info"]["params"]  # same checkpoint
     assert data["runs"][1]["metrics"]["AP50"] == round(100 * json.loads(metrics.read_text())["AP50"], 2)
+
+    merged = tmp_path / "b-merged.json"
+    result = runner.invoke(app, ["eval", str(b / "model.safetensors"), "--device", "cpu", "--merge-patches",
+                                 "--json", str(merged)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compare", str(a), str(merged), "--no-charts", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["warnings"] == [
+        "the runs mix merged-scene scores (b-merged) with patch-level scores (a)"]
 
 
 @pytest.mark.parametrize("case", ["one-run", "missing", "no-metrics", "not-json", "names"])

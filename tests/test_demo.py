@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from ds2d2_cli.cli.app import app
+from ds2d2_cli.compare import compare_runs
+from ds2d2_cli.config import config_to_json, load_config
+from ds2d2_cli.errors import InputError
+from ds2d2_cli.stages.demo import DEMO_PRESET, _check_stage, run_demo
 
 from conftest import TINY
 
@@ -15,13 +20,18 @@ runner = CliRunner()
 SMALL = [*TINY, "train.max_iters=2", "train.eval_every=null"]
 
 
-def _demo(out, *extra):
-    args = ["demo", "--out", str(out), "--device", "cpu", "--scenes", "6", "--scene-size", "256", *extra]
+def _demo(out, *extra, exit_code=0):
+    args = ["demo", "--out", str(out), "--device", "cpu", "--scenes", "6", "--scene-size", "256"]
     for item in SMALL:
         args += ["--set", item]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args, *extra])  # `extra` last: its --scenes / --set win
+    assert result.exit_code == exit_code, result.output
     return result
+
+
+def _refusal(where, what, differences):
+    return (f"error: {where}: {what} was made with other settings ({differences}); pass --fresh to start over "
+            "(deletes this demo's data, runs and results) or choose another --out")
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
@@ -48,3 +58,80 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     again = _demo(out)
     assert again.output.count("reusing") == 5  # data + four training stages
     assert json.loads((out / "results.json").read_text())["ds2d2"]["AP50"] == results["ds2d2"]["AP50"]
+
+    # compare counts parameters as the demo does (model.parameters(), not BatchNorm buffers)
+    compared = compare_runs([out / "baseline", out / "ds2d2"])
+    assert [r["info"]["params"] for r in compared["runs"]] == [results["baseline"]["params"],
+                                                                results["ds2d2"]["params"]]
+
+
+def test_demo_reuses_only_what_was_made_with_the_same_settings(tmp_path):
+    out = tmp_path / "demo"
+    _demo(out)
+    record = json.loads((out / "data" / "demo_data.json").read_text())
+    assert record == {"scenes": 6, "scene_size": 256, "seed": 0, "classes": "synthetic", "input_size": 128,
+                      "gap": 32}
+    before = {p: p.read_bytes() for p in (out / "results.json", out / "data" / "demo_data.json",
+                                          out / "teacher" / "config.json", out / "ds2d2" / "model.safetensors")}
+
+    other_data = _demo(out, "--scenes", "7", exit_code=2)
+    assert other_data.stderr.strip() == _refusal(out / "data", "the data", "scenes 6 -> 7")
+    other_model = _demo(out, "--set", "student.fpn_channels=32", "--set", "train.max_iters=3", exit_code=2)
+    assert other_model.stderr.strip() == _refusal(out / "teacher", "teacher",
+                                                  "student.fpn_channels 16 -> 32, train.max_iters 2 -> 3")
+    assert {p: p.read_bytes() for p in before} == before  # a refused re-run touches nothing
+
+    fresh = _demo(out, "--fresh", "--scenes", "7", "--set", "student.fpn_channels=32")
+    assert "reusing" not in fresh.output
+    assert json.loads((out / "data" / "demo_data.json").read_text())["scenes"] == 7
+    assert len(list((out / "data" / "synthetic").rglob("*.png"))) == 7
+    for stage in ("teacher", "amplifier", "ds2d2", "baseline"):
+        assert json.loads((out / stage / "config.json").read_text())["student"]["fpn_channels"] == 32
+
+
+def _tiny_config(*extra):
+    return load_config(DEMO_PRESET, [*SMALL, *extra])
+
+
+def test_an_interrupted_stage_with_other_settings_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    (out / "teacher" / "checkpoints").mkdir(parents=True)
+    (out / "teacher" / "checkpoints" / "last.pt").write_bytes(b"")
+    stored = _tiny_config()
+    stored = stored.model_copy(update={"data": stored.data.model_copy(
+        update={"root": (out / "data" / "synthetic-128").resolve()})})
+    (out / "teacher" / "config.json").write_text(config_to_json(stored))
+    with pytest.raises(InputError) as error:
+        run_demo(out, overrides=[*SMALL, "train.lr=0.01"], scenes=6, scene_size=256)
+    assert str(error.value) == (f"{out / 'teacher'}: teacher was made with other settings "
+                                f"(train.lr {json.dumps(stored.train.lr)} -> 0.01); "
+                                "pass --fresh to start over (deletes this demo's data, runs and results) or "
+                                "choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["teacher"]  # no data was generated
+
+
+def test_a_finished_stage_is_reused_from_a_moved_folder_an_interrupted_one_is_not(tmp_path):
+    stage = tmp_path / "teacher"
+    stage.mkdir()
+    config = _tiny_config()
+    made = config.model_copy(update={"data": config.data.model_copy(update={"root": tmp_path / "old" / "data"})})
+    wanted = config.model_copy(update={"data": config.data.model_copy(update={"root": tmp_path / "new" / "data"})})
+    (stage / "config.json").write_text(config_to_json(made))
+    (stage / "model.safetensors").write_bytes(b"")
+    _check_stage(stage, wanted, "teacher")  # the data is checked on its own (demo_data.json)
+    (stage / "model.safetensors").unlink()
+    (stage / "checkpoints").mkdir()
+    (stage / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(InputError, match=r"teacher was made with other settings \(data\.root "):
+        _check_stage(stage, wanted, "teacher")  # the stage's own --resume compares the data path too
+    _check_stage(stage, made, "teacher")
+
+
+def test_data_without_a_settings_record_is_refused(tmp_path):
+    out = tmp_path / "demo"
+    (out / "data" / "synthetic-128").mkdir(parents=True)
+    (out / "data" / "synthetic-128" / "train.json").write_text("{}")
+    with pytest.raises(InputError) as error:
+        run_demo(out, overrides=SMALL, scenes=6, scene_size=256)
+    assert str(error.value) == (f"{out / 'data'}: holds data without a record of its settings (an older ds2d2 "
+                                "demo); pass --fresh to start over or choose another --out")

@@ -205,7 +205,7 @@ def test_resume_accepts_a_config_written_before_a_new_option_existed(tmp_path):
     older["student"]["fpn_channels"] = 32
     stored.write_text(json.dumps(older))
     assert not _same_config(stored, current)
-    assert config_differences(stored, current) == ["student.fpn_channels", "train.lr"]
+    assert config_differences(stored, current) == ["student.fpn_channels 32 -> 64", "train.lr 0.5 -> 0.001"]
     stored.write_text("{")
     assert not _same_config(stored, current)
     assert config_differences(stored, current) == ["(config.json unreadable)"]

@@ -46,7 +46,8 @@ def print_results(results: dict[str, Any], out: Path) -> None:
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="demo folder (data, runs, pictures, results.json)"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N"),
-    fresh: bool = typer.Option(False, "--fresh", help="start over instead of reusing finished stages"),
+    fresh: bool = typer.Option(False, "--fresh", help="start over: delete this demo's data, runs and results "
+                               "(a re-run reuses them only when made with the same settings, else it stops)"),
     preset: str = typer.Option("tiny-synthetic", "--preset", "-p", help="a preset on the synthetic class set"),
     overrides: List[str] = typer.Option([], "--set", help="override one config value (repeatable)"),
     scenes: int = typer.Option(24, "--scenes", min=2, help="synthetic scenes to generate (a quarter held out)"),

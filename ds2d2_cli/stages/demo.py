@@ -5,7 +5,9 @@ and distill (--method none, the baseline: same student, schedule and seed) -> ev
 all three on held-out scenes -> export of the distilled student -> results.json, a
 table and pictures. Every step is the function the matching CLI command calls, so the
 demo takes no shortcut a user's own pipeline would not take. Finished stages (a run
-folder with its `model.safetensors`) are reused; interrupted ones are resumed.
+folder with its `model.safetensors`) and the prepared data are reused, and interrupted
+stages resumed, only when they were made with the same settings; otherwise the demo
+stops before touching anything and asks for `--fresh` or another `--out`.
 """
 
 from __future__ import annotations
@@ -17,43 +19,116 @@ from typing import Any, Callable
 
 import torch
 
-from ds2d2_cli.config import RunConfig, load_config
-from ds2d2_cli.fileio import write_json
+from ds2d2_cli.config import RunConfig, config_to_json, load_config
+from ds2d2_cli.engine import RESUME_FILE, UNREADABLE_CONFIG, config_differences, value_differences
+from ds2d2_cli.errors import InputError
+from ds2d2_cli.fileio import read_json, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
 
 DEMO_PRESET = "tiny-synthetic"
 SCENES = 24
 SCENE_SIZE = 640
+DATA_RECORD = "demo_data.json"  # in OUT/data: what the prepared data was generated with
 OWNED = ("data", "teacher", "amplifier", "ds2d2", "baseline", "student.onnx", "results.json",
          "detections.png", "training_curves.png")
 
 
 def _stage(out: Path, run: Callable[..., Any], reporter: Reporter, title: str, **kwargs) -> Path:
-    """Run a training stage unless it already finished; resume it when it was interrupted."""
+    """Run a training stage unless it already finished; resume it when it was interrupted.
+
+    `_check_stage` has already made sure that what is here was made with these settings.
+    """
     model = out / "model.safetensors"
     if model.is_file():
         reporter.note(f"{title}: reusing {model}")
         return model
-    resume = (out / "checkpoints" / "last.pt").is_file()
+    resume = (out / RESUME_FILE).is_file()
     reporter.note(f"{title}{' (resuming)' if resume else ''} -> {out}")
     run(out=out, resume=resume, reporter=reporter, **kwargs)
     return model
 
 
+def _data_settings(config: RunConfig, scenes_count: int, scene_size: int) -> dict[str, Any]:
+    """Everything the prepared data depends on; recorded with it and compared on reuse."""
+    size = config.input.size
+    return {"scenes": scenes_count, "scene_size": scene_size, "seed": 0, "classes": "synthetic",
+            "input_size": size, "gap": size // 4}
+
+
+def _patches_dir(out: Path, config: RunConfig) -> Path:
+    return out / "data" / f"synthetic-{config.input.size}"
+
+
+def _refuse(where: Path, what: str, differences: list[str]) -> InputError:
+    shown = ", ".join(differences[:3]) + (f", and {len(differences) - 3} more" if len(differences) > 3 else "")
+    return InputError(f"{what} was made with other settings ({shown}); pass --fresh to start over "
+                      "(deletes this demo's data, runs and results) or choose another --out", where)
+
+
+def _check_data(out: Path, settings: dict[str, Any]) -> None:
+    """Prepared data is reused only when the record next to it matches `settings`."""
+    data = out / "data"
+    record = data / DATA_RECORD
+    if record.is_file():
+        made = read_json(record)
+        if not isinstance(made, dict):
+            raise InputError("not a JSON object; pass --fresh to start over or choose another --out", record)
+        differences = value_differences(made, settings)
+        if differences:
+            raise _refuse(data, "the data", differences)
+    elif any(data.glob("synthetic-*/train.json")):
+        # Made by a demo that recorded nothing: it cannot be told apart from other settings.
+        raise InputError("holds data without a record of its settings (an older ds2d2 demo); pass --fresh to "
+                         "start over or choose another --out", data)
+
+
+def _check_stage(out: Path, config: RunConfig, title: str) -> None:
+    """A finished or interrupted stage is reused only when its config.json matches `config`.
+
+    For a finished stage the data folder's path is left out: the data itself is checked by
+    `_check_data`, so a demo folder that was moved is still reused. An interrupted stage is
+    resumed by the stage's own --resume, which compares the whole config, so it is held to that.
+    """
+    finished = (out / "model.safetensors").is_file()
+    if not finished and not (out / RESUME_FILE).is_file():
+        return  # nothing here to reuse; the stage starts over
+    stored_path = out / "config.json"
+    if not stored_path.is_file():
+        raise InputError(f"{title}: no config.json to check its settings against; pass --fresh to start over "
+                         "or choose another --out", out)
+    stored = read_json(stored_path)
+    stored_data = stored.get("data") if isinstance(stored, dict) else None
+    stored_root = stored_data.get("root") if isinstance(stored_data, dict) else None
+    if finished and isinstance(stored_root, str):
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": Path(stored_root)})})
+    differences = config_differences(stored_path, config_to_json(config))
+    if differences == [UNREADABLE_CONFIG]:
+        raise InputError(f"{title}: its config.json is not a config this version can read; pass --fresh to "
+                         "start over or choose another --out", out)
+    if differences:
+        raise _refuse(out, title, differences)
+
+
 def _prepare(out: Path, config: RunConfig, reporter: Reporter, scenes_count: int, scene_size: int) -> Path:
+    """Synthetic scenes cut into patches; the settings record is written last, once all is there."""
     from ds2d2_cli.data.dota import prepare_dota
     from ds2d2_cli.data.synthetic import generate_synthetic
 
-    scenes, patches = out / "data" / "synthetic", out / "data" / f"synthetic-{config.input.size}"
-    if (patches / "train.json").is_file() and (patches / "val.json").is_file():
+    settings = _data_settings(config, scenes_count, scene_size)
+    record = out / "data" / DATA_RECORD
+    scenes, patches = out / "data" / "synthetic", _patches_dir(out, config)
+    if record.is_file() and (patches / "train.json").is_file() and (patches / "val.json").is_file():
         reporter.note(f"data: reusing {patches}")
         return patches
     reporter.note(f"data: {scenes_count} synthetic {scene_size} px scenes -> {config.input.size} px patches in {patches}")
+    record.unlink(missing_ok=True)
     if scenes.exists():
         shutil.rmtree(scenes)  # half-generated scenes from an interrupted run
-    generate_synthetic(scenes, images=scenes_count, size=scene_size, seed=0, reporter=reporter)
-    prepare_dota(scenes, patches, size=config.input.size, gap=config.input.size // 4, classes="synthetic",
+    generate_synthetic(scenes, images=settings["scenes"], size=settings["scene_size"], seed=settings["seed"],
+                       reporter=reporter)
+    prepare_dota(scenes, patches, size=settings["input_size"], gap=settings["gap"], classes=settings["classes"],
                  reporter=reporter)
+    write_json(record, settings, indent=2)
     return patches
 
 
@@ -102,7 +177,7 @@ def run_demo(
     from ds2d2_cli.models.detectors import count_parameters
     from ds2d2_cli.plots import training_curves
     from ds2d2_cli.stages.amplifier import train_amplifier
-    from ds2d2_cli.stages.common import model_from_checkpoint
+    from ds2d2_cli.stages.common import model_from_checkpoint, with_data_root
     from ds2d2_cli.stages.distill import distill
     from ds2d2_cli.stages.evaluate import evaluate_checkpoint
     from ds2d2_cli.stages.teacher import train_teacher
@@ -118,14 +193,20 @@ def run_demo(
             elif target.exists():
                 target.unlink()
     config = load_config(preset, overrides or [])
+    ds2d2_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "ds2d2"})})
+    baseline_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "none"})})
+    # Every check before any work, so a refused re-run leaves the folder as it was.
+    _check_data(out, _data_settings(config, scenes, scene_size))
+    for name, title, stage_config in (("teacher", "teacher", config), ("amplifier", "amplifier", config),
+                                      ("ds2d2", "student (DS2D2)", ds2d2_config),
+                                      ("baseline", "student (baseline)", baseline_config)):
+        _check_stage(out / name, with_data_root(stage_config, _patches_dir(out, config)), title)
     patches = _prepare(out, config, reporter, scenes, scene_size)
     common = dict(data_dir=patches, preset=preset, device=device)
 
     teacher = _stage(out / "teacher", train_teacher, reporter, "teacher", config=config, **common)
     amplifier = _stage(out / "amplifier", train_amplifier, reporter, "amplifier", config=config,
                        teacher=teacher, **common)
-    ds2d2_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "ds2d2"})})
-    baseline_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "none"})})
     students = {
         "ds2d2": _stage(out / "ds2d2", distill, reporter, "student (DS2D2)", config=ds2d2_config,
                         teacher=teacher, amplifier=amplifier, **common),
