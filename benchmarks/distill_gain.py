@@ -45,8 +45,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from ds2d2_cli.config import RunConfig, config_to_json, load_config  # noqa: E402
-from ds2d2_cli.engine import RESUME_FILE, resolve_device  # noqa: E402
+from ds2d2_cli.config import RunConfig, config_from_dict, config_to_json, load_config  # noqa: E402
+from ds2d2_cli.engine import RESUME_FILE, resolve_device, value_differences  # noqa: E402
 from ds2d2_cli.stages.common import with_data_root  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {  # name -> distill settings (the rest from the preset)
@@ -133,35 +133,15 @@ def _iters(schedule) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def _relevant(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The parts of a resolved config that decide what a stage trains."""
-    keys = {"teacher": ("input", "teacher", "teacher_train"),
-            "amplifier": ("input", "teacher", "amplifier_train"),
-            "student": ("input", "teacher", "student", "train", "distill")}[stage]
-    relevant = {k: config.get(k) for k in keys}
-    relevant["classes"] = config.get("data", {}).get("classes")
-    if stage == "amplifier":
-        relevant["wavelet"] = config.get("distill", {}).get("wavelet")
-    return relevant
-
-
-def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
-    """Dotted keys whose values differ; keys the stored config lacks (fields added to the
-    config since that run, at their defaults) are not differences."""
-    if isinstance(stored, dict) and isinstance(wanted, dict):
-        return [d for k in stored.keys() & wanted.keys() for d in _differences(stored[k], wanted[k], f"{path}.{k}")]
-    if stored is None and isinstance(wanted, dict):
-        return []
-    return [] if stored == wanted else [path.lstrip(".")]
-
-
 def run_or_reuse(stage: str, out: Path, config: RunConfig, train) -> tuple[dict[str, Any], bool]:
     """(summary, reused): the stage's summary.json when it already finished with this config."""
     wanted = json.loads(config_to_json(config))
     stored_path = out / "config.json"
     if (out / "model.safetensors").is_file() and (out / "summary.json").is_file():
-        stored = json.loads(stored_path.read_text()) if stored_path.is_file() else {}
-        differ = _differences(_relevant(stored, stage), _relevant(wanted, stage))
+        if not stored_path.is_file():
+            raise SystemExit(f"{out}: a finished {stage} run without config.json; remove it or use another --work")
+        stored = config_from_dict(json.loads(stored_path.read_text()))
+        differ = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))
         if differ:
             raise SystemExit(f"{out}: a finished {stage} run with another config ({', '.join(differ[:4])}); "
                              "remove it or use another --work")

@@ -172,6 +172,20 @@ class RunConfig(_Strict):
     def schedule(self, stage: Literal["teacher", "amplifier", "student"]) -> TrainConfig:
         return getattr(self, self.schedule_key(stage))
 
+    def stage_inputs(self, stage: Literal["teacher", "amplifier", "student"]) -> dict[str, Any]:
+        """The settings that decide what `stage` trains (JSON), so a finished stage can be reused
+        when only another stage's settings changed. Checkpoints handed over from earlier stages
+        are their own stages' business; the data folder's path is not a setting (its class set is)."""
+        inputs: dict[str, Any] = {"data": {"classes": self.data.classes}, "input": self.input.model_dump(mode="json"),
+                                  "teacher": self.teacher.model_dump(mode="json"),
+                                  self.schedule_key(stage): self.schedule(stage).model_dump(mode="json")}
+        if stage == "amplifier":
+            inputs["distill"] = {"wavelet": self.distill.wavelet}
+        if stage == "student":
+            inputs["student"] = self.student.model_dump(mode="json")
+            inputs["distill"] = self.distill.model_dump(mode="json")
+        return inputs
+
 
 # ----------------------------------------------------------------------------- loading
 

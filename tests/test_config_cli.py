@@ -107,3 +107,21 @@ def test_presets_table_stays_whole_when_piped():
     assert result.exit_code == 0
     assert "tiny-synthetic-frcnn" in result.output and "R101-FPN256" in result.output
     assert "data/synthetic-128" in result.output
+
+
+def test_stage_inputs_hold_what_each_stage_depends_on():
+    base = load_config("tiny-synthetic")
+    student_only = load_config("tiny-synthetic", ["student.fpn_channels=32", "distill.disw=false", "train.lr=0.5"])
+    teacher_only = load_config("tiny-synthetic", ["teacher_train.lr=0.5"])
+    wavelet = load_config("tiny-synthetic", ["distill.wavelet=db2"])
+    moved = load_config("tiny-synthetic", ["data.root=/elsewhere"])
+    for stage in ("teacher", "amplifier"):
+        assert student_only.stage_inputs(stage) == base.stage_inputs(stage)
+    assert student_only.stage_inputs("student") != base.stage_inputs("student")
+    assert teacher_only.stage_inputs("teacher") != base.stage_inputs("teacher")
+    assert teacher_only.stage_inputs("amplifier") == base.stage_inputs("amplifier")
+    assert teacher_only.stage_inputs("student") == base.stage_inputs("student")
+    assert wavelet.stage_inputs("teacher") == base.stage_inputs("teacher")
+    assert wavelet.stage_inputs("amplifier") != base.stage_inputs("amplifier")
+    assert all(moved.stage_inputs(s) == base.stage_inputs(s) for s in ("teacher", "amplifier", "student"))
+    assert set(base.stage_inputs("teacher")) == {"data", "input", "teacher", "teacher_train"}

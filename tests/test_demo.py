@@ -77,8 +77,10 @@ def test_demo_reuses_only_what_was_made_with_the_same_settings(tmp_path):
     other_data = _demo(out, "--scenes", "7", exit_code=2)
     assert other_data.stderr.strip() == _refusal(out / "data", "the data", "scenes 6 -> 7")
     other_model = _demo(out, "--set", "student.fpn_channels=32", "--set", "train.max_iters=3", exit_code=2)
-    assert other_model.stderr.strip() == _refusal(out / "teacher", "teacher",
-                                                  "student.fpn_channels 16 -> 32, train.max_iters 2 -> 3")
+    # the teacher trains on `train` here (no teacher_train): its schedule changed, its model did not
+    assert other_model.stderr.strip() == _refusal(out / "teacher", "teacher", "train.max_iters 2 -> 3")
+    other_student = _demo(out, "--set", "student.fpn_channels=32", exit_code=2)  # teacher and amplifier still fit
+    assert other_student.stderr.strip() == _refusal(out / "ds2d2", "student (DS2D2)", "student.fpn_channels 16 -> 32")
     assert {p: p.read_bytes() for p in before} == before  # a refused re-run touches nothing
 
     fresh = _demo(out, "--fresh", "--scenes", "7", "--set", "student.fpn_channels=32")
@@ -118,13 +120,13 @@ def test_a_finished_stage_is_reused_from_a_moved_folder_an_interrupted_one_is_no
     wanted = config.model_copy(update={"data": config.data.model_copy(update={"root": tmp_path / "new" / "data"})})
     (stage / "config.json").write_text(config_to_json(made))
     (stage / "model.safetensors").write_bytes(b"")
-    _check_stage(stage, wanted, "teacher")  # the data is checked on its own (demo_data.json)
+    _check_stage(stage, wanted, "teacher", "teacher")  # the data is checked on its own (demo_data.json)
     (stage / "model.safetensors").unlink()
     (stage / "checkpoints").mkdir()
     (stage / "checkpoints" / "last.pt").write_bytes(b"")
     with pytest.raises(InputError, match=r"teacher was made with other settings \(data\.root "):
-        _check_stage(stage, wanted, "teacher")  # the stage's own --resume compares the data path too
-    _check_stage(stage, made, "teacher")
+        _check_stage(stage, wanted, "teacher", "teacher")  # the stage's own --resume compares the data path too
+    _check_stage(stage, made, "teacher", "teacher")
 
 
 def test_data_without_a_settings_record_is_refused(tmp_path):

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from ds2d2_cli.config import RunConfig, config_to_json, load_config
+from ds2d2_cli.checkpoint import Stage
+from ds2d2_cli.config import RunConfig, config_from_dict, config_to_json, load_config
 from ds2d2_cli.engine import RESUME_FILE, UNREADABLE_CONFIG, config_differences, value_differences
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import read_json, write_json
@@ -82,13 +83,10 @@ def _check_data(out: Path, settings: dict[str, Any]) -> None:
                          "start over or choose another --out", data)
 
 
-def _check_stage(out: Path, config: RunConfig, title: str) -> None:
-    """A finished or interrupted stage is reused only when its config.json matches `config`.
-
-    For a finished stage the data folder's path is left out: the data itself is checked by
-    `_check_data`, so a demo folder that was moved is still reused. An interrupted stage is
-    resumed by the stage's own --resume, which compares the whole config, so it is held to that.
-    """
+def _check_stage(out: Path, config: RunConfig, stage: Stage, title: str) -> None:
+    """A finished stage is reused when the settings it depends on match (`RunConfig.stage_inputs`:
+    a changed student setting keeps the teacher). An interrupted stage is resumed by the stage's
+    own --resume, which compares the whole config, so it is held to that."""
     finished = (out / "model.safetensors").is_file()
     if not finished and not (out / RESUME_FILE).is_file():
         return  # nothing here to reuse; the stage starts over
@@ -96,12 +94,15 @@ def _check_stage(out: Path, config: RunConfig, title: str) -> None:
     if not stored_path.is_file():
         raise InputError(f"{title}: no config.json to check its settings against; pass --fresh to start over "
                          "or choose another --out", out)
-    stored = read_json(stored_path)
-    stored_data = stored.get("data") if isinstance(stored, dict) else None
-    stored_root = stored_data.get("root") if isinstance(stored_data, dict) else None
-    if finished and isinstance(stored_root, str):
-        config = config.model_copy(update={"data": config.data.model_copy(update={"root": Path(stored_root)})})
-    differences = config_differences(stored_path, config_to_json(config))
+    if not finished:
+        differences = config_differences(stored_path, config_to_json(config))
+    else:
+        try:
+            stored = config_from_dict(read_json(stored_path))
+        except InputError:
+            differences = [UNREADABLE_CONFIG]
+        else:
+            differences = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))
     if differences == [UNREADABLE_CONFIG]:
         raise InputError(f"{title}: its config.json is not a config this version can read; pass --fresh to "
                          "start over or choose another --out", out)
@@ -197,10 +198,11 @@ def run_demo(
     baseline_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "none"})})
     # Every check before any work, so a refused re-run leaves the folder as it was.
     _check_data(out, _data_settings(config, scenes, scene_size))
-    for name, title, stage_config in (("teacher", "teacher", config), ("amplifier", "amplifier", config),
-                                      ("ds2d2", "student (DS2D2)", ds2d2_config),
-                                      ("baseline", "student (baseline)", baseline_config)):
-        _check_stage(out / name, with_data_root(stage_config, _patches_dir(out, config)), title)
+    for name, stage, title, stage_config in (("teacher", "teacher", "teacher", config),
+                                             ("amplifier", "amplifier", "amplifier", config),
+                                             ("ds2d2", "student", "student (DS2D2)", ds2d2_config),
+                                             ("baseline", "student", "student (baseline)", baseline_config)):
+        _check_stage(out / name, with_data_root(stage_config, _patches_dir(out, config)), stage, title)
     patches = _prepare(out, config, reporter, scenes, scene_size)
     common = dict(data_dir=patches, preset=preset, device=device)
 
