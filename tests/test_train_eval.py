@@ -307,3 +307,15 @@ def test_decoded_image_cache_gives_the_same_samples(tiny_data, tmp_path):
         assert torch.equal(image, expected[item][0]) and torch.equal(target["boxes"], expected[item][1]["boxes"])
     with pytest.raises(InputError, match="not found"):
         plain[0]
+
+
+def test_scene_split_is_not_a_split_to_score(retina_teacher, tiny_data):
+    """val_scenes.json holds the whole scenes behind the val patches: scored only via --merge-patches."""
+    assert (tiny_data / "val_scenes.json").is_file()
+    result = runner.invoke(app, ["eval", str(retina_teacher / "model.safetensors"), "--data", str(tiny_data),
+                                 "--split", "val_scenes"])
+    assert "val_scenes.json holds the whole scenes behind split 'val'; score them with --split val " \
+           "--merge-patches" in _error_line(result)
+    result = runner.invoke(app, ["eval", str(retina_teacher / "model.safetensors"), "--data", str(tiny_data),
+                                 "--split", "test"])
+    assert "no split 'test' here (found: train, val)" in _error_line(result)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ds2d2_cli.data.dota import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
@@ -45,8 +46,13 @@ def split_json_path(data_dir: str | Path, split: str) -> Path:
     path = Path(data_dir) / f"{split}.json"
     if not Path(data_dir).is_dir():
         raise InputError("prepared data folder not found (run `ds2d2 prepare-data` first or pass --data)", data_dir)
+    if split.endswith(SCENES_SUFFIX) and path.is_file():
+        # The whole scenes behind a patch split: only for merging patch detections back per scene.
+        patches = split[: -len(SCENES_SUFFIX)]
+        raise InputError(f"{split}.json holds the whole scenes behind split {patches!r}; score them with "
+                         f"--split {patches} --merge-patches", data_dir)
     if not path.is_file():
-        found = sorted(p.stem for p in Path(data_dir).glob("*.json"))
+        found = sorted(p.stem for p in Path(data_dir).glob("*.json") if not p.stem.endswith(SCENES_SUFFIX))
         raise InputError(f"no split {split!r} here (found: {', '.join(found) or 'none'})", data_dir)
     return path
 

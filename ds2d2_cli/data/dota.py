@@ -63,6 +63,8 @@ from ds2d2_cli.data.validate import (
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.progress import NullReporter, Reporter
 
+SCENES_SUFFIX = "_scenes"  # OUT/<split>_scenes.json: the whole scenes behind the patch split <split>
+
 PARTIAL_MODES = ("drop", "crowd")
 _SPLIT_ORDER = {"train": 0, "val": 1, "trainval": 2, "test": 3}
 _HEADER = re.compile(r"^\s*(imagesource|gsd)\s*:(.*)$", re.IGNORECASE)
@@ -693,7 +695,7 @@ def _prepare_dota(src: Path, out: Path, *, size: int, gap: int, scales: Sequence
     writable_folder(out)
     # A stale JSON from an earlier run must not describe patches this run rewrites.
     for plan in plans:
-        for stale in (out / f"{plan.split}.json", out / f"{plan.split}_scenes.json"):
+        for stale in (out / f"{plan.split}.json", out / f"{plan.split}{SCENES_SUFFIX}.json"):
             try:
                 stale.unlink(missing_ok=True)
             except OSError as exc:
@@ -771,7 +773,7 @@ def _prepare_dota(src: Path, out: Path, *, size: int, gap: int, scales: Sequence
                     "labelled": plan.labelled}
             info_lists = {"skipped": problems.skipped_where(split=split),
                           "repaired": problems.repaired_where(split=split)}
-            outputs.append((out / f"{split}_scenes.json", {
+            outputs.append((out / f"{split}{SCENES_SUFFIX}.json", {
                 "info": {"ds2d2": {**meta, "scenes": True}, **info_lists}, "images": scene_images,
                 "annotations": scene_anns, "categories": categories,
             }))

@@ -16,6 +16,7 @@ from ds2d2_cli.checkpoint import Checkpoint, check_classes, load_checkpoint
 from ds2d2_cli.classes import get_class_set
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.data.dataset import CocoSplit, DetectionDataset, load_coco_split, split_json_path
+from ds2d2_cli.data.dota import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.evaluation import coco_metrics, merge_patch_results, predict
 from ds2d2_cli.models.detectors import build_detector, rebuild_config
@@ -84,7 +85,7 @@ def evaluate_on_split(model: nn.Module, split: CocoSplit, device: torch.device, 
     dataset = DetectionDataset(split)
     results, images_per_s = predict(model, dataset, device, batch_size, num_workers, reporter)
     if merge_patches:
-        scenes_path = split.path.with_name(f"{split.path.stem}_scenes.json")
+        scenes_path = split.path.with_name(f"{split.path.stem}{SCENES_SUFFIX}.json")
         if not scenes_path.is_file():
             raise InputError("--merge-patches needs the scene annotations prepare-data writes", scenes_path)
         from ds2d2_cli.evaluation import load_coco_json
