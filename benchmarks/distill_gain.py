@@ -45,8 +45,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from ds2d2_cli.config import RunConfig, config_from_dict, config_to_json, load_config  # noqa: E402
-from ds2d2_cli.engine import RESUME_FILE, resolve_device, value_differences  # noqa: E402
+from ds2d2_cli.config import RunConfig, config_from_dict, config_to_json, load_config, value_differences  # noqa: E402
+from ds2d2_cli.engine import RESUME_FILE, resolve_device  # noqa: E402
 from ds2d2_cli.stages.common import with_data_root  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {  # name -> distill settings (the rest from the preset)

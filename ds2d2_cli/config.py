@@ -67,6 +67,11 @@ class ModelConfig(_Strict):
     score_thresh: float = Field(0.05, ge=0, le=1)
     detections_per_img: int = Field(100, gt=0)
 
+    @property
+    def label(self) -> str:
+        """Short name for tables: `R34-FPN64`."""
+        return f"{self.backbone.replace('resnet', 'R')}-FPN{self.fpn_channels}"
+
 
 class TrainConfig(_Strict):
     epochs: int | None = Field(24, gt=0)
@@ -255,6 +260,35 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise InputError(format_validation_error(exc, source)) from None
+
+
+UNREADABLE_CONFIG = "(config.json unreadable)"
+
+
+def config_differences(stored_path: Path, config_json: str) -> list[str]:
+    """`key old -> new` for each setting in which the run's config.json and `config_json` differ,
+    compared as validated configs, so a run started before a new option (with its default)
+    existed still matches."""
+    try:
+        stored = config_from_dict(json.loads(stored_path.read_text())).model_dump(mode="json")
+    except (OSError, ValueError, InputError):
+        return [UNREADABLE_CONFIG]
+    return value_differences(stored, config_from_dict(json.loads(config_json)).model_dump(mode="json"))
+
+
+def value_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key old -> new` for every differing leaf of two JSON objects, in the objects' order."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in dict.fromkeys([*old, *new]):
+            found += value_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix[:-1]} {_short_json(old)} -> {_short_json(new)}"]
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:

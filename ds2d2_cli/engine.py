@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ds2d2_cli import distributed
-from ds2d2_cli.config import TrainConfig
+from ds2d2_cli.config import TrainConfig, config_differences
 from ds2d2_cli.data.dataset import DetectionDataset, ResumableBatchSampler, collate
 from ds2d2_cli.errors import Ds2d2Error, InputError, TrainingInterrupted
 from ds2d2_cli.fileio import atomic_path
@@ -161,41 +161,6 @@ def _trim_metrics(path: Path, last_iteration: int) -> None:
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= last_iteration]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
-
-
-UNREADABLE_CONFIG = "(config.json unreadable)"
-
-
-def config_differences(stored_path: Path, config_json: str) -> list[str]:
-    """`key old -> new` for each setting in which the run's config.json and `config_json` differ,
-    compared as validated configs, so a run started before a new option (with its default)
-    existed still matches."""
-    from ds2d2_cli.config import config_from_dict
-
-    try:
-        stored = config_from_dict(json.loads(stored_path.read_text())).model_dump(mode="json")
-    except (OSError, ValueError, InputError):
-        return [UNREADABLE_CONFIG]
-    return value_differences(stored, config_from_dict(json.loads(config_json)).model_dump(mode="json"))
-
-
-def value_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """`key old -> new` for every differing leaf of two JSON objects, in the objects' order."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        found: list[str] = []
-        for key in dict.fromkeys([*old, *new]):
-            found += value_differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return found
-    return [] if old == new else [f"{prefix[:-1]} {_short_json(old)} -> {_short_json(new)}"]
-
-
-def _short_json(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _same_config(stored_path: Path, config_json: str) -> bool:
-    return not config_differences(stored_path, config_json)
 
 
 def prepare_run_dir(out: Path, config_json: str, resume: bool) -> None:

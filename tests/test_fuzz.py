@@ -83,15 +83,6 @@ def test_parse_dota_labels_parses_or_fails_cleanly(text):
             assert len(lines) == len(labels.objects) + len(skipped)  # each line is kept or skipped, once
 
 
-@FAST
-@given(st.binary(max_size=200))
-def test_parse_dota_labels_binary(data):
-    with tempfile.TemporaryDirectory() as folder:
-        path = _write(folder, "P0002.txt", data)
-        with contextlib.suppress(InputError):
-            parse_dota_labels(path, DOTA_V1_0)
-
-
 # --------------------------------------------------------------------------- DIOR XML
 
 xml_value = st.one_of(st.integers(-10, 900).map(str), st.floats(width=32).map(repr), st.text(max_size=6),
@@ -152,12 +143,14 @@ def test_parse_voc_xml_parses_or_fails_cleanly(text):
 
 
 @FAST
-@given(st.binary(max_size=300))
-def test_parse_voc_xml_binary(data):
+@pytest.mark.parametrize("name, parse", [("P0002.txt", lambda path: parse_dota_labels(path, DOTA_V1_0)),
+                                         ("00043.xml", lambda path: parse_voc_xml(path))], ids=["dota", "dior"])
+@given(data=st.binary(max_size=300))
+def test_parsers_on_arbitrary_bytes(name, parse, data):
+    """Any bytes as a DOTA label file or a DIOR XML: parsed, or a clean InputError."""
     with tempfile.TemporaryDirectory() as folder:
-        path = _write(folder, "00043.xml", data)
         with contextlib.suppress(InputError):
-            parse_voc_xml(path)
+            parse(_write(folder, name, data))
 
 
 # --------------------------------------------------------------------------- windows

@@ -193,19 +193,19 @@ def test_a_diverged_run_stops_even_when_skipping(tiny_data, tmp_path):
 
 def test_resume_accepts_a_config_written_before_a_new_option_existed(tmp_path):
     from ds2d2_cli.config import config_to_json, load_config
-    from ds2d2_cli.engine import _same_config, config_differences
+    from ds2d2_cli.config import config_differences
 
     current = config_to_json(load_config("tiny-synthetic"))
     older = json.loads(current)
     del older["train"]["cache_images"]  # an option added later, left at its default
     stored = tmp_path / "config.json"
     stored.write_text(json.dumps(older))
-    assert _same_config(stored, current)
+    assert not config_differences(stored, current)
     older["train"]["lr"] = 0.5  # a real change is still refused, and named
     older["student"]["fpn_channels"] = 32
     stored.write_text(json.dumps(older))
-    assert not _same_config(stored, current)
+    assert config_differences(stored, current)
     assert config_differences(stored, current) == ["student.fpn_channels 32 -> 64", "train.lr 0.5 -> 0.001"]
     stored.write_text("{")
-    assert not _same_config(stored, current)
+    assert config_differences(stored, current)
     assert config_differences(stored, current) == ["(config.json unreadable)"]

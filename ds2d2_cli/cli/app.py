@@ -69,15 +69,11 @@ def presets_command(
         table.add_column(column, no_wrap=True)  # names and paths stay whole, to be typed back
     for name in available_presets():
         cfg = load_config(name)
-        table.add_row(name, cfg.teacher.detector, _model_label(cfg.teacher), _model_label(cfg.student),
+        table.add_row(name, cfg.teacher.detector, cfg.teacher.label, cfg.student.label,
                       str(cfg.input.size), str(cfg.data.root))
     if not console.is_terminal:
         console.width = max(console.width, 120)  # piped: no 80-column squeeze
     console.print(table)
-
-
-def _model_label(model) -> str:
-    return f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}"
 
 
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q")

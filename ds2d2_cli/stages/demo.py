@@ -20,8 +20,9 @@ from typing import Any, Callable
 import torch
 
 from ds2d2_cli.checkpoint import Stage
-from ds2d2_cli.config import RunConfig, config_from_dict, config_to_json, load_config
-from ds2d2_cli.engine import RESUME_FILE, UNREADABLE_CONFIG, config_differences, value_differences
+from ds2d2_cli.config import (RunConfig, UNREADABLE_CONFIG, config_differences, config_from_dict, config_to_json,
+                              load_config, value_differences)
+from ds2d2_cli.engine import RESUME_FILE
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import read_json, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
@@ -230,7 +231,7 @@ def run_demo(
             "per_class": metrics["per_class"],
             "params": count_parameters(model_from_checkpoint(checkpoint)),
             "images_per_s": metrics["images_per_s"],
-            "backbone": f"{model.backbone.replace('resnet', 'R')}-FPN{model.fpn_channels}",
+            "backbone": model.label,
             "checkpoint": str(path),
         }
     results["gain_AP50_points"] = round(100 * (results["ds2d2"]["AP50"] - results["baseline"]["AP50"]), 2)
