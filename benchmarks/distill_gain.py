@@ -12,6 +12,8 @@ runs). Each student's metrics are the final evaluation its stage writes into
     ds2d2-explicit  streams explicit-low, explicit-high
     ds2d2-implicit  streams implicit-full, implicit-high
     ds2d2-no-disw   all four streams, DISW off
+    ds2d2-adapted   all four streams, the implicit ones reading the adapter's output (the
+                    wiring before the fidelity pass) instead of the student's raw features
 
 Finished stages are reused (a run folder under --work with `model.safetensors` is not
 trained again, provided its config.json matches); an interrupted one resumes from its
@@ -57,6 +59,8 @@ METHODS: dict[str, dict[str, Any]] = {  # name -> distill settings (the rest fro
     "ds2d2-implicit": {"method": "ds2d2", "streams": ["implicit-full", "implicit-high"]},
     "ds2d2-no-disw": {"method": "ds2d2", "streams": ["explicit-low", "explicit-high", "implicit-full", "implicit-high"],
                       "disw": False},
+    "ds2d2-adapted": {"method": "ds2d2", "streams": ["explicit-low", "explicit-high", "implicit-full", "implicit-high"],
+                      "implicit_input": "adapted"},
 }
 METRICS = ("mAP", "AP50", "AP75", "APs")
 
@@ -227,6 +231,7 @@ LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "ds2d2": "**DS2D2** (all four streams)",
     "ds2d2-explicit": "DS2D2 explicit streams only", "ds2d2-implicit": "DS2D2 implicit streams only",
     "ds2d2-no-disw": "DS2D2 without DISW",
+    "ds2d2-adapted": "DS2D2, implicit streams on adapted features (old wiring)",
 }
 
 

@@ -133,6 +133,21 @@ class DistillConfig(_Strict):
     weights: LossWeights = LossWeights()
     disw: bool = True
     wavelet: str = "haar"
+    implicit_input: Literal["raw", "adapted"] = Field(
+        "raw", description="student side of the implicit streams: its raw FPN features (the authors; the adapter "
+        "serves the explicit stream only) or the adapter's output (ablation); a student FPN of another width than "
+        "the teacher's always uses the adapter's output")
+    box_kd_anchors: Literal["all", "not_ignored"] = Field(
+        "all", description="RetinaNet box KD over all anchors (the authors) or only those the classification KD keeps")
+    kd_normalizer: Literal["per_image", "batch"] = Field(
+        "per_image", description="RetinaNet KD divisor: sum over images of max(1, positives) (the authors) or "
+        "max(1, positives in the batch)")
+    roi_kd_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="Faster R-CNN classification KD over sampled RoIs: summed (the authors' code, whose "
+        "weights assume it) or averaged (the paper's formula)")
+    amplifier_rpn: Literal["high_frequency", "frozen"] = Field(
+        "high_frequency", description="Faster R-CNN amplifier: its RPN is trained on high-frequency features too "
+        "(the authors) or the teacher's RPN stays frozen on full features")
     qfl_beta: float = Field(1.0, ge=0, description="RetinaNet classification KD focusing exponent")
     kd_temperature: float = Field(3.0, gt=0, description="Faster R-CNN classification KD temperature")
     kd_cls_weight: float = Field(0.5, ge=0, description="Faster R-CNN classification KD weight")
@@ -185,7 +200,7 @@ class RunConfig(_Strict):
                                   "teacher": self.teacher.model_dump(mode="json"),
                                   self.schedule_key(stage): self.schedule(stage).model_dump(mode="json")}
         if stage == "amplifier":
-            inputs["distill"] = {"wavelet": self.distill.wavelet}
+            inputs["distill"] = {"wavelet": self.distill.wavelet, "amplifier_rpn": self.distill.amplifier_rpn}
         if stage == "student":
             inputs["student"] = self.student.model_dump(mode="json")
             inputs["distill"] = self.distill.model_dump(mode="json")

@@ -32,6 +32,11 @@ def _retina_kit():
     return {"box_coder": BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)), "matcher": Matcher(0.5, 0.4, True)}
 
 
+def _kept_batch_kit():
+    """The settings before the fidelity pass: box KD on non-ignored anchors, one batch-wide divisor."""
+    return {**_retina_kit(), "box_anchors": "not_ignored", "normalizer": "batch"}
+
+
 class _GivenPredictions(nn.Module):
     """A 'head' whose input is [cls_logits, bbox_regression]: full control of predictions."""
 
@@ -59,7 +64,7 @@ def _hand_case():
 def test_retinanet_hand_computed() -> None:
     s_cls, s_reg, t_cls, t_reg = _hand_case()
     out = retinanet_implicit_loss(
-        _GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT], **_retina_kit()
+        _GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT], **_kept_batch_kit()
     )
     # cls: log 2 * (|0.5 - 0.75| + |0.5 - 0.25| + 0) over a0..a2, / 2 positives
     assert out["cls"].item() == pytest.approx(math.log(2) * 0.5 / 2, rel=1e-6)
@@ -67,7 +72,7 @@ def test_retinanet_hand_computed() -> None:
     assert out["box"].item() == pytest.approx(0.75 * (2 / 11) / 2, rel=1e-5)
     # beta = 2 squares the quality factor
     out2 = retinanet_implicit_loss(
-        _GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT], beta=2.0, **_retina_kit()
+        _GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT], beta=2.0, **_kept_batch_kit()
     )
     assert out2["cls"].item() == pytest.approx(math.log(2) * 2 * 0.0625 / 2, rel=1e-6)
 
@@ -77,7 +82,7 @@ def test_retinanet_ignored_anchor_does_not_count() -> None:
 
     def loss():
         return retinanet_implicit_loss(
-            _GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT], **_retina_kit()
+            _GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT], **_kept_batch_kit()
         )
 
     base = loss()
@@ -102,17 +107,72 @@ def test_retinanet_batch_normalisation_and_empty_image() -> None:
         [torch.cat([t_cls, t2_cls]), torch.cat([t_reg, torch.zeros(1, 4, 4)])],
         [ANCHORS, ANCHORS],
         [GT, empty],
-        **_retina_kit(),
+        **_kept_batch_kit(),
     )
     # batch sum / total positives (2): (log2 * 0.5 + log2 * 4 * 0.25) / 2
     assert out["cls"].item() == pytest.approx(math.log(2) * 1.5 / 2, rel=1e-6)
     assert out["box"].item() == pytest.approx(0.75 * (2 / 11) / 2, rel=1e-5)
     # no positive anywhere: divided by max(1, 0) = 1
     only_empty = retinanet_implicit_loss(
-        _GivenPredictions(), [s2_cls, s_reg], [t2_cls, torch.zeros(1, 4, 4)], [ANCHORS], [empty], **_retina_kit()
+        _GivenPredictions(), [s2_cls, s_reg], [t2_cls, torch.zeros(1, 4, 4)], [ANCHORS], [empty], **_kept_batch_kit()
     )
     assert only_empty["cls"].item() == pytest.approx(math.log(2) * 4 * 0.25, rel=1e-6)
     assert only_empty["box"].item() == 0.0
+
+
+def test_retinanet_box_term_covers_ignored_anchors_by_default() -> None:
+    """The authors pass no ignore mask to the box KD: the ignored a3 counts there, not in cls."""
+    s_cls, s_reg, t_cls, t_reg = _hand_case()
+    t_reg[0, 3] = torch.tensor([0.1, 0.0, 0.0, 0.0])  # a3 (10 x 22) shifted 1 px: GIoU loss 2/11 too
+    out = retinanet_implicit_loss(_GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT],
+                                  **_retina_kit())
+    assert out["cls"].item() == pytest.approx(math.log(2) * 0.5 / 2, rel=1e-6)  # a3 still ignored here
+    # a0 (weight 0.75) and a3 (weight sigmoid(5)), each GIoU loss 2/11, over 2 positives
+    expected = (0.75 + 1 / (1 + math.exp(-5.0))) * (2 / 11) / 2
+    assert out["box"].item() == pytest.approx(expected, rel=1e-5)
+    kept = retinanet_implicit_loss(_GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT],
+                                   box_anchors="not_ignored", **_retina_kit())
+    assert kept["box"].item() == pytest.approx(0.75 * (2 / 11) / 2, rel=1e-5)
+
+
+def test_retinanet_normaliser_clamps_each_image() -> None:
+    """sum_i max(1, pos_i): an image without positives adds 1 to the divisor (2 + 1 = 3)."""
+    s_cls, s_reg, t_cls, _ = _hand_case()
+    t_reg = torch.zeros(1, 4, 4)
+    t_reg[0, 0, 0] = 0.1  # a0 only: GIoU loss 2/11, weight 0.75
+    s2_cls = torch.zeros(1, 4, 1)
+    t2_cls = torch.tensor([LN3, LN3, LN3, LN3]).reshape(1, 4, 1)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    args = (_GivenPredictions(), [torch.cat([s_cls, s2_cls]), torch.cat([s_reg, s_reg])],
+            [torch.cat([t_cls, t2_cls]), torch.cat([t_reg, torch.zeros(1, 4, 4)])], [ANCHORS, ANCHORS], [GT, empty])
+    out = retinanet_implicit_loss(*args, **_retina_kit())
+    assert out["cls"].item() == pytest.approx(math.log(2) * 1.5 / 3, rel=1e-6)
+    assert out["box"].item() == pytest.approx(0.75 * (2 / 11) / 3, rel=1e-5)
+    batch = retinanet_implicit_loss(*args, normalizer="batch", **_retina_kit())
+    assert batch["cls"].item() == pytest.approx(math.log(2) * 1.5 / 2, rel=1e-6)
+
+
+def test_retinanet_unknown_settings_are_refused() -> None:
+    s_cls, s_reg, t_cls, t_reg = _hand_case()
+    args = (_GivenPredictions(), [s_cls, s_reg], [t_cls, t_reg], [ANCHORS], [GT])
+    with pytest.raises(Exception, match="normalizer"):
+        retinanet_implicit_loss(*args, normalizer="per_batch", **_retina_kit())
+    with pytest.raises(Exception, match="box_anchors"):
+        retinanet_implicit_loss(*args, box_anchors="positives", **_retina_kit())
+
+
+def test_retinanet_raw_and_adapted_student_features_get_different_gradients() -> None:
+    """The authors' wiring (raw features into the head) is not the adapter's: other gradients."""
+    head, teacher, anchors, targets = _retina_setup(2)
+    adapter = Adapter(8, 8)
+    raw = [(t + 0.3 * torch.randn_like(t)).requires_grad_() for t in teacher]
+    grads = {}
+    for wiring in ("raw", "adapted"):
+        student = raw if wiring == "raw" else [adapter(s) for s in raw]
+        out = retinanet_implicit_loss(head, student, teacher, anchors, targets, **_retina_kit())
+        grads[wiring] = torch.autograd.grad(out["cls"] + out["box"], raw)
+        assert all(g.abs().sum() > 0 for g in grads[wiring])
+    assert not all(torch.allclose(a, b) for a, b in zip(grads["raw"], grads["adapted"]))
 
 
 def _retina_setup(seed: int = 0):
@@ -157,7 +217,7 @@ def test_retinanet_matches_direct_computation() -> None:
     """The formula transcribed on the real head, with the assignment rules written out (no Matcher)."""
     head, teacher, anchors, targets = _retina_setup(1)
     student = [t + 0.3 * torch.randn_like(t) for t in teacher]
-    out = retinanet_implicit_loss(head, student, teacher, anchors, targets, **_retina_kit())
+    out = retinanet_implicit_loss(head, student, teacher, anchors, targets, **_kept_batch_kit())
     s, t = head(student), head(teacher)
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     cls_sum = box_sum = 0.0
@@ -222,7 +282,8 @@ def test_faster_rcnn_hand_computed() -> None:
     s_deltas[1, 2] = torch.tensor([0.7, 0.0, 0.0, 0.0])  # L1 0.7
     student = {"x": torch.cat([s_logits, s_deltas.flatten(1)], 1)}
     teacher = {"x": torch.cat([t_logits, t_deltas.flatten(1)], 1)}
-    out = faster_rcnn_implicit_loss(_GivenRoIHeads(k1), student, teacher, [torch.zeros(2, 4)], [(8, 8)], [{}])
+    out = faster_rcnn_implicit_loss(_GivenRoIHeads(k1), student, teacher, [torch.zeros(2, 4)], [(8, 8)], [{}],
+                                    roi_reduction="mean")
     T = 3.0
     kl = 0.0
     for row in t_logits:
@@ -232,10 +293,31 @@ def test_faster_rcnn_hand_computed() -> None:
     w0, w1 = 0.6, 2 / 7
     assert out["box"].item() == pytest.approx((w0 * 2.5 + w1 * 0.7) / (4 * (w0 + w1)), rel=1e-5)
     out = faster_rcnn_implicit_loss(
-        _GivenRoIHeads(k1), student, teacher, [torch.zeros(2, 4)], [(8, 8)], [{}], temperature=1.0, cls_weight=1.0
+        _GivenRoIHeads(k1), student, teacher, [torch.zeros(2, 4)], [(8, 8)], [{}], temperature=1.0, cls_weight=1.0,
+        roi_reduction="mean",
     )
     kl1 = float(F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean"))
     assert out["cls"].item() == pytest.approx(kl1, rel=1e-5)
+
+
+def test_faster_rcnn_cls_kd_sums_over_rois_by_default() -> None:
+    """The authors' effective term: the per-RoI mean times the RoI count (here 5 RoIs)."""
+    k1 = 3
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(5, k1), torch.randn(5, k1)
+    deltas = torch.zeros(5, 4 * k1)
+    student = {"x": torch.cat([s_logits, deltas], 1)}
+    teacher = {"x": torch.cat([t_logits, deltas], 1)}
+    args = (_GivenRoIHeads(k1), student, teacher, [torch.zeros(5, 4)], [(8, 8)], [{}])
+    summed = faster_rcnn_implicit_loss(*args)
+    mean = faster_rcnn_implicit_loss(*args, roi_reduction="mean")
+    T = 3.0
+    per_roi = [float((p * (p.log() - q.log())).sum()) for p, q in zip((t_logits / T).softmax(1), (s_logits / T).softmax(1))]
+    assert summed["cls"].item() == pytest.approx(0.5 * T * T * sum(per_roi), rel=1e-5)
+    assert summed["cls"].item() == pytest.approx(5 * mean["cls"].item(), rel=1e-6)
+    assert summed["box"].item() == mean["box"].item()  # the box term keeps its weighted mean
+    with pytest.raises(Exception, match="roi_reduction"):
+        faster_rcnn_implicit_loss(*args, roi_reduction="avg")
 
 
 def _frcnn_setup(channels: int = 8, seed: int = 0):
@@ -274,7 +356,7 @@ def test_faster_rcnn_matches_direct_computation_and_gradients() -> None:
     student = OrderedDict((k, adapter(v)) for k, v in raw.items())
 
     torch.manual_seed(123)
-    out = faster_rcnn_implicit_loss(roi_heads, student, teacher, proposals, sizes, targets)
+    out = faster_rcnn_implicit_loss(roi_heads, student, teacher, proposals, sizes, targets, roi_reduction="mean")
     torch.manual_seed(123)  # same RoI sampling
     rois, _, labels, _ = roi_heads.select_training_samples([p.clone() for p in proposals], targets)
     assert sum(r.shape[0] for r in rois) > 0 and any((lab > 0).any() for lab in labels)

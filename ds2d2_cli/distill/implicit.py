@@ -9,15 +9,18 @@ the head and the features; these functions only compare the head's two outputs.
 
 The head runs with autograd on the student features (gradients reach them; the head's
 own parameters are whatever the caller made them, they are simply not optimised here)
-and under `no_grad` on the teacher features. Student features must already be ADAPTED
-(`Adapter`, teacher channel count). Everything that torchvision provides is reused
-(Matcher, BoxCoder, `generalized_box_iou_loss`, `RoIHeads.select_training_samples`, the
-RoI pooler, box head and predictor); losses are computed in float32 even under autocast.
+and under `no_grad` on the teacher features. Student features must have the teacher's
+channel count: the authors feed the student's RAW FPN features (the adapter belongs to
+the explicit stream); only a student FPN of another width needs the adapter's output.
+Everything that torchvision provides is reused (Matcher, BoxCoder,
+`generalized_box_iou_loss`, `RoIHeads.select_training_samples`, the RoI pooler, box head
+and predictor); losses are computed in float32 even under autocast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,10 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from ds2d2_cli.errors import Ds2d2Error
 
 __all__ = ["faster_rcnn_implicit_loss", "retinanet_implicit_loss", "sample_rois"]
+
+BoxAnchors = Literal["all", "not_ignored"]
+Normalizer = Literal["per_image", "batch"]
+RoIReduction = Literal["sum", "mean"]
 
 
 def _level_list(feats: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
@@ -63,25 +70,30 @@ def retinanet_implicit_loss(
     box_coder: det_utils.BoxCoder,
     matcher: det_utils.Matcher,
     beta: float = 1.0,
+    box_anchors: BoxAnchors = "all",
+    normalizer: Normalizer = "per_image",
 ) -> dict[str, Tensor]:
     """{"cls", "box"}: RetinaNet amplifier KD between student and teacher FPN features.
 
     head: the frozen amplifier head (teacher's `model.head`, or the trained HF head).
     student_feats / teacher_feats: FPN levels `[N, C_t, h, w]` (a list, or a dict in
-        `.values()` order), student ADAPTED; for the HF amplifier pass `high_frequency`
-        of each level.
+        `.values()` order), student raw (or adapted when its width differs); for the HF
+        amplifier pass `high_frequency` of each level.
     anchors: `model.anchor_generator(image_list, features)`, one `[A, 4]` per image.
     targets: one dict per image with "boxes" `[K, 4]` xyxy in padded-input pixels.
     box_coder / matcher: the RetinaNet model's `box_coder` and `proposal_matcher`.
     beta: exponent of the quality-focal factor.
 
-    Anchors the matcher ignores (IoU between its thresholds) do not contribute.
-    cls: sum over kept anchors and classes of
-        `BCEWithLogits(s, sigmoid(t)) * |sigmoid(s) - sigmoid(t)|^beta`;
-    box: sum over kept anchors of `GIoU_loss(decode(s_reg), decode(t_reg)) * max_k sigmoid(t)`.
-    Normalisation: both sums run over the whole batch and are divided by the TOTAL number
-    of positive anchors in the batch, `max(1, sum_images #pos)` (MMDetection's avg_factor;
-    torchvision's own RetinaNet loss instead normalises per image and averages images).
+    cls: sum over the anchors the matcher does not ignore (IoU between its thresholds) and
+        classes of `BCEWithLogits(s, sigmoid(t)) * |sigmoid(s) - sigmoid(t)|^beta`;
+    box: sum over anchors of `GIoU_loss(decode(s_reg), decode(t_reg)) * max_k sigmoid(t)`.
+        box_anchors "all" (the authors: they pass no ignore mask to the box term) or
+        "not_ignored" (the classification term's anchors).
+    Both sums run over the whole batch and are divided by the number of positive anchors:
+    normalizer "per_image" `sum_i max(1, #pos_i)` (the authors: MMDetection clamps each
+    image's sampling result) or "batch" `max(1, sum_i #pos_i)`; they differ only when an
+    image has no positive. (torchvision's own RetinaNet loss normalises per image and
+    averages images.)
     """
     student, teacher = _level_list(student_feats), _level_list(teacher_feats)
     if len(student) != len(teacher) or not student:
@@ -101,19 +113,29 @@ def retinanet_implicit_loss(
     with torch.no_grad():
         matched = _retinanet_matches(anchors, targets, matcher)
         keep = torch.stack([m != matcher.BETWEEN_THRESHOLDS for m in matched])  # [N, A]
-        num_pos = sum((m >= 0).sum() for m in matched).clamp_min(1).float()
+        positives = torch.stack([(m >= 0).sum() for m in matched]).float()
+        if normalizer == "per_image":
+            num_pos = positives.clamp_min(1).sum()
+        elif normalizer == "batch":
+            num_pos = positives.sum().clamp_min(1)
+        else:
+            raise Ds2d2Error(f"unknown normalizer {normalizer!r} (per_image or batch)")
+        if box_anchors not in ("all", "not_ignored"):
+            raise Ds2d2Error(f"unknown box_anchors {box_anchors!r} (all or not_ignored)")
+        box_keep = keep if box_anchors == "not_ignored" else torch.ones_like(keep)
         # Row-major boolean indexing of [N, A, ...] keeps image 0's anchors first, like this cat.
-        kept_anchors = torch.cat([a[k] for a, k in zip(anchors, keep)]).float()
+        box_anchor_boxes = torch.cat([a[k] for a, k in zip(anchors, box_keep)]).float()
 
     s_logits, t_logits = s_cls[keep], t_cls[keep]  # [V, K]
     t_prob = t_logits.sigmoid()
     quality = (s_logits.sigmoid() - t_prob).abs().pow(beta)
     cls = (F.binary_cross_entropy_with_logits(s_logits, t_prob, reduction="none") * quality).sum() / num_pos
 
-    s_boxes = box_coder.decode_single(s_reg[keep], kept_anchors)
+    s_boxes = box_coder.decode_single(s_reg[box_keep], box_anchor_boxes)
     with torch.no_grad():
-        t_boxes = box_coder.decode_single(t_reg[keep], kept_anchors)
-        box_weight = t_prob.max(dim=1).values if t_prob.shape[1] else t_prob.new_zeros(t_prob.shape[0])
+        t_boxes = box_coder.decode_single(t_reg[box_keep], box_anchor_boxes)
+        box_prob = t_cls[box_keep].sigmoid()
+        box_weight = box_prob.max(dim=1).values if box_prob.shape[1] else box_prob.new_zeros(box_prob.shape[0])
     giou = generalized_box_iou_loss(s_boxes, t_boxes, reduction="none")
     box = (giou * box_weight).sum() / num_pos
     return {"cls": cls, "box": box}
@@ -137,13 +159,14 @@ def faster_rcnn_implicit_loss(
     temperature: float = 3.0,
     cls_weight: float = 0.5,
     rois: list[Tensor] | None = None,
+    roi_reduction: RoIReduction = "sum",
 ) -> dict[str, Tensor]:
     """{"cls", "box"}: Faster R-CNN amplifier KD on RoIs sampled from the student's proposals.
 
     roi_heads: the frozen amplifier's RoIHeads (the teacher's `model.roi_heads` for the
         full-frequency amplifier).
-    student_feats / teacher_feats: FPN dicts ("0".."3", "pool"), student ADAPTED; for the
-        HF amplifier pass `high_frequency` of each level.
+    student_feats / teacher_feats: FPN dicts ("0".."3", "pool"), student raw (or adapted
+        when its width differs); for the HF amplifier pass `high_frequency` of each level.
     proposals: the student's RPN proposals, one `[P, 4]` per image (detached here).
     image_sizes: the `ImageList.image_sizes` of the batch.
     targets: one dict per image with "boxes" and "labels".
@@ -151,8 +174,12 @@ def faster_rcnn_implicit_loss(
     RoIs come from `roi_heads.select_training_samples` (its sampler: 512 per image, 25%
     positive, GT boxes appended; it draws from torch's global RNG). It is a plain method,
     so it works with the module in eval mode too.
-    cls: `cls_weight * T^2 * KL(softmax(t/T) || softmax(s/T))`, summed over classes and
-        averaged over all sampled RoIs of the batch.
+    cls: `cls_weight * T^2 * KL(softmax(t/T) || softmax(s/T))`, summed over classes, then
+        over the sampled RoIs of the batch: roi_reduction "sum" is what the authors' code
+        computes (it hands the RoI count to the loss as its per-sample weight, so the
+        per-RoI mean is multiplied by the number of RoIs, 1024 for their 2 images per
+        GPU; their 1e-5 implicit weights were tuned at that scale, and it grows with the
+        images per process); "mean" divides by the RoI count, as the paper's formula reads.
     box: L1 between student and teacher class-specific deltas of the teacher's most likely
         foreground class c* = argmax_{k>=1} softmax(t)_k, weighted by that probability
         p* (at T = 1), normalised by `4 * sum(p*)` (clamped away from 0).
@@ -181,7 +208,11 @@ def faster_rcnn_implicit_loss(
     kl = F.kl_div(
         F.log_softmax(s_logits / t, dim=1), F.log_softmax(t_logits / t, dim=1), reduction="sum", log_target=True
     )
-    cls = cls_weight * (t * t) * kl / max(num_rois, 1)
+    if roi_reduction == "mean":
+        kl = kl / max(num_rois, 1)
+    elif roi_reduction != "sum":
+        raise Ds2d2Error(f"unknown roi_reduction {roi_reduction!r} (sum or mean)")
+    cls = cls_weight * (t * t) * kl
 
     with torch.no_grad():
         fg_prob, fg_idx = t_logits.softmax(dim=1)[:, 1:].max(dim=1)

@@ -59,8 +59,22 @@ class DistillTask:
         self.streams = set(config.distill.streams)
         if amplifier_head is None:
             self.streams.discard("implicit-high")
-        teacher_channels = teacher.backbone.out_channels
-        self.module = Student(student, Adapter(student.backbone.out_channels, teacher_channels))
+        student_channels, teacher_channels = student.backbone.out_channels, teacher.backbone.out_channels
+        self.uses_implicit = uses_implicit = (
+            config.distill.method == "ds2d2" and bool(self.streams & {"implicit-full", "implicit-high"}))
+        uses_explicit = config.distill.method == "ds2d2" and bool(self.streams & {"explicit-low", "explicit-high"})
+        # The authors feed the student's raw features to the amplifiers; a student FPN of
+        # another width cannot enter the teacher's head, so then the adapter bridges it.
+        self.implicit_input = config.distill.implicit_input
+        self.implicit_input_note = None
+        if uses_implicit and self.implicit_input == "raw" and student_channels != teacher_channels:
+            self.implicit_input = "adapted"
+            self.implicit_input_note = (f"the student FPN has {student_channels} channels and the teacher's "
+                                        f"{teacher_channels}: the implicit streams read the adapter's output")
+        needs_adapter = (config.distill.method == "fitnet" or uses_explicit
+                         or (uses_implicit and self.implicit_input == "adapted"))
+        adapter = Adapter(student_channels, teacher_channels) if needs_adapter else None
+        self.module = Student(student, adapter)
         self.teacher = _frozen(teacher)
         self.amplifier_head = _frozen(amplifier_head)
         # The teacher backbone only extracts features (no gradient): it may run in half precision.
@@ -83,11 +97,13 @@ class DistillTask:
             teacher_features = self.teacher.backbone(batch.tensors.to(self.teacher_dtype))
             if self.teacher_dtype != torch.float32:
                 teacher_features = OrderedDict((k, f.float()) for k, f in teacher_features.items())
-        adapted = OrderedDict((name, self.module.adapter(f)) for name, f in features.items())
+        adapter = self.module.adapter
+        adapted = OrderedDict((name, adapter(f)) for name, f in features.items()) if adapter is not None else None
+        implicit_student = adapted if self.implicit_input == "adapted" else features
         if self.is_retinanet:
-            terms, implicit = self._retinanet(student, batch, targets, features, adapted, teacher_features)
+            terms, implicit = self._retinanet(student, batch, targets, features, implicit_student, teacher_features)
         else:
-            terms, implicit = self._faster_rcnn(student, batch, targets, features, adapted, teacher_features)
+            terms, implicit = self._faster_rcnn(student, batch, targets, features, implicit_student, teacher_features)
         weights = self.settings.weights
         if self.settings.method == "fitnet":
             terms["fitnet"] = weights.fitnet * fitnet_loss(list(adapted.values()), list(teacher_features.values()))
@@ -109,15 +125,15 @@ class DistillTask:
                 terms[f"{prefix}_box"] = weight * kd["box"]
         return terms
 
-    def _inputs(self, high: bool, adapted: dict[str, Tensor], teacher_features: dict[str, Tensor]):
+    def _inputs(self, high: bool, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]):
         if not high:
-            return adapted, teacher_features
+            return student_features, teacher_features
         wavelet = self.settings.wavelet
         with torch.no_grad():
             teacher_hf = OrderedDict((k, high_frequency(f, wavelet)) for k, f in teacher_features.items())
-        return OrderedDict((k, high_frequency(f, wavelet)) for k, f in adapted.items()), teacher_hf
+        return OrderedDict((k, high_frequency(f, wavelet)) for k, f in student_features.items()), teacher_hf
 
-    def _retinanet(self, student, batch, targets, features, adapted, teacher_features):
+    def _retinanet(self, student, batch, targets, features, implicit_student, teacher_features):
         feature_list = list(features.values())
         anchors = student.anchor_generator(batch, feature_list)
         terms = dict(student.compute_loss(targets, student.head(feature_list), anchors))
@@ -125,16 +141,17 @@ class DistillTask:
         teacher_anchors = self.teacher.anchor_generator(batch, list(teacher_features.values())) if needs_implicit else None
 
         def implicit(high: bool) -> dict[str, Tensor]:
-            s, t = self._inputs(high, adapted, teacher_features)
+            s, t = self._inputs(high, implicit_student, teacher_features)
             head = self.amplifier_head if high else self.teacher.head
             return retinanet_implicit_loss(
                 head, list(s.values()), list(t.values()), teacher_anchors, targets,
                 box_coder=self.teacher.box_coder, matcher=self.teacher.proposal_matcher, beta=self.settings.qfl_beta,
+                box_anchors=self.settings.box_kd_anchors, normalizer=self.settings.kd_normalizer,
             )
 
         return terms, implicit
 
-    def _faster_rcnn(self, student, batch, targets, features, adapted, teacher_features):
+    def _faster_rcnn(self, student, batch, targets, features, implicit_student, teacher_features):
         proposals, rpn_losses = student.rpn(batch, features, targets)
         _, roi_losses = student.roi_heads(features, proposals, batch.image_sizes, targets)
         terms = {**rpn_losses, **roi_losses}
@@ -142,13 +159,14 @@ class DistillTask:
         drawn: list[list[Tensor]] = []  # one RoI draw per step, shared by the full and high streams
 
         def implicit(high: bool) -> dict[str, Tensor]:
-            s, t = self._inputs(high, adapted, teacher_features)
+            s, t = self._inputs(high, implicit_student, teacher_features)
             roi_heads = self.amplifier_head if high else self.teacher.roi_heads
             if not drawn:
                 drawn.append(sample_rois(self.teacher.roi_heads, detached, targets))
             return faster_rcnn_implicit_loss(
                 roi_heads, s, t, detached, batch.image_sizes, targets,
                 temperature=self.settings.kd_temperature, cls_weight=self.settings.kd_cls_weight, rois=drawn[0],
+                roi_reduction=self.settings.roi_kd_reduction,
             )
 
         return terms, implicit
@@ -210,13 +228,18 @@ def distill(
         detector = task.module.detector
         reporter.note(f"distill: method {method}, streams {', '.join(sorted(task.streams)) if method == 'ds2d2' else '-'}"
                       f", DISW {'on' if config.distill.disw else 'off'}, wavelet {config.distill.wavelet}")
+        if task.implicit_input_note:
+            reporter.note(task.implicit_input_note)
     extra = {"method": method, "teacher_sha256": teacher_ckpt.sha256 if teacher_ckpt else None}
     active = sorted(task.streams) if isinstance(task, DistillTask) and method == "ds2d2" else []
+    implicit_input = task.implicit_input if isinstance(task, DistillTask) and task.uses_implicit else None
     return run_stage(
         task=task, scored=detector, weights=detector.state_dict,
         meta=lambda metrics: meta_for("student", config, "student", data.classes, preset, metrics=metrics, **extra),
         config=config, data=data, out=out, stage="student", device=device, resume=resume, reporter=reporter,
         extra_summary={"method": method, "streams": active, "disw": config.distill.disw,
+                       "implicit_input": implicit_input,
+                       "implicit_input_note": getattr(task, "implicit_input_note", None),
                        "wavelet": config.distill.wavelet, "teacher": str(teacher) if teacher else None,
                        "amplifier": str(amplifier) if amplifier_head is not None else None},
     )
