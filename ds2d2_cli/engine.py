@@ -371,14 +371,14 @@ def train(
                         scaler.unscale_(optimizer)
                     else:
                         loss.backward()
-                    grad_norm = None
-                    if schedule.grad_clip:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                            [p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip))
+                    # Without clipping the norm is still taken (an infinite limit scales by
+                    # exactly 1), so a non-finite gradient is caught either way.
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip or math.inf))
                     if scaler is not None:
                         scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
                         scaler.update()
-                    elif grad_norm is not None and not math.isfinite(grad_norm):
+                    elif not math.isfinite(grad_norm):
                         optimizer.zero_grad(set_to_none=True)
                         skip_or_stop("the gradient norm", grad_norm, iteration)
                     else:

@@ -69,9 +69,20 @@ def retina(pipelines):
     return pipelines("tiny-synthetic")
 
 
-def test_amplifier_checkpoint(pipeline):
-    preset, runs, _ = pipeline
-    teacher, amplifier = runs / "teacher/model.safetensors", runs / "amplifier/model.safetensors"
+def _frozen_rpn_amplifier(preset: str, runs: Path, common: list[str], out: Path) -> Path:
+    """Faster R-CNN's amplifier with the teacher's RPN kept frozen (distill.amplifier_rpn=frozen)."""
+    if preset == "tiny-synthetic":
+        return runs / "amplifier"
+    _run(["train-amplifier", *common, "--teacher", str(runs / "teacher/model.safetensors"),
+          "--set", "distill.amplifier_rpn=frozen", "--out", str(out)])
+    return out
+
+
+def test_amplifier_checkpoint(pipeline, tmp_path):
+    preset, runs, common = pipeline
+    teacher = runs / "teacher/model.safetensors"
+    amplifier_run = _frozen_rpn_amplifier(preset, runs, common, tmp_path / "amplifier")
+    amplifier = amplifier_run / "model.safetensors"
     meta = _meta(amplifier)
     from ds2d2_cli.checkpoint import file_sha256
 
@@ -85,8 +96,31 @@ def test_amplifier_checkpoint(pipeline):
     assert any(not torch.equal(teacher_weights[k], v) for k, v in head.items())
     # the frozen teacher backbone is not part of it
     assert not any(k.startswith("backbone.") for k in head)
-    terms = _steps(runs / "amplifier")[-1]
+    terms = _steps(amplifier_run)[-1]
     assert "loss_objectness" not in terms  # Faster R-CNN's RPN is frozen: its losses are not the amplifier's
+
+
+def test_faster_rcnn_amplifier_trains_its_rpn_on_high_frequency_features(pipelines, tmp_path):
+    """The authors' amplifier (the default): RPN and RoI head both train on HF features."""
+    preset, runs, common = pipelines("tiny-synthetic-frcnn")
+    teacher = load_file(str(runs / "teacher/model.safetensors"))
+    trained = load_file(str(runs / "amplifier/model.safetensors"))
+    assert {k.split(".")[0] for k in trained} == {"rpn", "roi_heads"}
+    assert all(teacher[k].shape == v.shape for k, v in trained.items())
+    assert any(not torch.equal(teacher[k], v) for k, v in trained.items() if k.startswith("rpn."))
+    terms = _steps(runs / "amplifier")[-1]
+    assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier"} <= terms.keys()
+    summary = json.loads((runs / "amplifier/summary.json").read_text())
+    assert summary["trained"] == ["roi_heads", "rpn"]
+    # and distillation still reads only its RoI head
+    out = tmp_path / "student"
+    result = _run(["distill", *common, "--teacher", str(runs / "teacher/model.safetensors"),
+                   "--amplifier", str(runs / "amplifier/model.safetensors"), "--out", str(out)])
+    assert "implicit_high_cls" in _steps(out)[-1]
+    # the tiny student FPN (16) is narrower than the teacher's (32): the run says the adapter bridges it
+    assert "implicit streams read the adapter's output" in " ".join(result.output.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["implicit_input"] == "adapted" and "16 channels" in summary["implicit_input_note"]
 
 
 def test_ds2d2_all_streams(pipeline, tmp_path):
@@ -224,3 +258,50 @@ def test_compile_option_reaches_the_backbones():
     bodies = [m.body for m in model.modules() if isinstance(m, BackboneWithFPN)]
     assert bodies and all(body._compiled_call_impl is not None for body in bodies)
     assert list(model.state_dict()) == keys  # checkpoints keep their keys
+
+
+def _wiring_task(*overrides: str):
+    """A DistillTask on tiny RetinaNets, and one batch: the step in isolation."""
+    from ds2d2_cli.models.detectors import build_detector
+    from ds2d2_cli.stages.distill import DistillTask
+
+    config = load_config("tiny-synthetic", [*TINY, *overrides])
+    torch.manual_seed(0)
+    student = build_detector(config.student, 5, config.input)
+    teacher = build_detector(config.teacher, 5, config.input)
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 12, 30, 40], [60, 60, 70, 72]]), "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[5.0, 80, 50, 120]]), "labels": torch.tensor([2])}]
+    task = DistillTask(student, teacher, config)
+    task.train_mode()
+    return task, images, targets
+
+
+def test_implicit_streams_read_raw_student_features_so_the_adapter_learns_from_explicit_only():
+    same_width = "student.fpn_channels=32"
+    grads = {}
+    for wiring in ("raw", "adapted"):
+        task, images, targets = _wiring_task(same_width, f"distill.implicit_input={wiring}")
+        assert task.implicit_input == wiring and task.implicit_input_note is None
+        terms = task.losses(images, targets)
+        assert {"explicit_low", "explicit_high", "implicit_full_cls", "implicit_full_box"} <= terms.keys()
+        adapter = list(task.module.adapter.parameters())
+        explicit = torch.autograd.grad(terms["explicit_low"] + terms["explicit_high"], adapter, retain_graph=True)
+        implicit = terms["implicit_full_cls"] + terms["implicit_full_box"]
+        total = torch.autograd.grad(sum(terms.values()), adapter, retain_graph=True)
+        same = all(torch.allclose(a, b) for a, b in zip(explicit, total))
+        assert same == (wiring == "raw")  # raw: the implicit terms never reach the adapter
+        fpn = [p for p in task.module.detector.backbone.fpn.parameters()]
+        grads[wiring] = torch.autograd.grad(implicit, fpn)
+        assert all(g.abs().sum() > 0 for g in grads[wiring])
+    assert not all(torch.allclose(a, b) for a, b in zip(grads["raw"], grads["adapted"]))
+
+
+def test_implicit_only_raw_run_has_no_adapter_and_other_widths_fall_back_to_adapted():
+    task, images, targets = _wiring_task("student.fpn_channels=32", "distill.streams=[implicit-full]")
+    assert task.module.adapter is None  # nothing would train it (and DDP would find it unused)
+    assert {"implicit_full_cls", "implicit_full_box"} <= task.losses(images, targets).keys()
+    narrow, images, targets = _wiring_task("distill.streams=[implicit-full]")  # student 16 vs teacher 32
+    assert narrow.implicit_input == "adapted" and narrow.module.adapter is not None
+    assert "16 channels" in narrow.implicit_input_note and "adapter" in narrow.implicit_input_note
+    assert {"implicit_full_cls", "implicit_full_box"} <= narrow.losses(images, targets).keys()

@@ -6,19 +6,24 @@ head so the teacher's own torchvision detector does the rest (anchors, matching,
 losses, post-processing):
 
 - RetinaNet: `HighFrequencyRetinaNetHead` replaces `model.head`.
-- Faster R-CNN: `HighFrequencyRoIHeads` replaces `model.roi_heads`. The teacher's RPN
-  keeps reading the full features (frozen): the paper's amplifier is a box head, and
-  proposals from high-frequency features alone would be poor and not what distillation
-  feeds it (the student's proposals).
+- Faster R-CNN, `amplifier_rpn="high_frequency"` (the authors' amplifier: its feature
+  extractor returns `HF(FPN features)`, and RPN and RoI head both train on them):
+  `HighFrequencyFeatures` wraps the frozen backbone, and copies of the teacher's RPN and
+  RoI heads train. Distillation uses only the RoI head (RoIs come from the student's
+  proposals), but the RPN shapes what the RoI head sees in training.
+- Faster R-CNN, `amplifier_rpn="frozen"`: `HighFrequencyRoIHeads` replaces
+  `model.roi_heads` and the teacher's RPN keeps reading the full features, frozen.
 
-The checkpoint stores only the head, under the teacher's own key names (`head.*` or
-`roi_heads.*`), so it also loads into a plain teacher state dict.
+The checkpoint stores the trained parts under the teacher's own key names (`head.*`, or
+`roi_heads.*` and for the authors' variant `rpn.*`), so it also loads into a plain
+teacher state dict; distillation reads `head.*` / `roi_heads.*`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Literal
 
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
@@ -38,6 +43,19 @@ class HighFrequencyRetinaNetHead(nn.Module):
 
     def compute_loss(self, *args, **kwargs):
         return self.head.compute_loss(*args, **kwargs)
+
+
+class HighFrequencyFeatures(nn.Module):
+    """A backbone whose FPN levels come out as `high_frequency(...)` of each."""
+
+    def __init__(self, backbone: nn.Module, wavelet: str = "haar"):
+        super().__init__()
+        self.body = backbone
+        self.out_channels = backbone.out_channels
+        self.wavelet = wavelet
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return OrderedDict((name, high_frequency(f, self.wavelet)) for name, f in self.body(x).items())
 
 
 class HighFrequencyRoIHeads(nn.Module):
@@ -60,32 +78,43 @@ def head_prefix(model: nn.Module) -> str:
     raise InputError(f"no amplifier for {type(model).__name__}")
 
 
+def _trainable_copy(module: nn.Module) -> nn.Module:
+    module = copy.deepcopy(module)
+    for parameter in module.parameters():
+        parameter.requires_grad_(True)
+    return module
+
+
 def amplifier_head(model: nn.Module) -> nn.Module:
     """A trainable copy of the teacher's head (RetinaNetHead or RoIHeads)."""
-    head = copy.deepcopy(model.head if isinstance(model, RetinaNet) else model.roi_heads)
-    for parameter in head.parameters():
-        parameter.requires_grad_(True)
-    return head
+    return _trainable_copy(model.head if isinstance(model, RetinaNet) else model.roi_heads)
 
 
-def amplify(teacher: nn.Module, head: nn.Module, wavelet: str = "haar") -> nn.Module:
-    """Swap the teacher's head for `head` reading high-frequency features (in place).
+def amplify(teacher: nn.Module, head: nn.Module, wavelet: str = "haar",
+            rpn: Literal["high_frequency", "frozen"] = "high_frequency") -> dict[str, nn.Module]:
+    """Turn the teacher into its high-frequency amplifier (in place); the trained parts by prefix.
 
-    Everything but `head` is frozen; the result is still a torchvision detector, so its
-    usual training loss and `eval` work on it. Pass a teacher instance of its own.
+    Everything but the returned parts is frozen; the result is still a torchvision
+    detector, so its usual training loss and `eval` work on it. Pass a teacher instance of
+    its own. `rpn` only matters for Faster R-CNN (see the module docstring).
     """
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     if isinstance(teacher, RetinaNet):
         teacher.head = HighFrequencyRetinaNetHead(head, wavelet)
-    else:
+        return {"head.": head}
+    if rpn == "frozen":
         teacher.roi_heads = HighFrequencyRoIHeads(head, wavelet)
-    return teacher
+        return {"roi_heads.": head}
+    teacher.backbone = HighFrequencyFeatures(teacher.backbone, wavelet)
+    teacher.rpn = _trainable_copy(teacher.rpn)
+    teacher.roi_heads = head
+    return {"roi_heads.": head, "rpn.": teacher.rpn}
 
 
-def head_state_dict(model: nn.Module, head: nn.Module) -> dict[str, Tensor]:
-    prefix = head_prefix(model)
-    return {prefix + k: v for k, v in head.state_dict().items()}
+def trained_state_dict(parts: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """The amplifier checkpoint's tensors: each trained part under its teacher prefix."""
+    return {prefix + k: v for prefix, part in parts.items() for k, v in part.state_dict().items()}
 
 
 def load_head(teacher: nn.Module, tensors: dict[str, Tensor], path) -> nn.Module:

@@ -10,32 +10,34 @@ from torchvision.models.detection import FasterRCNN
 
 from ds2d2_cli.checkpoint import CheckpointMeta
 from ds2d2_cli.config import RunConfig
-from ds2d2_cli.models.amplifier import amplifier_head, amplify, head_state_dict
+from ds2d2_cli.models.amplifier import amplifier_head, amplify, trained_state_dict
 from ds2d2_cli.progress import Reporter
 from ds2d2_cli.stages.common import (
     load_stage_data, load_teacher, model_from_checkpoint, seed_everything, with_data_root,
 )
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 
-# Faster R-CNN's RPN stays frozen (it reads the full features), so its losses carry no
-# gradient; leaving them out keeps the logged loss the amplifier's own.
-_FROZEN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
+# With amplifier_rpn=frozen, Faster R-CNN's RPN keeps the teacher's weights (it reads the
+# full features), so its losses carry no gradient; leaving them out keeps the logged loss
+# the amplifier's own.
+_RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 
 
 class AmplifierTask:
-    """The teacher's detection loss with only the (high-frequency) head trainable."""
+    """The teacher's detection loss with only the amplifier's parts (head, maybe RPN) trainable."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, frozen_rpn: bool):
         self.module = model
+        self.frozen_rpn = frozen_rpn and isinstance(model, FasterRCNN)
 
     def losses(self, images, targets):
         terms = self.module(images, targets)
-        return {k: v for k, v in terms.items() if k not in _FROZEN_LOSSES}
+        return {k: v for k, v in terms.items() if not (self.frozen_rpn and k in _RPN_LOSSES)}
 
     def train_mode(self) -> None:
         self.module.train()
         self.module.backbone.eval()  # frozen: BN statistics must not drift either
-        if isinstance(self.module, FasterRCNN):
+        if self.frozen_rpn:
             self.module.rpn.eval()
 
 
@@ -57,8 +59,8 @@ def train_amplifier(
     prepare_stage(config, out, resume)
     seed_everything(config.schedule("amplifier").seed)
     model = model_from_checkpoint(teacher_ckpt, device)
-    head = amplifier_head(model)
-    model = amplify(model, head, config.distill.wavelet).to(device)
+    parts = amplify(model, amplifier_head(model), config.distill.wavelet, rpn=config.distill.amplifier_rpn)
+    model = model.to(device)
 
     def meta(metrics):
         return CheckpointMeta(
@@ -68,9 +70,10 @@ def train_amplifier(
         )
 
     return run_stage(
-        task=AmplifierTask(model), scored=model, weights=lambda: head_state_dict(model, head), meta=meta,
+        task=AmplifierTask(model, frozen_rpn=config.distill.amplifier_rpn == "frozen"), scored=model,
+        weights=lambda: trained_state_dict(parts), meta=meta,
         config=config, data=data, out=out, stage="amplifier", device=device, resume=resume, reporter=reporter,
         extra_summary={"teacher": str(teacher), "teacher_sha256": teacher_ckpt.sha256,
-                       "wavelet": config.distill.wavelet,
+                       "wavelet": config.distill.wavelet, "trained": sorted(p.rstrip(".") for p in parts),
                        "note": "metrics are the teacher detector with its head reading high-frequency features"},
     )
