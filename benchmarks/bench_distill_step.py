@@ -54,7 +54,7 @@ from ds2d2_cli.engine import build_optimizer  # noqa: E402
 from ds2d2_cli.models.amplifier import amplifier_head  # noqa: E402
 from ds2d2_cli.models.detectors import build_detector, build_resnet_body  # noqa: E402
 from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
-from ds2d2_cli.stages.teacher import DetectorTask  # noqa: E402
+from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 BOXES_PER_IMAGE = 50
 VARIANTS = ("ds2d2", "student+teacher", "fitnet", "student")

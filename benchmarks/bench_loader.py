@@ -41,7 +41,7 @@ from ds2d2_cli.data.dota import prepare_dota  # noqa: E402
 from ds2d2_cli.data.synthetic import generate_synthetic  # noqa: E402
 from ds2d2_cli.engine import build_optimizer  # noqa: E402
 from ds2d2_cli.models.detectors import build_detector, rebuild_config  # noqa: E402
-from ds2d2_cli.stages.teacher import DetectorTask  # noqa: E402
+from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 CASES = {
     # name: (preset, scene size, scenes, patch size, gap)

@@ -33,12 +33,10 @@ def count_parameters(checkpoint: Path) -> int | None:
     them (`model.parameters()`; BatchNorm statistics are buffers, not parameters)."""
     if not checkpoint.is_file():
         return None
-    from ds2d2_cli.checkpoint import load_checkpoint
-    from ds2d2_cli.models.detectors import count_parameters as count_model_parameters
-    from ds2d2_cli.stages.common import model_from_checkpoint
+    from ds2d2_cli.models.detectors import checkpoint_parameter_count
 
     try:
-        return count_model_parameters(model_from_checkpoint(load_checkpoint(checkpoint, ("teacher", "student"))))
+        return checkpoint_parameter_count(checkpoint)
     except Exception:  # noqa: BLE001 - a damaged checkpoint only costs the params column
         return None
 

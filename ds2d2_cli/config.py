@@ -2,7 +2,7 @@
 
 A preset is the single source of truth for a run: dataset, input size, teacher and
 student detectors, each stage's schedule and the distillation weights. The CLI loads a
-preset by name (shipped in `ds2d2_cli/presets/`) or by path, applies `--set a.b=value`
+preset by name (the repository's top-level `presets/`, installed as `ds2d2_cli/presets/`) or by path, applies `--set a.b=value`
 overrides, and writes the resolved config into every run directory.
 """
 
@@ -17,12 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ds2d2_cli.classes import CLASS_SETS
-from ds2d2_cli.errors import InputError
+from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, TERMS
+from ds2d2_cli.errors import Ds2d2Error, InputError
 
 Detector = Literal["retinanet", "faster_rcnn"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d"]
-Stream = Literal["explicit-low", "explicit-high", "implicit-full", "implicit-high"]
-ALL_STREAMS: tuple[str, ...] = ("explicit-low", "explicit-high", "implicit-full", "implicit-high")
+Stage = Literal["teacher", "amplifier", "student"]
+# Each stage's own schedule field (`train` is the student's and every stage's fallback).
+SCHEDULE_FIELDS: dict[str, str] = {"teacher": "teacher_train", "amplifier": "amplifier_train", "student": "train"}
 
 
 class _Strict(BaseModel):
@@ -132,8 +134,9 @@ class LossWeights(_Strict):
 
 
 class DistillConfig(_Strict):
-    method: Literal["ds2d2", "none", "fitnet"] = "ds2d2"
-    streams: tuple[Stream, ...] = ALL_STREAMS
+    method: str = Field("ds2d2", description="a method of ds2d2_cli.distill.registry (ds2d2, none, fitnet)")
+    streams: tuple[str, ...] = Field(DS2D2_STREAMS, description="ablation: the terms of an ablatable method "
+                                     "(ds2d2's streams) that run")
     weights: LossWeights = LossWeights()
     disw: bool = True
     wavelet: str = "haar"
@@ -157,6 +160,22 @@ class DistillConfig(_Strict):
     kd_cls_weight: float = Field(0.5, ge=0, description="Faster R-CNN classification KD weight")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="precision of the frozen teacher backbone during distillation (half: less memory)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; available: {', '.join(METHODS)}")
+        return value
+
+    @field_validator("streams")
+    @classmethod
+    def _known_streams(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = [t for m in METHODS.values() if m.ablatable for t in m.terms]
+        unknown = [v for v in value if v not in allowed or v not in TERMS]
+        if unknown:
+            raise ValueError(f"unknown stream(s) {', '.join(map(repr, unknown))}; available: {', '.join(allowed)}")
+        return value
 
     @field_validator("wavelet")
     @classmethod
@@ -188,15 +207,15 @@ class RunConfig(_Strict):
             )
         return self
 
-    def schedule_key(self, stage: Literal["teacher", "amplifier", "student"]) -> str:
+    def schedule_key(self, stage: Stage) -> str:
         """The config key holding `stage`'s schedule: its own when the preset sets one, else `train`."""
-        key = {"teacher": "teacher_train", "amplifier": "amplifier_train"}.get(stage)
-        return key if key is not None and getattr(self, key) is not None else "train"
+        key = SCHEDULE_FIELDS[stage]
+        return key if getattr(self, key) is not None else "train"
 
-    def schedule(self, stage: Literal["teacher", "amplifier", "student"]) -> TrainConfig:
+    def schedule(self, stage: Stage) -> TrainConfig:
         return getattr(self, self.schedule_key(stage))
 
-    def stage_inputs(self, stage: Literal["teacher", "amplifier", "student"]) -> dict[str, Any]:
+    def stage_inputs(self, stage: Stage) -> dict[str, Any]:
         """The settings that decide what `stage` trains (JSON), so a finished stage can be reused
         when only another stage's settings changed. Checkpoints handed over from earlier stages
         are their own stages' business; the data folder's path is not a setting (its class set is)."""
@@ -214,8 +233,18 @@ class RunConfig(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
+def presets_folder() -> Path:
+    """The shipped presets: `ds2d2_cli/presets/` in an installed wheel, the repository's
+    top-level `presets/` in a source checkout (editable installs included)."""
+    package = Path(str(resources.files("ds2d2_cli")))
+    for folder in (package / "presets", package.parent / "presets"):
+        if (folder / "tiny-synthetic.yaml").is_file():
+            return folder
+    raise Ds2d2Error(f"the shipped presets are missing (looked in {package / 'presets'} and {package.parent / 'presets'})")
+
+
 def available_presets() -> list[str]:
-    folder = resources.files("ds2d2_cli") / "presets"
+    folder = presets_folder()
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -229,7 +258,7 @@ def _preset_text(preset: str) -> tuple[str, str]:
             return path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read preset: {exc}", path) from None
-    resource = resources.files("ds2d2_cli") / "presets" / f"{preset}.yaml"
+    resource = presets_folder() / f"{preset}.yaml"
     if not resource.is_file():
         raise InputError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} (or a path to a .yaml file)")
     return resource.read_text(encoding="utf-8"), preset

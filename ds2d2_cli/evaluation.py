@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ds2d2_cli.data.dataset import CocoSplit, DetectionDataset, collate
+from ds2d2_cli.data.dota import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter, Reporter
 
@@ -203,3 +204,27 @@ def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou
                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                        "score": float(scores[i])})
     return merged
+
+
+def evaluate_on_split(model: nn.Module, split: CocoSplit, device: torch.device, *, batch_size: int = 8,
+                      merge_patches: bool = False, reporter: Reporter | None = None,
+                      num_workers: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """COCO metrics (+ images/s) of `model` on `split`, and the result rows they came from.
+
+    `merge_patches`: DOTA-style patch detections merged back into their scenes and scored
+    against the scene annotations `prepare-data` writes beside the split."""
+    dataset = DetectionDataset(split)
+    results, images_per_s = predict(model, dataset, device, batch_size, num_workers, reporter)
+    if merge_patches:
+        scenes_path = split.path.with_name(f"{split.path.stem}{SCENES_SUFFIX}.json")
+        if not scenes_path.is_file():
+            raise InputError("--merge-patches needs the scene annotations prepare-data writes", scenes_path)
+        results = merge_patch_results(split, results)
+        gt = load_coco_json(scenes_path)
+    else:
+        gt = {"images": split.images, "categories": split.categories,
+              "annotations": [a for anns in split.annotations_by_image.values() for a in anns]}
+    metrics = coco_metrics(gt, results)
+    metrics["images_per_s"] = round(images_per_s, 3)
+    metrics["images"] = len(dataset)
+    return metrics, results

@@ -102,7 +102,7 @@ def load_detector_checkpoint(checkpoint_path: str | Path) -> Checkpoint:
 
 
 def _detector(checkpoint: Checkpoint) -> nn.Module:
-    from ds2d2_cli.stages.common import model_from_checkpoint
+    from ds2d2_cli.models.detectors import model_from_checkpoint
 
     return model_from_checkpoint(checkpoint, "cpu")
 

@@ -78,21 +78,14 @@ class Predictor(Protocol):
 # ----------------------------------------------------------------------------- models
 
 
-def _set_score_thresh(model: torch.nn.Module, score_thresh: float) -> None:
-    """The detector's own cut-off (RetinaNet: `score_thresh`; Faster R-CNN: `roi_heads.score_thresh`)."""
-    if hasattr(model, "roi_heads"):
-        model.roi_heads.score_thresh = score_thresh
-    else:
-        model.score_thresh = score_thresh
-
-
 class CheckpointPredictor:
     """A teacher or student checkpoint rebuilt as its torchvision detector (eval mode, no autograd)."""
 
     kind = "checkpoint"
 
     def __init__(self, checkpoint: Any, device: torch.device | str = "cpu", score_thresh: float | None = None):
-        from ds2d2_cli.stages.common import model_from_checkpoint
+        from ds2d2_cli.models.detectors import model_from_checkpoint
+        from ds2d2_cli.models.families import family_of
 
         meta = checkpoint.meta
         self.path = Path(checkpoint.path)
@@ -102,7 +95,7 @@ class CheckpointPredictor:
         self.score_thresh = float(meta.model.score_thresh if score_thresh is None else score_thresh)
         self.description = f"{meta.stage}: {meta.model.detector} {meta.model.backbone}"
         self.model = model_from_checkpoint(checkpoint, self.device)
-        _set_score_thresh(self.model, self.score_thresh)
+        family_of(self.model).set_score_thresh(self.model, self.score_thresh)
 
     @torch.no_grad()
     def __call__(self, images: list[torch.Tensor]) -> list[Detections]:

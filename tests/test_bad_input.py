@@ -535,9 +535,9 @@ def test_coco_skip_bad(tmp_path):
     (["presets", "MISSING.yaml"], ("MISSING.yaml: preset file not found",)),
 ])
 def test_preset_errors(tmp_path, args, needles):
-    from importlib import resources
+    from ds2d2_cli.config import presets_folder
 
-    text = (resources.files("ds2d2_cli") / "presets" / "tiny-synthetic.yaml").read_text()
+    text = (presets_folder() / "tiny-synthetic.yaml").read_text()
     (tmp_path / "mine.yaml").write_text(text + "colour: blue\n")
     (tmp_path / "bad.yaml").write_text("name: x\ninput:\n  size: [1\n")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")

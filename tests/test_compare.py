@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from ds2d2_cli.checkpoint import load_checkpoint
 from ds2d2_cli.cli.app import app
 from ds2d2_cli.compare import compare_runs
-from ds2d2_cli.stages.common import model_from_checkpoint
+from ds2d2_cli.models.detectors import model_from_checkpoint
 
 from conftest import TINY
 

@@ -69,9 +69,9 @@ def test_set_overrides_and_presets_show():
 
 def test_preset_from_path(tmp_path):
     path = tmp_path / "mine.yaml"
-    from importlib import resources
+    from ds2d2_cli.config import presets_folder
 
-    path.write_text((resources.files("ds2d2_cli") / "presets" / "tiny-synthetic.yaml").read_text().replace(
+    path.write_text((presets_folder() / "tiny-synthetic.yaml").read_text().replace(
         "name: tiny-synthetic", "name: mine"))
     assert load_config(str(path)).name == "mine"
 

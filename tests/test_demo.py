@@ -12,7 +12,7 @@ from ds2d2_cli.cli.app import app
 from ds2d2_cli.compare import compare_runs
 from ds2d2_cli.config import config_to_json, load_config
 from ds2d2_cli.errors import InputError
-from ds2d2_cli.stages.demo import DEMO_PRESET, _check_stage, run_demo
+from ds2d2_cli.demo import DEMO_PRESET, _check_stage, run_demo
 
 from conftest import TINY
 

@@ -208,7 +208,8 @@ def test_teacher_is_frozen_and_adapter_learns(pipeline, tiny_data):
     from ds2d2_cli.checkpoint import load_checkpoint
     from ds2d2_cli.data.dataset import DetectionDataset, collate
     from ds2d2_cli.models.detectors import build_detector
-    from ds2d2_cli.stages.common import load_split, model_from_checkpoint
+    from ds2d2_cli.models.detectors import model_from_checkpoint
+    from ds2d2_cli.stages.common import load_split
     from ds2d2_cli.stages.distill import DistillTask
 
     preset, runs, _ = pipeline

@@ -97,7 +97,7 @@ def test_onnx_faster_rcnn_cli_verify_with_image(frcnn_ckpt, tmp_path):
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*tuple in scripting:UserWarning")
 def test_torchscript_round_trip(retina_ckpt, tmp_path):
     from ds2d2_cli.export import export_torchscript, load_torchscript
-    from ds2d2_cli.stages.common import model_from_checkpoint
+    from ds2d2_cli.models.detectors import model_from_checkpoint
 
     out = tmp_path / "student.torchscript.pt"
     result = export_torchscript(retina_ckpt, out, verify=True)
@@ -114,7 +114,7 @@ def test_torchscript_round_trip(retina_ckpt, tmp_path):
 
 
 def test_fp16_safetensors_loads_back(retina_ckpt):
-    from ds2d2_cli.stages.common import model_from_checkpoint
+    from ds2d2_cli.models.detectors import model_from_checkpoint
 
     result = runner.invoke(app, ["export", str(retina_ckpt), "--format", "safetensors", "--verify", "--json", "-"])
     assert result.exit_code == 0, result.output

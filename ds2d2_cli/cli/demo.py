@@ -59,7 +59,7 @@ def demo_command(
     CPU-only, nothing downloaded, about 10 minutes on 2 cores. Example: ds2d2 demo --out runs/demo
     """
     from ds2d2_cli.engine import resolve_device
-    from ds2d2_cli.stages.demo import run_demo
+    from ds2d2_cli.demo import run_demo
 
     results = run_demo(out, device=resolve_device(device), fresh=fresh, preset=preset, overrides=list(overrides),
                        scenes=scenes, scene_size=scene_size, reporter=RichReporter())

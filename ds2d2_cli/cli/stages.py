@@ -12,6 +12,7 @@ from rich.table import Table
 from ds2d2_cli.cli.common import (
     PRESET_HELP, SET_HELP, RichReporter, handle_errors, state, stdout_console, write_json_output,
 )
+from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS
 from ds2d2_cli.errors import InputError
 
 JSON_HELP = "also write the figures as JSON to FILE (`-` for stdout)"
@@ -38,13 +39,13 @@ def register(app: typer.Typer) -> None:
 def resolve_config(preset: str, overrides: list[str], *, stage: str, max_iters: Optional[int] = None,
                    weights: dict[str, Optional[Path]] | None = None):
     """The preset with `--set` overrides and the command's own options folded in."""
-    from ds2d2_cli.config import load_config
+    from ds2d2_cli.config import SCHEDULE_FIELDS, load_config
 
     extra = list(overrides)
     if max_iters is not None:
         if max_iters <= 0:
             raise InputError("--max-iters must be positive")
-        field = {"teacher": "teacher_train", "amplifier": "amplifier_train"}.get(stage, "train")
+        field = SCHEDULE_FIELDS[stage]
         config = load_config(preset, extra)
         if getattr(config, field) is None:
             extra.append(f"{field}={config.train.model_dump_json()}")
@@ -175,14 +176,12 @@ def train_amplifier_command(
 
 
 def _streams(value: Optional[str]) -> list[str]:
-    from ds2d2_cli.config import ALL_STREAMS
-
     if value is None:
         return []
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in ALL_STREAMS]
+    unknown = [n for n in names if n not in DS2D2_STREAMS]
     if unknown or not names:
-        raise InputError(f"--streams takes a comma list of {', '.join(ALL_STREAMS)} (got {value!r})")
+        raise InputError(f"--streams takes a comma list of {', '.join(DS2D2_STREAMS)} (got {value!r})")
     return [f"distill.streams={json.dumps(names)}"]
 
 
@@ -196,11 +195,10 @@ def distill_command(
     preset: str = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
     out: Path = typer.Option(Path("runs/student"), "--out", "-o", help="run folder"),
-    method: Optional[str] = typer.Option(None, "--method", help="ds2d2, fitnet, or none (the undistilled "
+    method: Optional[str] = typer.Option(None, "--method", help=f"{', '.join(METHODS)} (none: the undistilled "
                                          "baseline) [default: preset, i.e. ds2d2]", show_default=False),
-    streams: Optional[str] = typer.Option(None, "--streams", help="ablation: comma list of explicit-low, "
-                                          "explicit-high, implicit-full, implicit-high [default: all]",
-                                          show_default=False),
+    streams: Optional[str] = typer.Option(None, "--streams", help="ablation: comma list of "
+                                          f"{', '.join(DS2D2_STREAMS)} [default: all]", show_default=False),
     no_disw: bool = typer.Option(False, "--no-disw", help="ablation: plain (unweighted) explicit losses"),
     wavelet: Optional[str] = typer.Option(None, "--wavelet", help="any pywt discrete wavelet [default: preset, haar]",
                                           show_default=False),
@@ -223,8 +221,8 @@ def distill_command(
 
     extra = list(overrides)
     if method is not None:
-        if method not in ("ds2d2", "fitnet", "none"):
-            raise InputError(f"--method must be ds2d2, fitnet or none (got {method!r})")
+        if method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
         extra.append(f"distill.method={method}")
     extra += _streams(streams)
     if no_disw:

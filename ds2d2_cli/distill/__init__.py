@@ -6,23 +6,44 @@ Public API, called from a training loop:
     disw_weights, disw_weights_levels               disw.py
     Adapter, explicit_losses, fitnet_loss           explicit.py
     retinanet_implicit_loss, faster_rcnn_implicit_loss   implicit.py (imports torchvision)
+
+Which terms a method combines, by name: registry.py. The names above are loaded on first
+use, so `ds2d2_cli.distill.registry` (read by the config) imports no torch.
 """
 
 from __future__ import annotations
 
-from ds2d2_cli.distill.disw import disw_weights, disw_weights_levels
-from ds2d2_cli.distill.explicit import Adapter, explicit_losses, fitnet_loss
-from ds2d2_cli.distill.implicit import faster_rcnn_implicit_loss, retinanet_implicit_loss
-from ds2d2_cli.distill.spectral import high_frequency, spectral_split
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Adapter",
-    "disw_weights",
-    "disw_weights_levels",
-    "explicit_losses",
-    "faster_rcnn_implicit_loss",
-    "fitnet_loss",
-    "high_frequency",
-    "retinanet_implicit_loss",
-    "spectral_split",
-]
+_WHERE = {
+    "Adapter": "explicit",
+    "disw_weights": "disw",
+    "disw_weights_levels": "disw",
+    "explicit_losses": "explicit",
+    "faster_rcnn_implicit_loss": "implicit",
+    "fitnet_loss": "explicit",
+    "high_frequency": "spectral",
+    "retinanet_implicit_loss": "implicit",
+    "spectral_split": "spectral",
+}
+
+__all__ = sorted(_WHERE)
+
+if TYPE_CHECKING:
+    from ds2d2_cli.distill.disw import disw_weights, disw_weights_levels
+    from ds2d2_cli.distill.explicit import Adapter, explicit_losses, fitnet_loss
+    from ds2d2_cli.distill.implicit import faster_rcnn_implicit_loss, retinanet_implicit_loss
+    from ds2d2_cli.distill.spectral import high_frequency, spectral_split
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(import_module(f"ds2d2_cli.distill.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

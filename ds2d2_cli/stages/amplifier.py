@@ -6,39 +6,35 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
 
 from ds2d2_cli.checkpoint import CheckpointMeta
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.models.amplifier import amplifier_head, amplify, trained_state_dict
+from ds2d2_cli.models.detectors import model_from_checkpoint
+from ds2d2_cli.models.families import family_of
+from ds2d2_cli.models.families._base import AmplifierRPN
 from ds2d2_cli.progress import Reporter
-from ds2d2_cli.stages.common import (
-    load_stage_data, load_teacher, model_from_checkpoint, seed_everything, with_data_root,
-)
+from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything, with_data_root
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
-
-# With amplifier_rpn=frozen, Faster R-CNN's RPN keeps the teacher's weights (it reads the
-# full features), so its losses carry no gradient; leaving them out keeps the logged loss
-# the amplifier's own.
-_RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 
 
 class AmplifierTask:
     """The teacher's detection loss with only the amplifier's parts (head, maybe RPN) trainable."""
 
-    def __init__(self, model: nn.Module, frozen_rpn: bool):
+    def __init__(self, model: nn.Module, rpn: AmplifierRPN):
         self.module = model
-        self.frozen_rpn = frozen_rpn and isinstance(model, FasterRCNN)
+        self.family = family_of(model)
+        self.rpn = rpn
+        self.untrained = set(self.family.amplifier_untrained_losses(rpn))
 
     def losses(self, images, targets):
         terms = self.module(images, targets)
-        return {k: v for k, v in terms.items() if not (self.frozen_rpn and k in _RPN_LOSSES)}
+        return {k: v for k, v in terms.items() if k not in self.untrained}
 
     def train_mode(self) -> None:
         self.module.train()
-        self.module.backbone.eval()  # frozen: BN statistics must not drift either
-        if self.frozen_rpn:
-            self.module.rpn.eval()
+        for module in self.family.amplifier_frozen_modules(self.module, self.rpn):
+            module.eval()  # frozen: BN statistics must not drift either
 
 
 def train_amplifier(
@@ -70,7 +66,7 @@ def train_amplifier(
         )
 
     return run_stage(
-        task=AmplifierTask(model, frozen_rpn=config.distill.amplifier_rpn == "frozen"), scored=model,
+        task=AmplifierTask(model, config.distill.amplifier_rpn), scored=model,
         weights=lambda: trained_state_dict(parts), meta=meta,
         config=config, data=data, out=out, stage="amplifier", device=device, resume=resume, reporter=reporter,
         extra_summary={"teacher": str(teacher), "teacher_sha256": teacher_ckpt.sha256,

@@ -15,22 +15,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import RetinaNet
 
 from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint, meta_for
 from ds2d2_cli.config import RunConfig
-from ds2d2_cli.distill import Adapter, explicit_losses, faster_rcnn_implicit_loss, fitnet_loss, high_frequency
-from ds2d2_cli.distill import retinanet_implicit_loss
-from ds2d2_cli.distill.implicit import sample_rois
+from ds2d2_cli.distill import Adapter, high_frequency
+from ds2d2_cli.distill.registry import NEEDS_ADAPTER, NEEDS_AMPLIFIER, NEEDS_IMPLICIT, DistillStep, active_terms
+from ds2d2_cli.distill.registry import get_method
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.amplifier import load_head
-from ds2d2_cli.models.detectors import build_detector
+from ds2d2_cli.models.detectors import build_detector, model_from_checkpoint
+from ds2d2_cli.models.families import family_of
 from ds2d2_cli.progress import NullReporter, Reporter
-from ds2d2_cli.stages.common import (
-    load_stage_data, load_teacher, model_from_checkpoint, seed_everything, with_data_root,
-)
+from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything, with_data_root
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
-from ds2d2_cli.stages.teacher import DetectorTask
+from ds2d2_cli.tasks import DetectorTask
 
 
 class Student(nn.Module):
@@ -51,37 +49,36 @@ def _frozen(module: nn.Module | None) -> nn.Module | None:
 
 
 class DistillTask:
-    """Detection loss + weighted DS2D2 (or FitNet) terms, each returned separately for the log."""
+    """Detection loss + the chosen method's weighted terms (`distill.registry`), each returned
+    separately for the log."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, config: RunConfig,
                  amplifier_head: nn.Module | None = None):
         self.settings = config.distill
-        self.streams = set(config.distill.streams)
-        if amplifier_head is None:
-            self.streams.discard("implicit-high")
+        self.family = family_of(student)
+        method = get_method(config.distill.method)
+        self.terms = active_terms(method, config.distill.streams, has_amplifier=amplifier_head is not None)
+        self.streams = {t.name for t in self.terms} if method.ablatable else set()
+        needs = set().union(*(t.needs for t in self.terms))
         student_channels, teacher_channels = student.backbone.out_channels, teacher.backbone.out_channels
-        self.uses_implicit = uses_implicit = (
-            config.distill.method == "ds2d2" and bool(self.streams & {"implicit-full", "implicit-high"}))
-        uses_explicit = config.distill.method == "ds2d2" and bool(self.streams & {"explicit-low", "explicit-high"})
+        self.uses_implicit = NEEDS_IMPLICIT in needs
         # The authors feed the student's raw features to the amplifiers; a student FPN of
         # another width cannot enter the teacher's head, so then the adapter bridges it.
         self.implicit_input = config.distill.implicit_input
         self.implicit_input_note = None
-        if uses_implicit and self.implicit_input == "raw" and student_channels != teacher_channels:
+        if self.uses_implicit and self.implicit_input == "raw" and student_channels != teacher_channels:
             self.implicit_input = "adapted"
             self.implicit_input_note = (f"the student FPN has {student_channels} channels and the teacher's "
                                         f"{teacher_channels}: the implicit streams read the adapter's output")
-        needs_adapter = (config.distill.method == "fitnet" or uses_explicit
-                         or (uses_implicit and self.implicit_input == "adapted"))
+        needs_adapter = NEEDS_ADAPTER in needs or (self.uses_implicit and self.implicit_input == "adapted")
         adapter = Adapter(student_channels, teacher_channels) if needs_adapter else None
         self.module = Student(student, adapter)
         self.teacher = _frozen(teacher)
-        self.amplifier_head = _frozen(amplifier_head)
+        self.amplifier_head = _frozen(amplifier_head) if NEEDS_AMPLIFIER in needs else None
         # The teacher backbone only extracts features (no gradient): it may run in half precision.
         # The heads stay float32, since the implicit streams backpropagate through them.
         self.teacher_dtype = getattr(torch, config.distill.teacher_dtype)
         self.teacher.backbone.to(self.teacher_dtype)
-        self.is_retinanet = isinstance(student, RetinaNet)
 
     def train_mode(self) -> None:
         self.module.train()
@@ -99,30 +96,25 @@ class DistillTask:
                 teacher_features = OrderedDict((k, f.float()) for k, f in teacher_features.items())
         adapter = self.module.adapter
         adapted = OrderedDict((name, adapter(f)) for name, f in features.items()) if adapter is not None else None
-        implicit_student = adapted if self.implicit_input == "adapted" else features
-        if self.is_retinanet:
-            terms, implicit = self._retinanet(student, batch, targets, features, implicit_student, teacher_features)
-        else:
-            terms, implicit = self._faster_rcnn(student, batch, targets, features, implicit_student, teacher_features)
+        detection = self.family.detection_step(student, batch, targets, features)
+        terms = detection.terms
+
+        def implicit(high: bool) -> dict[str, Tensor]:
+            s, t = self._inputs(high, step.implicit_features, teacher_features)
+            head = self.amplifier_head if high else self.family.head(self.teacher)
+            return self.family.implicit_loss(detection, self.teacher, head, s, t, self.settings)
+
+        step = DistillStep(
+            student_features=features, teacher_features=teacher_features, adapted=adapted,
+            implicit_features=adapted if self.implicit_input == "adapted" else features,
+            boxes=[t["boxes"] for t in targets], input_hw=tuple(batch.tensors.shape[-2:]),
+            settings=self.settings, implicit=implicit,
+        )
         weights = self.settings.weights
-        if self.settings.method == "fitnet":
-            terms["fitnet"] = weights.fitnet * fitnet_loss(list(adapted.values()), list(teacher_features.values()))
-            return terms
-        if self.streams & {"explicit-low", "explicit-high"}:
-            low, high = explicit_losses(
-                list(adapted.values()), list(teacher_features.values()), [t["boxes"] for t in targets],
-                tuple(batch.tensors.shape[-2:]), wavelet=self.settings.wavelet, disw=self.settings.disw,
-            )
-            if "explicit-low" in self.streams:
-                terms["explicit_low"] = weights.explicit_low * low
-            if "explicit-high" in self.streams:
-                terms["explicit_high"] = weights.explicit_high * high
-        for stream, weight in (("implicit-full", weights.implicit_full), ("implicit-high", weights.implicit_high)):
-            if stream in self.streams:
-                kd = implicit(stream == "implicit-high")
-                prefix = stream.replace("-", "_")
-                terms[f"{prefix}_cls"] = weight * kd["cls"]
-                terms[f"{prefix}_box"] = weight * kd["box"]
+        for term in self.terms:
+            weight = getattr(weights, term.weight)
+            for name, value in term.compute(step).items():
+                terms[name] = weight * value
         return terms
 
     def _inputs(self, high: bool, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]):
@@ -132,44 +124,6 @@ class DistillTask:
         with torch.no_grad():
             teacher_hf = OrderedDict((k, high_frequency(f, wavelet)) for k, f in teacher_features.items())
         return OrderedDict((k, high_frequency(f, wavelet)) for k, f in student_features.items()), teacher_hf
-
-    def _retinanet(self, student, batch, targets, features, implicit_student, teacher_features):
-        feature_list = list(features.values())
-        anchors = student.anchor_generator(batch, feature_list)
-        terms = dict(student.compute_loss(targets, student.head(feature_list), anchors))
-        needs_implicit = bool(self.streams & {"implicit-full", "implicit-high"}) and self.settings.method == "ds2d2"
-        teacher_anchors = self.teacher.anchor_generator(batch, list(teacher_features.values())) if needs_implicit else None
-
-        def implicit(high: bool) -> dict[str, Tensor]:
-            s, t = self._inputs(high, implicit_student, teacher_features)
-            head = self.amplifier_head if high else self.teacher.head
-            return retinanet_implicit_loss(
-                head, list(s.values()), list(t.values()), teacher_anchors, targets,
-                box_coder=self.teacher.box_coder, matcher=self.teacher.proposal_matcher, beta=self.settings.qfl_beta,
-                box_anchors=self.settings.box_kd_anchors, normalizer=self.settings.kd_normalizer,
-            )
-
-        return terms, implicit
-
-    def _faster_rcnn(self, student, batch, targets, features, implicit_student, teacher_features):
-        proposals, rpn_losses = student.rpn(batch, features, targets)
-        _, roi_losses = student.roi_heads(features, proposals, batch.image_sizes, targets)
-        terms = {**rpn_losses, **roi_losses}
-        detached = [p.detach() for p in proposals]
-        drawn: list[list[Tensor]] = []  # one RoI draw per step, shared by the full and high streams
-
-        def implicit(high: bool) -> dict[str, Tensor]:
-            s, t = self._inputs(high, implicit_student, teacher_features)
-            roi_heads = self.amplifier_head if high else self.teacher.roi_heads
-            if not drawn:
-                drawn.append(sample_rois(self.teacher.roi_heads, detached, targets))
-            return faster_rcnn_implicit_loss(
-                roi_heads, s, t, detached, batch.image_sizes, targets,
-                temperature=self.settings.kd_temperature, cls_weight=self.settings.kd_cls_weight, rois=drawn[0],
-                roi_reduction=self.settings.roi_kd_reduction,
-            )
-
-        return terms, implicit
 
 
 def _load_amplifier(path: Path, teacher: Checkpoint, teacher_model: nn.Module) -> nn.Module:
@@ -199,15 +153,17 @@ def distill(
     reporter = reporter or NullReporter()
     device = torch.device(device)
     method = config.distill.method
+    chosen = get_method(method)
     config = with_data_root(config, data_dir)
     data = load_stage_data(config)
-    if method != "none" and teacher is None:
+    if chosen.needs_teacher and teacher is None:
         raise InputError(f"--method {method} needs --teacher T.safetensors (or use --method none for the baseline)")
-    teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path) if method != "none" else None
+    teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path) if chosen.needs_teacher else None
     teacher_model = model_from_checkpoint(teacher_ckpt, device) if teacher_ckpt is not None else None
     amplifier_head = None
-    if method == "ds2d2" and "implicit-high" in config.distill.streams:
-        if amplifier is None and set(config.distill.streams) == {"implicit-high"}:
+    wanted = active_terms(chosen, config.distill.streams)
+    if any(NEEDS_AMPLIFIER in term.needs for term in wanted):
+        if amplifier is None and not active_terms(chosen, config.distill.streams, has_amplifier=False):
             raise InputError("--streams implicit-high needs --amplifier A.safetensors (without it no stream is "
                              "left and the run would be the undistilled baseline)")
         if amplifier is None:
@@ -226,12 +182,12 @@ def distill(
         task = DistillTask(student, teacher_model, config, amplifier_head)
         task.module.to(device)
         detector = task.module.detector
-        reporter.note(f"distill: method {method}, streams {', '.join(sorted(task.streams)) if method == 'ds2d2' else '-'}"
+        reporter.note(f"distill: method {method}, streams {', '.join(sorted(task.streams)) or '-'}"
                       f", DISW {'on' if config.distill.disw else 'off'}, wavelet {config.distill.wavelet}")
         if task.implicit_input_note:
             reporter.note(task.implicit_input_note)
     extra = {"method": method, "teacher_sha256": teacher_ckpt.sha256 if teacher_ckpt else None}
-    active = sorted(task.streams) if isinstance(task, DistillTask) and method == "ds2d2" else []
+    active = sorted(task.streams) if isinstance(task, DistillTask) else []
     implicit_input = task.implicit_input if isinstance(task, DistillTask) and task.uses_implicit else None
     return run_stage(
         task=task, scored=detector, weights=detector.state_dict,

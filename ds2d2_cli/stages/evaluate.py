@@ -9,10 +9,11 @@ import torch
 
 from ds2d2_cli import distributed
 from ds2d2_cli.checkpoint import check_classes, load_checkpoint
-from ds2d2_cli.evaluation import evaluate_results_file
+from ds2d2_cli.evaluation import evaluate_on_split, evaluate_results_file
 from ds2d2_cli.fileio import write_json
 from ds2d2_cli.progress import Reporter
-from ds2d2_cli.stages.common import evaluate_on_split, load_split, model_from_checkpoint
+from ds2d2_cli.models.detectors import model_from_checkpoint
+from ds2d2_cli.stages.common import load_split
 
 
 def evaluate_checkpoint(

@@ -23,7 +23,8 @@ from ds2d2_cli.data.dataset import DetectionDataset
 from ds2d2_cli.engine import TrainingTask, prepare_run_dir, remove_resume_state, train
 from ds2d2_cli.fileio import write_json
 from ds2d2_cli.progress import NullReporter, Reporter
-from ds2d2_cli.stages.common import StageData, evaluate_on_split
+from ds2d2_cli.evaluation import evaluate_on_split
+from ds2d2_cli.stages.common import StageData
 
 
 @dataclass

@@ -6,27 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
-
 from ds2d2_cli.checkpoint import meta_for
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.models.detectors import build_detector
 from ds2d2_cli.progress import Reporter
 from ds2d2_cli.stages.common import load_stage_data, seed_everything, with_data_root
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
-
-
-class DetectorTask:
-    """Supervised detection: the torchvision detector's own loss terms."""
-
-    def __init__(self, model: nn.Module):
-        self.module = model
-
-    def losses(self, images, targets):
-        return self.module(images, targets)
-
-    def train_mode(self) -> None:
-        self.module.train()
+from ds2d2_cli.tasks import DetectorTask
 
 
 def train_detector(

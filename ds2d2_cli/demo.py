@@ -179,7 +179,8 @@ def run_demo(
     from ds2d2_cli.models.detectors import count_parameters
     from ds2d2_cli.plots import training_curves
     from ds2d2_cli.stages.amplifier import train_amplifier
-    from ds2d2_cli.stages.common import model_from_checkpoint, with_data_root
+    from ds2d2_cli.models.detectors import model_from_checkpoint
+    from ds2d2_cli.stages.common import with_data_root
     from ds2d2_cli.stages.distill import distill
     from ds2d2_cli.stages.evaluate import evaluate_checkpoint
     from ds2d2_cli.stages.teacher import train_teacher

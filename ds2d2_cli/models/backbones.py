@@ -1,0 +1,112 @@
+"""ResNet bodies and their FPN, as method.md configures them (torchvision parts, not re-written).
+
+Each detector family (`models/families/`) says which ResNet stages feed its FPN and how
+the pyramid is extended; everything else about the backbone is shared: normalisation
+(frozen BN over pretrained weights, trainable BN from scratch), ImageNet weights from
+torchvision or a local file, and which layers train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+from ds2d2_cli.config import ModelConfig
+from ds2d2_cli.errors import Ds2d2Error, InputError
+
+RESNET_C_CHANNELS = {  # output channels of layer1..layer4
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+    "resnext101_32x8d": (256, 512, 1024, 2048),
+}
+
+
+def has_pretrained(cfg: ModelConfig) -> bool:
+    return cfg.pretrained or cfg.backbone_weights is not None
+
+
+def resolved_norm(cfg: ModelConfig) -> str:
+    """`auto` made concrete: frozen BN over pretrained weights (reference setting), BN from scratch."""
+    if cfg.norm != "auto":
+        return cfg.norm
+    return "frozen_bn" if has_pretrained(cfg) else "bn"
+
+
+def _norm_layer(cfg: ModelConfig):
+    return misc_nn_ops.FrozenBatchNorm2d if resolved_norm(cfg) == "frozen_bn" else nn.BatchNorm2d
+
+
+def _load_local_weights(body: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise InputError("backbone weights file not found", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise InputError(f"cannot read backbone weights: {exc}", path) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise InputError(f"backbone weights do not fit this backbone ({detail})", path) from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing:
+        raise InputError(
+            f"backbone weights do not fit this backbone ({len(missing)} missing, e.g. {missing[0]})", path
+        )
+    del unexpected  # classifier heads and extra keys are fine to ignore
+
+
+def build_resnet_body(cfg: ModelConfig) -> nn.Module:
+    if cfg.backbone not in RESNET_C_CHANNELS:
+        raise InputError(f"unsupported backbone {cfg.backbone!r}; available: {', '.join(RESNET_C_CHANNELS)}")
+    weights = "DEFAULT" if cfg.pretrained and cfg.backbone_weights is None else None
+    try:
+        body = torchvision.models.get_model(cfg.backbone, weights=weights, norm_layer=_norm_layer(cfg))
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise Ds2d2Error(
+            f"cannot get ImageNet weights for {cfg.backbone} ({exc}); when offline, pass "
+            "--backbone-weights PATH (a torchvision state_dict file) or train from scratch with "
+            "--set teacher.pretrained=false / student.pretrained=false"
+        ) from None
+    if cfg.backbone_weights is not None:
+        _load_local_weights(body, Path(cfg.backbone_weights))
+    return body
+
+
+def build_fpn_backbone(cfg: ModelConfig, returned: Sequence[int],
+                       extra_blocks: Callable[[tuple[int, ...]], ExtraFPNBlock]) -> BackboneWithFPN:
+    """The ResNet of `cfg` with an FPN over its layers `returned` (1..4 = C2..C5).
+
+    `extra_blocks(stage_channels)` builds the pyramid's extension; it is called after the
+    body and before the FPN, so parameters are initialised in one fixed order (seeded runs
+    stay bit-identical)."""
+    body = build_resnet_body(cfg)
+    # Freezing randomly initialised layers makes no sense: train everything from scratch.
+    trainable = cfg.trainable_layers if has_pretrained(cfg) else 5
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
+    if trainable == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in body.named_parameters():
+        if all(not name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+    channels = RESNET_C_CHANNELS[cfg.backbone]
+    extra = extra_blocks(channels)
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+    in_channels = [channels[k - 1] for k in returned]
+    return BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)

@@ -1,0 +1,98 @@
+"""RetinaNet (method.md): FPN on C3-C5 with P6/P7 from C5, 3 scales x 3 ratios of anchors per
+level (size = anchor_base x stride x 2^(i/3), strides 8-128), focal loss, L1 box loss.
+
+Its amplifier is a copy of the head reading `high_frequency(...)` of each level; the
+implicit loss is `retinanet_implicit_loss` on the teacher's anchors and assigner.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from ds2d2_cli.config import DistillConfig, InputConfig, ModelConfig
+from ds2d2_cli.distill.implicit import retinanet_implicit_loss
+from ds2d2_cli.distill.spectral import high_frequency
+from ds2d2_cli.models.backbones import build_fpn_backbone
+from ds2d2_cli.models.families._base import AmplifierRPN, DetectionStep, DetectorFamily
+
+STRIDES = (8, 16, 32, 64, 128)
+
+
+def anchor_sizes(anchor_base: float) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(max(1, round(anchor_base * s * 2 ** (i / 3))) for i in range(3)) for s in STRIDES)
+
+
+class HighFrequencyRetinaNetHead(nn.Module):
+    def __init__(self, head: nn.Module, wavelet: str = "haar"):
+        super().__init__()
+        self.head = head
+        self.wavelet = wavelet
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        return self.head([high_frequency(f, self.wavelet) for f in features])
+
+    def compute_loss(self, *args, **kwargs):
+        return self.head.compute_loss(*args, **kwargs)
+
+
+class RetinaNetFamily(DetectorFamily):
+    name = "retinanet"
+    model_type = RetinaNet
+    amplifier_prefix = "head."
+
+    def build(self, cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -> nn.Module:
+        # P6/P7 from C5 (LastLevelP6P7 switches to P5 only if C5 already has FPN width).
+        backbone = build_fpn_backbone(cfg, (2, 3, 4), lambda c: LastLevelP6P7(c[3], cfg.fpn_channels))
+        sizes = anchor_sizes(cfg.anchor_base)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        norm = None
+        if cfg.head_norm == "group":
+            # up to 32 groups, at least 2 channels each: P7 of a small input is 1x1, and a
+            # one-value group would normalise to a constant (and breaks the ONNX export)
+            groups = math.gcd(32, max(1, cfg.fpn_channels // 2))
+            norm = functools.partial(nn.GroupNorm, groups)
+        num_anchors = anchors.num_anchors_per_location()[0]
+        head = RetinaNetHead(cfg.fpn_channels, num_anchors, num_classes + 1, norm_layer=norm)
+        with torch.no_grad():  # slot 0 is no class: start it far below the score threshold
+            head.classification_head.cls_logits.bias.view(num_anchors, num_classes + 1)[:, 0] = -20.0
+        return RetinaNet(
+            backbone, num_classes + 1, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
+            detections_per_img=cfg.detections_per_img, min_size=input_cfg.size, max_size=input_cfg.size,
+            image_mean=list(input_cfg.mean), image_std=list(input_cfg.std),
+        )
+
+    def detection_step(self, model, batch, targets, features) -> DetectionStep:
+        feature_list = list(features.values())
+        anchors = model.anchor_generator(batch, feature_list)
+        terms = dict(model.compute_loss(targets, model.head(feature_list), anchors))
+        return DetectionStep(batch, targets, terms)
+
+    def implicit_loss(self, step: DetectionStep, teacher: nn.Module, head: nn.Module,
+                      student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
+                      settings: DistillConfig) -> dict[str, Tensor]:
+        levels = list(teacher_features.values())
+        if "teacher_anchors" not in step.cache:  # anchors depend on shapes only: one set per step
+            step.cache["teacher_anchors"] = teacher.anchor_generator(step.batch, levels)
+        return retinanet_implicit_loss(
+            head, list(student_features.values()), levels, step.cache["teacher_anchors"], step.targets,
+            box_coder=teacher.box_coder, matcher=teacher.proposal_matcher, beta=settings.qfl_beta,
+            box_anchors=settings.box_kd_anchors, normalizer=settings.kd_normalizer,
+        )
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return model.head
+
+    def amplify(self, teacher: nn.Module, head: nn.Module, wavelet: str, rpn: AmplifierRPN) -> dict[str, nn.Module]:
+        teacher.head = HighFrequencyRetinaNetHead(head, wavelet)
+        return {self.amplifier_prefix: head}
+
+    def set_score_thresh(self, model: nn.Module, score_thresh: float) -> None:
+        model.score_thresh = score_thresh
