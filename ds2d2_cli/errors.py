@@ -7,6 +7,12 @@ Library code never prints or exits: it raises one of these, and `ds2d2_cli.cli` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def one_line(text: Any) -> str:
+    """An exception's text as one line (error messages are always one line)."""
+    return " ".join(str(text).split())
 
 
 class Ds2d2Error(Exception):

@@ -72,10 +72,13 @@ def predict(model: nn.Module, dataset: DetectionDataset, device: torch.device, b
 
 
 def detections_to_coco(image_id: int, detections: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """COCO result rows (bbox x, y, w, h to 2 decimals, score to 5) of one image's detections (x1, y1, x2, y2)."""
+    from torchvision.ops import box_convert
+
     boxes = detections["boxes"].detach().float().cpu()
     if boxes.numel() == 0:
         return []
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).numpy().round(2).tolist()
+    xywh = box_convert(boxes, "xyxy", "xywh").numpy().round(2).tolist()
     scores = detections["scores"].detach().float().cpu().numpy().round(5).tolist()
     labels = detections["labels"].cpu().tolist()
     return [
@@ -177,7 +180,9 @@ def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any
 
 def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou: float = 0.5) -> list[dict[str, Any]]:
     """Shift patch detections to scene coordinates and merge overlaps with class-wise NMS."""
-    from torchvision.ops import batched_nms
+    from torchvision.ops import box_convert
+
+    from ds2d2_cli.data.tiling import merge_order
 
     by_id = {img["id"]: img for img in split.images}
     if results and any("scene_id" not in by_id[r["image_id"]] for r in results):
@@ -192,11 +197,11 @@ def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou
     xywh = np.array([r["bbox"] for r in results], dtype=np.float64)
     xy = (xywh[:, :2] + offsets) / scales[:, None]
     wh = xywh[:, 2:] / scales[:, None]
-    boxes = torch.from_numpy(np.concatenate([xy, xy + wh], axis=1))
+    boxes = box_convert(torch.from_numpy(np.concatenate([xy, wh], axis=1)), "xywh", "xyxy")
     scores = torch.tensor([r["score"] for r in results], dtype=torch.float64)
     labels = np.array([r["category_id"] for r in results])
-    groups = torch.from_numpy(scene_ids.astype(np.int64) * 10_000 + labels.astype(np.int64))
-    keep = batched_nms(boxes.float(), scores.float(), groups, iou).numpy()
+    keep = merge_order(boxes, scores, torch.from_numpy(labels.astype(np.int64)),
+                       iou, scenes=torch.from_numpy(scene_ids.astype(np.int64))).numpy()
     merged = []
     for i in keep:
         x0, y0, x1, y1 = boxes[i].tolist()

@@ -1,4 +1,11 @@
-"""Atomic file output: nothing half-written is ever left under the final name."""
+"""Atomic file output: nothing half-written is ever left under the final name.
+
+One mechanism: `atomic_path` writes one file under a temporary name next to it and renames
+it when the block succeeds; `staging` builds a whole run's output on it (JSON files next to
+their final names, other files in hidden folders inside the output folder) and moves it all
+into place only when the whole block succeeds. Write failures (an unwritable folder, a full
+disk) become one-line `Ds2d2Error`s naming the file or folder.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from ds2d2_cli.errors import Ds2d2Error
+from ds2d2_cli.errors import Ds2d2Error, one_line
 
 
 @contextlib.contextmanager
@@ -80,6 +87,100 @@ def write_json(path: str | Path, data: Any, indent: int | None = None) -> None:
             json.dump(data, fh, indent=indent)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+class Staging:
+    """A run's output, staged under temporary names (see `staging`)."""
+
+    def __init__(self, out: Path, stack: contextlib.ExitStack):
+        self.out = out
+        self._stack = stack  # the JSON files' `atomic_path`s: renamed when it closes, after the moves
+        self._folders: list[Path] = []
+        self._moves: list[Callable[[], None]] = []
+
+    def folder(self, prefix: str, suffix: str = "") -> Path:
+        """A new hidden folder inside OUT for files to wait in; removed when the block ends."""
+        try:
+            path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=self.out))
+        except OSError as exc:
+            raise Ds2d2Error(f"cannot write here: {one_line(exc.strerror or exc)}", self.out) from None
+        self._folders.append(path)
+        return path
+
+    def write_json(self, path: str | Path, data: Any, indent: int | None = None) -> None:
+        """Write `path` now under a temporary name next to it; renamed onto `path` when the block succeeds."""
+        tmp = self._stack.enter_context(atomic_path(path))
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=indent)
+
+    def publish(self, staged: Path, final: Path) -> None:
+        """Move the file `staged` (in a staging folder) onto `final` when the block succeeds, in call order."""
+        def move() -> None:
+            try:
+                os.replace(staged, final)
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot write: {one_line(exc.strerror or exc)}", final) from None
+        self._moves.append(move)
+
+    def publish_contents(self, staged: Path, final: Path, what: str) -> None:
+        """Move every file in the folder `staged` (if any) into the folder `final` when the block succeeds."""
+        def move() -> None:
+            try:
+                final.mkdir(parents=True, exist_ok=True)
+                for path in sorted(staged.iterdir()):
+                    os.replace(path, final / path.name)
+            except FileNotFoundError:
+                return  # nothing was staged there
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot move {what} into place: {one_line(exc.strerror or exc)}", final) from None
+        self._moves.append(move)
+
+
+@contextlib.contextmanager
+def staging(out: str | Path, *, create: bool = False) -> Iterator[Staging]:
+    """Stage a set of output files in OUT; move them into place only when the whole block succeeds.
+
+    Inside the block, `Staging.write_json` writes each JSON file under a temporary name next
+    to its final one, `Staging.folder` gives hidden folders inside OUT for other files, and
+    `Staging.publish` / `publish_contents` name where those go. When the block ends well the
+    staged files are moved into place (in the order given), then the JSON files renamed
+    (the last written first). A failure on the way (a full disk ...) removes every
+    temporary file and folder and raises one `Ds2d2Error` naming the file or folder; no JSON
+    file of the set appears under its final name. With `create`, OUT is made (with its
+    parents; "cannot write here" when that fails) and the folders made for it are removed
+    again when the block fails, if still empty.
+    """
+    out = Path(out)
+    created: list[Path] = []
+    if create:
+        probe = out
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _remove_empty(created)
+            raise Ds2d2Error(f"cannot write here: {one_line(exc.strerror or exc)}", out) from None
+    stack = contextlib.ExitStack()
+    stage = Staging(out, stack)
+    try:
+        with stack:
+            yield stage
+            for move in stage._moves:
+                move()
+    except BaseException:
+        _remove_folders(stage._folders)
+        _remove_empty(created)
+        raise
+    _remove_folders(stage._folders)
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) where they are still empty."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            path.rmdir()

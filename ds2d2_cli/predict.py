@@ -34,25 +34,25 @@ Files (`predict_paths`)
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from ds2d2_cli.data import validate
+from ds2d2_cli.data.coco_writer import categories
+from ds2d2_cli.data.tiling import check_window, merge_order, slice_windows  # slice_windows: public API here too
 from ds2d2_cli.data.validate import image_size, open_rgb  # one reading of image files, shared with prepare-data
 from ds2d2_cli.errors import Ds2d2Error, InputError
-from ds2d2_cli.fileio import write_json
+from ds2d2_cli.evaluation import detections_to_coco
+from ds2d2_cli.fileio import staging, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
 
-IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# predict reads PNG, JPEG and TIFF (what its messages name): prepare-data's formats but BMP
+IMAGE_EXTS: tuple[str, ...] = tuple(ext for ext in validate.IMAGE_EXTS if ext != ".bmp")
 DEFAULT_NMS_IOU = 0.5
 DEFAULT_OVERLAP = 200
 DEFAULT_BATCH_SIZE = 8
@@ -198,23 +198,7 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu",
 
 
 def check_slice(size: int, overlap: int) -> None:
-    if size <= 0:
-        raise InputError(f"--slice must be a positive number of pixels (got {size})")
-    if overlap < 0 or overlap >= size:
-        raise InputError(f"--overlap must be at least 0 and smaller than --slice (got overlap {overlap}, slice {size})")
-
-
-def slice_windows(width: int, height: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """(x0, y0) of every `size` x `size` window of a `width` x `height` scene, row by row.
-
-    Windows step by `size - overlap`; the last one in each direction is moved back to end at
-    the border (x0 = width - size); a side no longer than `size` gets the single origin 0.
-    """
-    from ds2d2_cli.data.dota import window_starts  # one definition of the DOTA window grid
-
-    check_slice(size, overlap)
-    xs = window_starts(width, size, overlap)
-    return [(x0, y0) for y0 in window_starts(height, size, overlap) for x0 in xs]
+    check_window(size, overlap, "--slice", "--overlap")
 
 
 def default_overlap(slice_size: int) -> int:
@@ -246,7 +230,7 @@ def _empty() -> Detections:
 def _merge(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, height: int,
            score_thresh: float, nms_iou: float) -> Detections:
     """Window detections -> scene detections: shift, clip, filter, class-wise NMS across windows."""
-    from torchvision.ops import batched_nms
+    from torchvision.ops import clip_boxes_to_image
 
     if not pieces:
         return _empty()
@@ -259,13 +243,12 @@ def _merge(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, 
         boxes.append(b)
         scores.append(det["scores"].detach().float().cpu().reshape(-1))
         labels.append(det["labels"].detach().cpu().reshape(-1).to(torch.int64))
-    box, score, label = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    box[:, 0::2] = box[:, 0::2].clamp(0, width)
-    box[:, 1::2] = box[:, 1::2].clamp(0, height)
+    box = clip_boxes_to_image(torch.cat(boxes), (height, width))
+    score, label = torch.cat(scores), torch.cat(labels)
     keep = (score >= score_thresh) & (label > 0) & (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
     box, score, label = box[keep], score[keep], label[keep]
     if len(pieces) > 1:
-        order = batched_nms(box, score, label, nms_iou)
+        order = merge_order(box, score, label, nms_iou)
     else:  # one window: the detector has already run its own NMS
         order = torch.argsort(score, descending=True, stable=True)
     return {"boxes": box[order], "scores": score[order], "labels": label[order]}
@@ -452,46 +435,6 @@ def draw_detections(image: Any, detections: Detections, classes: Sequence[str]) 
 # ----------------------------------------------------------------------------- files
 
 
-@dataclass
-class _Staging:
-    """OUT, the folders we created for it, and the hidden folder annotated images wait in."""
-
-    out: Path
-    created: list[Path]
-    folder: Path
-
-    @classmethod
-    def open(cls, out: Path) -> "_Staging":
-        created: list[Path] = []
-        probe = out
-        while not probe.exists():
-            created.append(probe)
-            probe = probe.parent
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix=".ds2d2-predict-", dir=out))
-        except OSError as exc:
-            for path in created:
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-            raise Ds2d2Error(f"cannot write here: {exc.strerror or exc}", out) from None
-        return cls(out, created, folder)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        for path in self.created:  # deepest first; only if still empty
-            with contextlib.suppress(OSError):
-                path.rmdir()
-
-    def publish(self, names: Sequence[str]) -> None:
-        for name in names:
-            try:
-                os.replace(self.folder / name, self.out / name)
-            except OSError as exc:
-                raise Ds2d2Error(f"cannot write: {exc.strerror or exc}", self.out / name) from None
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def _check_outputs(paths: Sequence[Path], out: Path, draw: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError("--out must be a folder (this is a file)", out)
@@ -509,16 +452,6 @@ def _check_outputs(paths: Sequence[Path], out: Path, draw: bool) -> None:
         stems[path.stem] = path
         if (out.resolve() / f"{path.stem}.png") in inputs:
             raise InputError("its annotated image would overwrite an input; choose another --out", path)
-
-
-def _coco_rows(image_id: int, det: Detections) -> list[dict[str, Any]]:
-    boxes = det["boxes"]
-    if boxes.numel() == 0:
-        return []
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).numpy().round(2).tolist()
-    scores = det["scores"].numpy().round(5).tolist()
-    return [{"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
-            for b, s, c in zip(xywh, scores, det["labels"].tolist())]
 
 
 def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], out: str | Path, *,
@@ -577,49 +510,47 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     tiles = 0
     # sliced: one scene at a time (its windows fill the batches); whole images: batch_size files at a time
     chunk = 1 if slice_size is not None else batch_size
-    staging = _Staging.open(out)
-    progress = reporter.task("predict", total=len(paths))
-    start = time.perf_counter()
-    try:
-        for first in range(0, len(paths), chunk):
-            group = paths[first:first + chunk]
-            loaded = [load_image(p) for p in group]
-            results = predict_images(predictor, [t for _, t in loaded], slice_size=slice_size,
-                                     overlap=overlap if overlap is not None else 0, nms_iou=nms_iou,
-                                     score_thresh=threshold, batch_size=batch_size)
-            for offset, (path, (picture, tensor), det) in enumerate(zip(group, loaded, results)):
-                image_id = first + offset + 1
-                height, width = int(tensor.shape[1]), int(tensor.shape[2])
-                n_tiles = len(slice_windows(width, height, slice_size, overlap or 0)) if slice_size else 1
-                tiles += n_tiles
-                images_meta.append({"id": image_id, "file_name": str(path.resolve()), "width": width,
-                                    "height": height})
-                rows.extend(_coco_rows(image_id, det))
-                counts = np.bincount(det["labels"].numpy().clip(0, len(classes)), minlength=len(classes) + 1)
-                per_class += counts[:len(classes) + 1]
-                record = {"id": image_id, "file": str(path), "width": width, "height": height, "tiles": n_tiles,
-                          "detections": int(det["scores"].numel())}
-                if draw:
-                    name = f"{path.stem}.png"
-                    draw_detections(picture, det, classes).save(staging.folder / name, format="PNG",
-                                                                 compress_level=3)
-                    annotated.append(name)
-                    record["annotated"] = str(out / name)
-                per_image.append(record)
-                progress.update(1, detections=len(rows))
-        seconds = time.perf_counter() - start
-        categories = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
-        write_json(staging.folder / IMAGES_FILE, {
-            "info": {"description": f"ds2d2 predict: {source}", "model": source},
-            "licenses": [], "images": images_meta, "categories": categories,
-        }, indent=1)
-        write_json(staging.folder / PREDICTIONS_FILE, rows)
-        staging.publish([*annotated, IMAGES_FILE, PREDICTIONS_FILE])  # the results file last
-    except BaseException:
-        staging.discard()
-        raise
-    finally:
-        progress.close()
+    with staging(out, create=True) as stage:
+        folder = stage.folder(".ds2d2-predict-")
+        progress = reporter.task("predict", total=len(paths))
+        start = time.perf_counter()
+        try:
+            for first in range(0, len(paths), chunk):
+                group = paths[first:first + chunk]
+                loaded = [load_image(p) for p in group]
+                results = predict_images(predictor, [t for _, t in loaded], slice_size=slice_size,
+                                         overlap=overlap if overlap is not None else 0, nms_iou=nms_iou,
+                                         score_thresh=threshold, batch_size=batch_size)
+                for offset, (path, (picture, tensor), det) in enumerate(zip(group, loaded, results)):
+                    image_id = first + offset + 1
+                    height, width = int(tensor.shape[1]), int(tensor.shape[2])
+                    n_tiles = len(slice_windows(width, height, slice_size, overlap or 0)) if slice_size else 1
+                    tiles += n_tiles
+                    images_meta.append({"id": image_id, "file_name": str(path.resolve()), "width": width,
+                                        "height": height})
+                    rows.extend(detections_to_coco(image_id, det))
+                    counts = np.bincount(det["labels"].numpy().clip(0, len(classes)), minlength=len(classes) + 1)
+                    per_class += counts[:len(classes) + 1]
+                    record = {"id": image_id, "file": str(path), "width": width, "height": height,
+                              "tiles": n_tiles, "detections": int(det["scores"].numel())}
+                    if draw:
+                        name = f"{path.stem}.png"
+                        draw_detections(picture, det, classes).save(folder / name, format="PNG", compress_level=3)
+                        stage.publish(folder / name, out / name)
+                        annotated.append(name)
+                        record["annotated"] = str(out / name)
+                    per_image.append(record)
+                    progress.update(1, detections=len(rows))
+            seconds = time.perf_counter() - start
+            write_json(folder / IMAGES_FILE, {
+                "info": {"description": f"ds2d2 predict: {source}", "model": source},
+                "licenses": [], "images": images_meta, "categories": categories(classes),
+            }, indent=1)
+            write_json(folder / PREDICTIONS_FILE, rows)
+            for name in (IMAGES_FILE, PREDICTIONS_FILE):  # the results file last
+                stage.publish(folder / name, out / name)
+        finally:
+            progress.close()
     return {
         "model": source, "model_format": kind, "model_description": predictor.description,
         "classes": classes, "input_size": predictor.input_size, "device": str(getattr(predictor, "device", resolved)),

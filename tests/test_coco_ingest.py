@@ -43,7 +43,7 @@ def test_ingest_default_order(tmp_path):
     out = tmp_path / "out"
     summary = ingest_coco(ann, images, out)
     path = out / "instances.json"
-    assert summary["out"] == str(path)
+    assert summary.out == str(path)
     data = json.loads(path.read_text())
     assert data["categories"] == [{"id": 1, "name": "airplane"}, {"id": 2, "name": "Vehicle"}]  # by original id
     assert [(i["id"], i["source_id"], i["width"], i["height"]) for i in data["images"]] == [(1, 7, 100, 80), (2, 9, 50, 50)]
@@ -53,7 +53,7 @@ def test_ingest_default_order(tmp_path):
         (1, 1, 2, [10.0, 10.0, 20.0, 30.0]), (2, 1, 1, [90.0, 70.0, 10.0, 10.0]), (3, 2, 2, [1.0, 2.0, 3.0, 4.0])]
     assert anns[0]["area"] == 600 and anns[1]["area"] == 100.0 and anns[2]["iscrowd"] == 1
     assert anns[2]["segmentation"] == [[1, 2, 4, 2, 4, 6, 1, 6]]
-    assert (summary["images"], summary["objects"], summary["clipped"], summary["degenerate"]) == (2, 3, 1, 1)
+    assert (summary.images, summary.objects, summary.clipped, summary.degenerate) == (2, 3, 1, 1)
     COCO(str(path))
 
 

@@ -84,7 +84,7 @@ def test_prepare_dior(tmp_path, official):
     root = make_dior(tmp_path / "DIOR", official)
     out = tmp_path / "out"
     summary = prepare_dior(root, out)
-    assert set(summary["splits"]) == {"train", "val", "trainval", "test"}
+    assert set(summary.splits) == {"train", "val", "trainval", "test"}
     for split in ("train", "val", "trainval", "test"):
         assert (out / f"{split}.json").is_file()
         COCO(str(out / f"{split}.json"))
@@ -102,7 +102,7 @@ def test_prepare_dior(tmp_path, official):
     # 00002's toll station reaches y=70 in a 64 px image: clipped
     toll = [a for a in trainval["annotations"] if a["category_id"] == DIOR.index("expressway-toll-station") + 1]
     assert toll[0]["bbox"] == [5.0, 5.0, 4.0, 59.0]
-    assert summary["splits"]["val"]["clipped"] == 1
+    assert summary.splits["val"].clipped == 1
     test = json.loads((out / "test.json").read_text())
     assert test["images"][0]["id"] == 3 and len(test["annotations"]) == 1
     assert test["info"]["ds2d2"]["split"] == "test"

@@ -223,11 +223,11 @@ def test_prepare_tiny_dataset(tmp_path):
     src = _tiny_dataset(tmp_path / "src")
     out = tmp_path / "out"
     summary = prepare_dota(src, out, size=256, gap=56)
-    assert list(summary["splits"]) == ["train", "val", "test"]
-    train = summary["splits"]["train"]
+    assert list(summary.splits) == ["train", "val", "test"]
+    train = summary.splits["train"]
     # A: 300 x 200 -> left {0, 44}, top {0}; B: 256 x 256 -> one window
-    assert train["scenes"] == 2 and train["patches"] == 3
-    assert train["objects"] == 3 and train["degenerate"] == 1
+    assert train.scenes == 2 and train.patches == 3
+    assert train.objects == 3 and train.degenerate == 1
     data = json.loads((out / "train.json").read_text())
     names = [img["file_name"] for img in data["images"]]
     assert names == ["train/images/A__1__0___0.png", "train/images/A__1__44___0.png", "train/images/B__1__0___0.png"]
@@ -244,7 +244,7 @@ def test_prepare_tiny_dataset(tmp_path):
     ships = [a for a in data["annotations"] if a["category_id"] == DOTA_V1_0.index("ship") + 1]
     assert len(ships) == 1 and ships[0]["image_id"] == 2 and ships[0]["bbox"] == [186.0, 100.0, 60.0, 50.0]
     assert ships[0]["difficult"] == 1
-    assert train["dropped_iof"] == 1
+    assert train.dropped_iof == 1
     # patches are padded to 256 x 256 with zeros
     with Image.open(out / names[0]) as patch:
         assert patch.size == (256, 256)
@@ -259,14 +259,14 @@ def test_prepare_tiny_dataset(tmp_path):
     COCO(str(out / "train_scenes.json"))
     # the test split has no labels: image-only JSON
     test = json.loads((out / "test.json").read_text())
-    assert len(test["images"]) == 1 and test["annotations"] == [] and not summary["splits"]["test"]["labelled"]
+    assert len(test["images"]) == 1 and test["annotations"] == [] and not summary.splits["test"].labelled
 
 
 def test_prepare_scales_and_crowd(tmp_path):
     src = _tiny_dataset(tmp_path / "src")
     out = tmp_path / "out"
     summary = prepare_dota(src / "train", out, size=256, gap=56, scales=[1.0, 0.5], partial="crowd")
-    assert list(summary["splits"]) == ["train"]
+    assert list(summary.splits) == ["train"]
     data = json.loads((out / "train.json").read_text())
     half = [img for img in data["images"] if img["scale"] == 0.5]
     assert [img["file_name"] for img in half] == ["train/images/A__0.5__0___0.png", "train/images/B__0.5__0___0.png"]
@@ -274,7 +274,7 @@ def test_prepare_scales_and_crowd(tmp_path):
     assert plane["bbox"] == [5.0, 5.0, 15.0, 15.0]
     crowd = [a for a in data["annotations"] if a["iscrowd"]]
     assert len(crowd) == 1 and crowd[0]["bbox"] == [230.0, 100.0, 26.0, 50.0]
-    assert summary["splits"]["train"]["crowd"] == 1 and summary["splits"]["train"]["dropped_iof"] == 0
+    assert summary.splits["train"].crowd == 1 and summary.splits["train"].dropped_iof == 0
 
 
 def test_every_annotation_inside_its_patch(tmp_path):

@@ -211,12 +211,12 @@ def test_prepare_dota_any_labels(scene_png, label, skip_bad):
             assert "\n" not in str(exc)
             assert not list(out.rglob("*.json")) and not list(out.rglob("*.png")) if out.exists() else True
         else:
-            event("written" + (", with items left out" if summary["skipped"] else ""))
+            event("written" + (", with items left out" if summary.problems.skipped else ""))
             data = json.loads((out / "train.json").read_text())
             for ann in data["annotations"]:
                 x, y, w, h = ann["bbox"]
                 assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 32 + 1e-6 and y + h <= 32 + 1e-6
-            assert summary["splits"]["train"]["scenes"] == 1
+            assert summary.splits["train"].scenes == 1
 
 
 # --------------------------------------------------------------------------- COCO writer
@@ -296,9 +296,9 @@ def test_coco_writer_output_loads_or_fails_cleanly(coco_images, doc, skip_bad):
             width, height = sizes[a["image_id"]]
             assert w > 0 and h > 0 and 0 <= x and 0 <= y and x + w <= width + 1e-6 and y + h <= height + 1e-6
             assert 1 <= a["category_id"] <= len(data["categories"]) and a["area"] > 0
-        assert len(coco.getAnnIds()) == summary["objects"]
+        assert len(coco.getAnnIds()) == summary.objects
         # nothing silent: every annotation of the input is written, or listed as left out (alone or with its image)
-        left_out = len([e for e in summary["skipped"] if e["item"] == "annotation"])
-        with_images = sum(int(e["problem"].split("(its ")[1].split(" ")[0]) for e in summary["skipped"]
+        left_out = len([e for e in summary.problems.skipped if e["item"] == "annotation"])
+        with_images = sum(int(e["problem"].split("(its ")[1].split(" ")[0]) for e in summary.problems.skipped
                           if e["item"] == "image" and "(its " in e["problem"])
-        assert summary["objects"] + left_out + with_images >= len(doc["annotations"])
+        assert summary.objects + left_out + with_images >= len(doc["annotations"])

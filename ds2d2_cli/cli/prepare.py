@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -12,6 +12,10 @@ from rich.table import Table
 from ds2d2_cli.classes import CLASS_SETS
 from ds2d2_cli.cli.common import RichReporter, handle_errors, stdout_console, write_json_output
 from ds2d2_cli.errors import InputError
+
+if TYPE_CHECKING:
+    from ds2d2_cli.data.coco_writer import PrepareSummary
+    from ds2d2_cli.data.validate import ProblemReport
 
 app = typer.Typer(
     help="Convert DOTA / DIOR / COCO / synthetic data into COCO JSON (see each command's --help).",
@@ -53,10 +57,10 @@ def _default_dota_out(src: Path, split: int) -> Path:
     return base.with_name(f"{base.name}-{split}") if base.name else Path(f"data-{split}")
 
 
-def _problem_table(summary: dict[str, Any]) -> Table | None:
+def _problem_table(problems: ProblemReport) -> Table | None:
     """Counts of what was left out or repaired, by problem (None when the input was clean)."""
     tally: dict[tuple[str, str], int] = {}
-    for entry in [*summary.get("skipped", []), *summary.get("repaired", [])]:
+    for entry in [*problems.skipped, *problems.repaired]:
         key = (entry["reason"], entry["action"])
         tally[key] = tally.get(key, 0) + 1
     if not tally:
@@ -90,10 +94,16 @@ def _console(json_out: Optional[Path]) -> Console:
     return stdout_console()
 
 
-def _print_problems(console: Any, summary: dict[str, Any]) -> None:
-    table = _problem_table(summary)
-    if table is not None:
-        console.print(table)
+def _finish(console: Any, summary: PrepareSummary, per_class: dict[str, dict[str, int]], json_out: Optional[Path],
+            done: str | None = None) -> None:
+    """What every converter prints last: objects per class, the bad-input table, a closing line; then --json."""
+    for table in (_nonzero_class_table("objects per class", per_class) if per_class else None,
+                  _problem_table(summary.problems)):
+        if table is not None:
+            console.print(table)
+    if done is not None:
+        console.print(done)
+    write_json_output(json_out, summary.to_dict())
 
 
 @app.command("dota")
@@ -144,25 +154,21 @@ def dota_command(
                            reporter=RichReporter())
     console = _console(json_out)
     table = Table(title=f"DOTA -> {out} ({split} px, gap {gap}, scales "
-                        f"{', '.join(f'{s:g}' for s in summary['scales'])})")
+                        f"{', '.join(f'{s:g}' for s in summary.scales)})")
     for column in ("split", "scenes", "patches", "objects", "patch boxes", "crowd kept", "dropped iof<thr",
                    "dropped degenerate"):
         table.add_column(column, justify="left" if column == "split" else "right")
-    for name, s in summary["splits"].items():
-        table.add_row(name, str(s["scenes"]), str(s["patches"]), str(s["objects"]) if s["labelled"] else "-",
-                      str(s["annotations"]), str(s["crowd"]), str(s["dropped_iof"]), str(s["degenerate"]))
+    for name, s in summary.splits.items():
+        table.add_row(name, str(s.scenes), str(s.patches), str(s.objects) if s.labelled else "-",
+                      str(s.annotations), str(s.crowd), str(s.dropped_iof), str(s.degenerate))
     console.print(table)
     columns = {}
-    for name, s in summary["splits"].items():
-        if s["labelled"]:
-            columns[f"{name} objects"] = s["objects_per_class"]
-            columns[f"{name} patch boxes"] = s["annotations_per_class"]
-    per_class = _nonzero_class_table("objects per class", columns) if columns else None
-    if per_class is not None:
-        console.print(per_class)
-    _print_problems(console, summary)
-    console.print(f"done in {summary['seconds']:.1f} s; wrote {', '.join(s['json'] for s in summary['splits'].values())}")
-    write_json_output(json_out, summary)
+    for name, s in summary.splits.items():
+        if s.labelled:
+            columns[f"{name} objects"] = s.objects_per_class
+            columns[f"{name} patch boxes"] = s.annotations_per_class
+    _finish(console, summary, columns, json_out,
+            f"done in {summary.seconds:.1f} s; wrote {', '.join(s.json for s in summary.splits.values())}")
 
 
 @app.command("dior")
@@ -187,16 +193,11 @@ def dior_command(
     table = Table(title=f"DIOR -> {out}")
     for column in ("split", "images", "objects", "clipped", "dropped degenerate"):
         table.add_column(column, justify="left" if column == "split" else "right")
-    for name, s in summary["splits"].items():
-        table.add_row(name, str(s["images"]), str(s["objects"]), str(s["clipped"]), str(s["degenerate"]))
+    for name, s in summary.splits.items():
+        table.add_row(name, str(s.images), str(s.objects), str(s.clipped), str(s.degenerate))
     console.print(table)
-    per_class = _nonzero_class_table("objects per class", {n: s["objects_per_class"]
-                                                           for n, s in summary["splits"].items()})
-    if per_class is not None:
-        console.print(per_class)
-    _print_problems(console, summary)
-    console.print(f"done in {summary['seconds']:.1f} s")
-    write_json_output(json_out, summary)
+    _finish(console, summary, {n: s.objects_per_class for n, s in summary.splits.items()}, json_out,
+            f"done in {summary.seconds:.1f} s")
 
 
 @app.command("coco")
@@ -225,16 +226,12 @@ def coco_command(
     summary = ingest_coco(annotations, images, out, name=name, classes=classes, skip_bad=skip_bad,
                           reporter=RichReporter())
     console = _console(json_out)
-    table = Table(title=f"COCO -> {summary['out']}")
+    table = Table(title=f"COCO -> {summary.out}")
     for column in ("images", "objects", "clipped", "dropped degenerate"):
         table.add_column(column, justify="right")
-    table.add_row(str(summary["images"]), str(summary["objects"]), str(summary["clipped"]), str(summary["degenerate"]))
+    table.add_row(str(summary.images), str(summary.objects), str(summary.clipped), str(summary.degenerate))
     console.print(table)
-    per_class = _nonzero_class_table("objects per class", {"objects": summary["objects_per_class"]})
-    if per_class is not None:
-        console.print(per_class)
-    _print_problems(console, summary)
-    write_json_output(json_out, summary)
+    _finish(console, summary, {"objects": summary.objects_per_class}, json_out)
 
 
 @app.command("synthetic")

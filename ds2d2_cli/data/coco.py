@@ -18,31 +18,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ds2d2_cli.classes import canonical_name, get_class_set
+from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, clip_boxes, relpath
+from ds2d2_cli.data.coco_writer import round2 as _r
 from ds2d2_cli.data.validate import BadItem, Problems, check_image, held_progress, one_line
 from ds2d2_cli.errors import InputError
-from ds2d2_cli.fileio import write_json
+from ds2d2_cli.fileio import staging
 from ds2d2_cli.progress import NullReporter, Reporter
 
 OVERFLOW_TOLERANCE = 0.02  # fraction of the image side a box may overflow before it is an error
 OVERFLOW_PIXELS = 2.0
-
-
-def _r(value: float) -> float:
-    return round(float(value), 2)
-
-
-def _relpath(path: Path, start: Path) -> str:
-    try:
-        return os.path.relpath(path.resolve(), start.resolve())
-    except ValueError:
-        return str(path.resolve())
 
 
 def _is_int(value: Any) -> bool:
@@ -58,11 +49,6 @@ def _int_id(value: Any, what: str, path: Path) -> int:
 def _short(value: Any, limit: int = 60) -> str:
     text = one_line(repr(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """Size of an image that decodes completely (BadItem otherwise)."""
-    return check_image(path)
 
 
 def _clip_box(bbox: Any, width: int, height: int, ann_path: Path, what: str) -> tuple[list[float] | None, bool]:
@@ -90,10 +76,9 @@ def _clip_box(bbox: Any, width: int, height: int, ann_path: Path, what: str) -> 
     if x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
         raise BadItem(f"{what}: bbox {_short(bbox)} lies outside its {width}x{height} image", ann_path,
                       reason="object outside image")
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
-    cw, ch = _r(x1 - x0), _r(y1 - y0)
+    (given,), (inside,), ((x0, y0, cw, ch),) = clip_boxes([(x, y, w, h)], width, height, "xywh")
+    clipped = inside != given
+    cw, ch = _r(cw), _r(ch)
     if cw <= 0 or ch <= 0:
         raise BadItem(f"{what}: bbox {_short(bbox)} lies outside its {width}x{height} image", ann_path,
                       reason="object outside image")
@@ -168,9 +153,20 @@ def _categories(data: dict[str, Any], classes: str | None, ann_path: Path) -> tu
     return class_names, remap
 
 
+@dataclass
+class CocoSummary(PrepareSummary):
+    """What `ingest_coco` did (`out`: the file written; `to_dict()`: the --json summary)."""
+
+    images: int
+    objects: int
+    clipped: int
+    degenerate: int
+    objects_per_class: dict[str, int]
+
+
 def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path, *, name: str | None = None,
                 classes: str | None = None, skip_bad: bool = False,
-                reporter: Reporter | None = None) -> dict[str, Any]:
+                reporter: Reporter | None = None) -> CocoSummary:
     """Validate `annotations` against the images in `images_dir`; write `OUT/<name>.json`.
 
     `classes` (a ds2d2 class-set name, e.g. `dior`) fixes the category order and names
@@ -188,7 +184,7 @@ def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path
 
 
 def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, classes: str | None,
-                 skip_bad: bool, reporter: Reporter) -> dict[str, Any]:
+                 skip_bad: bool, reporter: Reporter) -> CocoSummary:
     problems = Problems(skip_bad, reporter)
     name = name or ann_path.stem
     if not name or "/" in name or "\\" in name or name in (".", ".."):
@@ -199,12 +195,11 @@ def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, 
     if not images_dir.is_dir():
         raise InputError("image folder not found", images_dir)
     class_names, remap = _categories(data, classes, ann_path)
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
+    coco = CocoWriter(class_names, annotation_id_last=True)
 
     # Images.
     id_count = Counter(img.get("id") for img in data["images"] if isinstance(img, dict) and _is_int(img.get("id")))
     anns_per_image = Counter(a.get("image_id") for a in raw_anns if isinstance(a, dict) and _is_int(a.get("image_id")))
-    images_out: list[dict[str, Any]] = []
     new_image_id: dict[int, int] = {}
     sizes: dict[int, tuple[int, int]] = {}
     skipped_images: set[int] = set()
@@ -220,21 +215,18 @@ def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, 
                     skipped_images.add(iid)
                 task.update(1)
                 continue
-            new_image_id[entry["source_id"]] = len(images_out) + 1
+            new_image_id[entry["source_id"]] = coco.add_image(entry)
             sizes[entry["source_id"]] = (entry["width"], entry["height"])
-            images_out.append({"id": len(images_out) + 1, **entry})
             task.update(1)
     finally:
         task.close()
-    if not images_out:
+    if not coco.images:
         raise InputError("no usable image: every image entry was skipped as bad" if data["images"] else "no images",
                          ann_path)
 
     # Annotations.
-    anns_out: list[dict[str, Any]] = []
     seen_ann: set[int] = set()
     clipped = degenerate = 0
-    per_class = {n: 0 for n in class_names}
     for position, ann in enumerate(raw_anns, start=1):
         if isinstance(ann, dict) and _is_int(ann.get("image_id")) and ann["image_id"] in skipped_images:
             continue  # reported with its image
@@ -256,22 +248,19 @@ def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, 
             problems.repair(BadItem(f"annotation {ann['id']}: segmentation is not a list of polygons (RLE or "
                                     "malformed): left out, the box is kept", ann_path,
                                     reason="segmentation left out"), "annotation")
-        entry["id"] = len(anns_out) + 1
-        anns_out.append(entry)
-        per_class[class_names[entry["category_id"] - 1]] += 1
+        coco.add_annotation(entry.pop("image_id"), entry.pop("category_id"), entry)
     problems.note_repairs("")
 
     out_path = out / f"{name}.json"
-    write_json(out_path, {
-        "info": {"ds2d2": {"source": "coco", "classes": classes, "split": name, "source_file": str(ann_path)},
-                 "skipped": problems.skipped, "repaired": problems.repaired},
-        "images": images_out, "annotations": anns_out, "categories": categories,
-    })
+    with staging(out) as stage:
+        stage.write_json(out_path, coco.document(
+            {"source": "coco", "classes": classes, "split": name, "source_file": str(ann_path)},
+            problems.skipped, problems.repaired))
     problems.flush()
-    return {"source": str(ann_path), "out": str(out_path), "classes": classes, "images": len(images_out),
-            "objects": len(anns_out), "clipped": clipped, "degenerate": degenerate,
-            "objects_per_class": per_class, **problems.summary(),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return CocoSummary(source=str(ann_path), out=str(out_path), classes=classes, images=len(coco.images),
+                       objects=len(coco.annotations), clipped=clipped, degenerate=degenerate,
+                       objects_per_class=coco.per_class, problems=problems.report(),
+                       seconds=round(time.perf_counter() - started, 3))
 
 
 def _check_image_entry(img: Any, position: int, id_count: Counter, images_dir: Path, out: Path, ann_path: Path,
@@ -296,14 +285,14 @@ def _check_image_entry(img: Any, position: int, id_count: Counter, images_dir: P
         raise BadItem(f"image {iid}: file {file_name!r} not found in {images_dir}{along}", ann_path,
                       reason="missing image")
     try:
-        width, height = _image_size(path)
+        width, height = check_image(path)
     except BadItem as exc:
         raise BadItem(f"image {iid}: {file_name}: {exc.message}{along}", ann_path, reason=exc.reason) from None
     declared = (img.get("width"), img.get("height"))
     if declared != (None, None) and declared != (width, height):
         raise BadItem(f"image {iid}: the JSON says {_short(declared[0], 20)}x{_short(declared[1], 20)} but "
                       f"{file_name} is {width}x{height}{along}", ann_path, reason="size mismatch")
-    return {"file_name": _relpath(path, out), "width": width, "height": height, "source_id": iid}
+    return {"file_name": relpath(path, out), "width": width, "height": height, "source_id": iid}
 
 
 def _check_annotation(ann: Any, position: int, seen: set[int], new_image_id: dict[int, int], remap: dict[int, int],

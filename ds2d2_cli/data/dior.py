@@ -19,13 +19,15 @@ image) stops the run with one line naming the file, or is skipped and reported w
 from __future__ import annotations
 
 import math
-import os
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ds2d2_cli.classes import DIOR, canonical_name
+from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, clip_boxes, relpath
+from ds2d2_cli.data.coco_writer import round2 as _r
 from ds2d2_cli.data.validate import (
     IMAGE_EXTS,
     BadItem,
@@ -34,17 +36,13 @@ from ds2d2_cli.data.validate import (
     held_progress,
     one_line,
     unsupported_extension,
-    write_json_files,
 )
 from ds2d2_cli.errors import InputError
+from ds2d2_cli.fileio import staging
 from ds2d2_cli.progress import NullReporter, Reporter
 
 SPLITS = ("train", "val", "test")
 MAX_SIDE = 1_000_000  # px: a <size> beyond this is a broken file, not an image
-
-
-def _r(value: float) -> float:
-    return round(float(value), 2)
 
 
 def annotation_dir(root: Path) -> Path:
@@ -168,18 +166,6 @@ def read_split_list(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """Size of an image that decodes (BadItem when it is missing, corrupt, truncated or unsupported)."""
-    return check_image(path)
-
-
-def _relpath(path: Path, start: Path) -> str:
-    try:
-        return os.path.relpath(path.resolve(), start.resolve())
-    except ValueError:
-        return str(path.resolve())
-
-
 def _boxes(info: dict[str, Any], xml_path: Path, problems: Problems, where: dict[str, Any]) -> tuple[list, int, int]:
     """Objects clipped to their image: ([(category name, [x, y, w, h], difficult)], clipped, zero-area).
 
@@ -189,7 +175,9 @@ def _boxes(info: dict[str, Any], xml_path: Path, problems: Problems, where: dict
     w_img, h_img = info["width"], info["height"]
     kept: list[tuple[str, list[float], int]] = []
     clipped = zero = 0
-    for obj in info["objects"]:
+    objects = info["objects"]
+    _, inside, inside_xywh = clip_boxes([obj["box"] for obj in objects], w_img, h_img)
+    for obj, box, (cx0, cy0, cw, ch) in zip(objects, inside, inside_xywh):
         x0, y0, x1, y1 = obj["box"]
         what = f"object {obj['index']} ({obj['name']})"
         if _r(x1 - x0) <= 0 or _r(y1 - y0) <= 0:
@@ -197,14 +185,12 @@ def _boxes(info: dict[str, Any], xml_path: Path, problems: Problems, where: dict
                                   reason="zero-area object"), "object", **where)
             zero += 1
             continue
-        cx0, cy0 = min(max(x0, 0.0), w_img), min(max(y0, 0.0), h_img)
-        cx1, cy1 = min(max(x1, 0.0), w_img), min(max(y1, 0.0), h_img)
-        w, h = _r(cx1 - cx0), _r(cy1 - cy0)
+        w, h = _r(cw), _r(ch)
         if w <= 0 or h <= 0:
             problems.bad(BadItem(f"{what}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside its {w_img}x{h_img} "
                                  "image", xml_path, reason="object outside image"), "object", **where)
             continue
-        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+        if tuple(box) != (x0, y0, x1, y1):
             clipped += 1
             problems.repair(BadItem(f"{what}: box extends past its {w_img}x{h_img} image: clipped to it", xml_path,
                                     reason="object partly outside image"), "object", **where)
@@ -212,9 +198,30 @@ def _boxes(info: dict[str, Any], xml_path: Path, problems: Problems, where: dict
     return kept, clipped, zero
 
 
+@dataclass
+class DiorSplitSummary:
+    """One split of `prepare_dior`."""
+
+    images: int
+    objects: int
+    clipped: int
+    degenerate: int
+    skipped: int
+    repaired: int
+    objects_per_class: dict[str, int]
+    json: str
+
+
+@dataclass
+class DiorSummary(PrepareSummary):
+    """What `prepare_dior` did, per split (`to_dict()`: the --json summary)."""
+
+    splits: dict[str, DiorSplitSummary]
+
+
 def prepare_dior(root: str | Path, out: str | Path, reporter: Reporter | None = None, *,
-                 skip_bad: bool = False) -> dict[str, Any]:
-    """Write COCO JSON for every DIOR split list found (plus trainval); returns summary figures.
+                 skip_bad: bool = False) -> DiorSummary:
+    """Write COCO JSON for every DIOR split list found (plus trainval); returns the summary figures.
 
     Every listed image must have its XML and a readable image of the XML's <size>.
     Problems stop the run with one line naming the file (nothing is written), or with
@@ -225,7 +232,7 @@ def prepare_dior(root: str | Path, out: str | Path, reporter: Reporter | None = 
         return _prepare_dior(Path(root), Path(out), skip_bad, held)
 
 
-def _prepare_dior(root: Path, out: Path, skip_bad: bool, reporter: Reporter) -> dict[str, Any]:
+def _prepare_dior(root: Path, out: Path, skip_bad: bool, reporter: Reporter) -> DiorSummary:
     problems = Problems(skip_bad, reporter)
     if not root.is_dir():
         raise InputError("DIOR folder not found", root)
@@ -240,13 +247,11 @@ def _prepare_dior(root: Path, out: Path, skip_bad: bool, reporter: Reporter) -> 
     if not split_ids:
         raise InputError("no split lists: expected ImageSets/Main/train.txt, val.txt, test.txt", root)
     images = index_images(root)
-    categories = [{"id": i + 1, "name": name} for i, name in enumerate(DIOR)]
-    cat_id = {name: i + 1 for i, name in enumerate(DIOR)}
     all_ids = [i for ids in split_ids.values() for i in ids]
     numeric = all(i.isdigit() and int(i) > 0 for i in all_ids) and len({int(i) for i in all_ids}) == len(set(all_ids))
 
-    # id -> (image entry, [(class, box, difficult)], clipped, zero-area); bad images are not in it
-    parsed: dict[str, tuple[dict[str, Any], list, int, int]] = {}
+    # id -> (COCO image id, image fields, [(class, box, difficult)], clipped, zero-area); bad images are not in it
+    parsed: dict[str, tuple[int, dict[str, Any], list, int, int]] = {}
     tried: set[str] = set()
     kept_ids: dict[str, list[str]] = {}
     task = reporter.task("read DIOR", total=len(set(all_ids)))
@@ -280,26 +285,23 @@ def _prepare_dior(root: Path, out: Path, skip_bad: bool, reporter: Reporter) -> 
         problems.note(f"{len(unlisted)} annotation file(s) are in no split list and not converted "
                       f"(e.g. {unlisted[0]}.xml)")
 
-    def build(split: str, ids: list[str], per_class: dict[str, int]) -> dict[str, Any]:
-        anns: list[dict[str, Any]] = []
-        images_out = []
+    def build(split: str, ids: list[str]) -> tuple[CocoWriter, dict[str, Any]]:
+        coco = CocoWriter(DIOR)
         for image_id in ids:
-            entry, boxes, _, _ = parsed[image_id]
-            images_out.append(entry)
+            coco_id, fields, boxes, _, _ = parsed[image_id]
+            coco.add_image(fields, coco_id)
             for name, box, difficult in boxes:
-                anns.append({"id": len(anns) + 1, "image_id": entry["id"], "category_id": cat_id[name],
-                             "bbox": list(box), "area": _r(box[2] * box[3]), "iscrowd": 0, "difficult": difficult})
-                per_class[name] += 1
+                coco.add_annotation(coco_id, coco.category_id[name], {
+                    "bbox": list(box), "area": _r(box[2] * box[3]), "iscrowd": 0, "difficult": difficult})
         members = set(ids) | set(split_ids.get(split, []))
         if split == "trainval":
             members |= set(split_ids["train"]) | set(split_ids["val"])
-        info = {"skipped": [e for e in problems.skipped if e.get("image") in members],
-                "repaired": [e for e in problems.repaired if e.get("image") in members]}
-        return {"info": {"ds2d2": {"source": "dior", "classes": "dior", "split": split}, **info},
-                "images": images_out, "annotations": anns, "categories": categories}
+        skipped = [e for e in problems.skipped if e.get("image") in members]
+        repaired = [e for e in problems.repaired if e.get("image") in members]
+        return coco, coco.document({"source": "dior", "classes": "dior", "split": split}, skipped, repaired)
 
     outputs: dict[str, dict[str, Any]] = {}
-    summary: dict[str, Any] = {"source": str(root), "out": str(out), "classes": "dior", "splits": {}}
+    splits: dict[str, DiorSplitSummary] = {}
     lists = dict(kept_ids)
     if "train" in kept_ids and "val" in kept_ids:
         train = set(kept_ids["train"])
@@ -310,20 +312,19 @@ def _prepare_dior(root: Path, out: Path, skip_bad: bool, reporter: Reporter) -> 
         if not ids:
             raise InputError(f"no usable image left in split {split!r}: every one was skipped as bad",
                              lists_dir / f"{split}.txt")
-        per_class = {name: 0 for name in DIOR}
-        outputs[split] = build(split, ids, per_class)
-        summary["splits"][split] = {
-            "images": len(ids), "objects": len(outputs[split]["annotations"]),
-            "clipped": sum(parsed[i][2] for i in ids), "degenerate": sum(parsed[i][3] for i in ids),
-            "skipped": len(outputs[split]["info"]["skipped"]), "repaired": len(outputs[split]["info"]["repaired"]),
-            "objects_per_class": per_class, "json": str(out / f"{split}.json"),
-        }
+        coco, outputs[split] = build(split, ids)
+        info = outputs[split]["info"]
+        splits[split] = DiorSplitSummary(
+            images=len(ids), objects=len(coco.annotations), clipped=sum(parsed[i][3] for i in ids),
+            degenerate=sum(parsed[i][4] for i in ids), skipped=len(info["skipped"]), repaired=len(info["repaired"]),
+            objects_per_class=coco.per_class, json=str(out / f"{split}.json"))
     problems.note_repairs("")
-    write_json_files((out / f"{split}.json", data) for split, data in outputs.items())
+    with staging(out) as stage:
+        for split, data in outputs.items():
+            stage.write_json(out / f"{split}.json", data)
     problems.flush()
-    summary.update(problems.summary())
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    return summary
+    return DiorSummary(source=str(root), out=str(out), classes="dior", splits=splits, problems=problems.report(),
+                       seconds=round(time.perf_counter() - started, 3))
 
 
 def _read_image(root: Path, ann_dir: Path, images: dict[str, Path], image_id: str, split: str, out: Path,
@@ -349,6 +350,5 @@ def _read_image(root: Path, ann_dir: Path, images: dict[str, Path], image_id: st
     except BadItem as exc:
         problems.bad(exc, "image", **where)
         return None
-    entry = {"id": int(image_id) if order is None else order, "file_name": _relpath(image_path, out),
-             "width": actual[0], "height": actual[1]}
-    return entry, boxes, clipped, zero
+    fields = {"file_name": relpath(image_path, out), "width": actual[0], "height": actual[1]}
+    return int(image_id) if order is None else order, fields, boxes, clipped, zero

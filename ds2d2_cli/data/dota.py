@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import tempfile
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -48,19 +46,22 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ds2d2_cli.classes import canonical_name, get_class_set
+from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, relpath
+from ds2d2_cli.data.coco_writer import round2 as _r
 from ds2d2_cli.data.polygons import clip_polygon, dedupe_vertices, fix_bowtie, polygon_area
+from ds2d2_cli.data.tiling import check_window, window_origins, window_starts  # noqa: F401 - window_starts: API
 from ds2d2_cli.data.validate import (
     IMAGE_EXTS,
     BadItem,
     Problems,
     held_progress,
-    json_files,
     one_line,
     open_rgb,
     unsupported_extension,
     writable_folder,
 )
 from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.fileio import staging
 from ds2d2_cli.progress import NullReporter, Reporter
 
 SCENES_SUFFIX = "_scenes"  # OUT/<split>_scenes.json: the whole scenes behind the patch split <split>
@@ -186,36 +187,6 @@ def parse_dota_labels(path: str | Path, classes: Sequence[str], class_set: str =
     return labels
 
 
-# --------------------------------------------------------------------------- windows
-
-
-def window_starts(length: int, size: int, gap: int) -> list[int]:
-    """Window origins along one axis, exactly as the DOTA devkit's ImgSplit loop.
-
-    Step `size - gap`; the window that would reach the border is moved back to end at
-    it (`length - size`); a length <= size gives the single origin 0.
-    """
-    if size <= 0 or gap < 0 or gap >= size:
-        raise InputError(f"need 0 <= gap < split size (got split {size}, gap {gap})")
-    step = size - gap
-    starts: list[int] = []
-    pos = 0
-    while pos < length:
-        if pos + size >= length:
-            pos = max(length - size, 0)
-        starts.append(pos)
-        if pos + size >= length:
-            break
-        pos += step
-    return starts or [0]
-
-
-def window_origins(width: int, height: int, size: int, gap: int) -> list[tuple[int, int]]:
-    """(left, top) of every window of a `width x height` scene, left-major like the devkit."""
-    tops = window_starts(height, size, gap)
-    return [(left, top) for left in window_starts(width, size, gap) for top in tops]
-
-
 # --------------------------------------------------------------------------- objects in windows
 
 
@@ -226,21 +197,13 @@ class SplitStats:
     crowd: int = 0  # partial pieces kept with iscrowd 1
     dropped_iof: int = 0  # partial pieces dropped: iof < iof_thr
     degenerate: int = 0  # zero-area objects (once per scene) and zero-size pieces
-    objects: int = 0  # scene objects (non-degenerate)
-    objects_per_class: dict[str, int] = field(default_factory=dict)
     annotations_per_class: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: "SplitStats") -> None:
-        for name in ("patches", "annotations", "crowd", "dropped_iof", "degenerate", "objects"):
+        for name in ("patches", "annotations", "crowd", "dropped_iof", "degenerate"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mine, theirs in ((self.objects_per_class, other.objects_per_class),
-                             (self.annotations_per_class, other.annotations_per_class)):
-            for key, value in theirs.items():
-                mine[key] = mine.get(key, 0) + value
-
-
-def _r(value: float) -> float:
-    return round(float(value), 2)
+        for key, value in other.annotations_per_class.items():
+            self.annotations_per_class[key] = self.annotations_per_class.get(key, 0) + value
 
 
 def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int], difficult: Sequence[int],
@@ -491,21 +454,11 @@ def list_images(folder: Path, problems: Problems | None = None, split: str = "")
     return sorted(unique)
 
 
-def _relpath(path: Path, start: Path) -> str:
-    try:
-        return os.path.relpath(path.resolve(), start.resolve())
-    except ValueError:  # another drive on Windows
-        return str(path.resolve())
-
-
 # --------------------------------------------------------------------------- the whole job
 
 
 def _check_options(size: int, gap: int, scales: Sequence[float], iof_thr: float, partial: str) -> None:
-    if size <= 0:
-        raise InputError(f"--split must be a positive number of pixels (got {size})")
-    if gap < 0 or gap >= size:
-        raise InputError(f"--gap must be at least 0 and smaller than --split (got {gap}, split {size})")
+    check_window(size, gap)
     if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
         raise InputError(f"--scales must be positive numbers (got {', '.join(f'{s:g}' for s in scales) or 'none'})")
     if len(set(scales)) != len(scales):
@@ -588,25 +541,6 @@ def _plan_split(split: str, folder: Path, class_names: Sequence[str], classes: s
     return plan
 
 
-def _make_staging(out: Path, split: str) -> Path:
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{split}.", suffix=".tmp", dir=out))
-    except OSError as exc:
-        raise Ds2d2Error(f"cannot write here: {one_line(exc.strerror or exc)}", out) from None
-
-
-def _commit_patches(staging: Path, final: Path) -> None:
-    """Move the finished patches into place (renames on one file system: quick)."""
-    try:
-        final.mkdir(parents=True, exist_ok=True)
-        for patch in sorted((staging / "images").iterdir()):
-            os.replace(patch, final / patch.name)
-    except FileNotFoundError:
-        return  # no patches (cannot happen with at least one scene, but nothing to move)
-    except OSError as exc:
-        raise Ds2d2Error(f"cannot move patches into place: {one_line(exc.strerror or exc)}", final) from None
-
-
 def _run_jobs(jobs: list[SceneJob], workers: int, problems: Problems, task: Any) -> list[dict[str, Any] | BadItem]:
     """Split every scene; a bad image stops the run at once unless --skip-bad."""
     results: list[dict[str, Any] | BadItem | None] = [None] * len(jobs)
@@ -646,11 +580,42 @@ def _outside_error(job: SceneJob, result: dict[str, Any], index: int) -> BadItem
                    job.label_path, job.lines[index], reason="object outside image")
 
 
+@dataclass
+class DotaSplitSummary:
+    """One split of `prepare_dota`: what was read and written."""
+
+    scenes: int
+    patches: int
+    labelled: bool
+    objects: int  # scene objects kept
+    annotations: int  # patch annotations, crowd included
+    crowd: int
+    dropped_iof: int
+    degenerate: int
+    skipped: int
+    repaired: int
+    objects_per_class: dict[str, int]
+    annotations_per_class: dict[str, int]
+    json: str
+
+
+@dataclass
+class DotaSummary(PrepareSummary):
+    """What `prepare_dota` did: its settings and, per split, the figures (`to_dict()`: the --json summary)."""
+
+    patch_size: int
+    gap: int
+    scales: list[float]
+    iof_thr: float
+    partial: str
+    splits: dict[str, DotaSplitSummary]
+
+
 def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int = 200,
                  scales: Sequence[float] = (1.0,), iof_thr: float = 0.7, workers: int = 1,
                  classes: str = "dota-v1.0", partial: str = "drop", skip_bad: bool = False,
-                 reporter: Reporter | None = None) -> dict[str, Any]:
-    """Split every DOTA split under `src` into patches under `out`; returns summary figures.
+                 reporter: Reporter | None = None) -> DotaSummary:
+    """Split every DOTA split under `src` into patches under `out`; returns the summary figures.
 
     All label files are parsed (and errors raised) before any patch is written. Patches
     are written to a hidden staging folder per split and moved into `out/<split>/images`
@@ -667,7 +632,7 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
 
 
 def _prepare_dota(src: Path, out: Path, *, size: int, gap: int, scales: Sequence[float], iof_thr: float,
-                  workers: int, classes: str, partial: str, skip_bad: bool, reporter: Reporter) -> dict[str, Any]:
+                  workers: int, classes: str, partial: str, skip_bad: bool, reporter: Reporter) -> DotaSummary:
     scales = tuple(float(s) for s in scales)
     _check_options(size, gap, scales, iof_thr, partial)
     class_names = get_class_set(classes)
@@ -682,10 +647,6 @@ def _prepare_dota(src: Path, out: Path, *, size: int, gap: int, scales: Sequence
     started = time.perf_counter()
     problems = Problems(skip_bad, reporter)
     cat_index = {name: i + 1 for i, name in enumerate(class_names)}
-    categories = [{"id": i + 1, "name": name} for i, name in enumerate(class_names)]
-    summary: dict[str, Any] = {"source": str(src), "out": str(out), "classes": classes, "patch_size": size,
-                               "gap": gap, "scales": list(scales), "iof_thr": iof_thr, "partial": partial,
-                               "splits": {}}
 
     # Parse every split's labels first: bad input fails the run before anything is written.
     plans = [_plan_split(split, folder, class_names, classes, problems) for split, folder in splits]
@@ -701,104 +662,97 @@ def _prepare_dota(src: Path, out: Path, *, size: int, gap: int, scales: Sequence
             except OSError as exc:
                 raise Ds2d2Error(f"cannot replace: {one_line(exc.strerror or exc)}", stale) from None
 
+    # Every split succeeded: the JSON files are written under temporary names, the patches
+    # moved into place, then the JSON files renamed; a failure on the way leaves neither.
     outputs: list[tuple[Path, dict[str, Any]]] = []
-    staged: list[tuple[Path, Path]] = []  # (staging folder, final images folder)
-    try:
+    split_summaries: dict[str, DotaSplitSummary] = {}
+    with staging(out) as stage:
         for plan in plans:
-            split = plan.split
-            staging = _make_staging(out, split)
-            staged.append((staging, out / split / "images"))
-            split_stats = SplitStats(degenerate=plan.degenerate)
-            jobs = [SceneJob(
-                image_path=scene.image, stem=scene.image.stem, polys=tuple(o.poly for o in scene.objects),
-                category_ids=tuple(cat_index[o.name] for o in scene.objects),
-                difficult=tuple(o.difficult for o in scene.objects), out_dir=staging, split=split, size=size,
-                gap=gap, scales=scales, iof_thr=iof_thr, partial=partial, class_names=tuple(class_names),
-                label_path=scene.labels.path if scene.labels else None, lines=tuple(o.line for o in scene.objects),
-            ) for scene in plan.scenes]
-            task = reporter.task(f"split {split}", total=len(jobs))
-            try:
-                results = _run_jobs(jobs, workers, problems, task)
-            finally:
-                task.close()
-
-            # Assemble in scene-name order: ids and reports do not depend on which worker finished first.
-            patch_images, patch_anns, scene_images, scene_anns = [], [], [], []
-            for job, scene, result in zip(jobs, plan.scenes, results):
-                where = {"split": split, "image": job.stem}
-                if isinstance(result, BadItem):
-                    problems.bad(result, "image", **where)
-                    continue
-                for index in result["outside"]:
-                    problems.bad(_outside_error(job, result, index), "object", **where)
-                for index in result["clipped"]:
-                    problems.repair(BadItem(f"object extends past its {result['width']}x{result['height']} image: "
-                                            "clipped to it", job.label_path, job.lines[index],
-                                            reason="object partly outside image"), "object", **where)
-                scene_id = len(scene_images) + 1
-                split_stats.add(result["stats"])
-                width, height = result["width"], result["height"]
-                scene_image: dict[str, Any] = {"id": scene_id, "file_name": _relpath(job.image_path, out),
-                                               "width": width, "height": height}
-                if scene.labels is not None:
-                    scene_image["imagesource"] = scene.labels.imagesource
-                    scene_image["gsd"] = scene.labels.gsd
-                scene_images.append(scene_image)
-                for index, box in zip(result["kept"], result["boxes"]):
-                    poly, cat = job.polys[index], job.category_ids[index]
-                    scene_anns.append({
-                        "id": len(scene_anns) + 1, "image_id": scene_id, "category_id": cat,
-                        "bbox": box, "area": _r(polygon_area(poly)), "iscrowd": 0,
-                        "segmentation": [[_r(v) for v in poly.reshape(-1)]], "difficult": job.difficult[index],
-                    })
-                    name = class_names[cat - 1]
-                    split_stats.objects += 1
-                    split_stats.objects_per_class[name] = split_stats.objects_per_class.get(name, 0) + 1
-                for patch in result["patches"]:
-                    image_id = len(patch_images) + 1
-                    patch_images.append({
-                        "id": image_id, "file_name": patch["file_name"], "width": patch["width"],
-                        "height": patch["height"], "scene": job.stem, "scene_width": width, "scene_height": height,
-                        "window": patch["window"], "scale": patch["scale"], "scene_id": scene_id,
-                    })
-                    for ann in patch["annotations"]:
-                        patch_anns.append({"id": len(patch_anns) + 1, "image_id": image_id, **ann})
-            if not scene_images:
-                raise InputError(f"no usable image left in split {split!r}: every one was skipped as bad",
-                                 plan.folder / "images")
-            problems.note_repairs(f"{split}: ", problems.repaired_where(split=split))
-
-            meta = {"source": "dota", "classes": classes, "split": split, "patch_size": size, "gap": gap,
+            staged = stage.folder(f".{plan.split}.", ".tmp")
+            stage.publish_contents(staged / "images", out / plan.split / "images", "patches")
+            summary, documents = _split_plan(plan, staged, out, class_names, cat_index, size=size, gap=gap,
+                                             scales=scales, iof_thr=iof_thr, partial=partial, workers=workers,
+                                             problems=problems, reporter=reporter)
+            meta = {"source": "dota", "classes": classes, "split": plan.split, "patch_size": size, "gap": gap,
                     "scales": list(scales), "iof_thr": iof_thr, "partial": partial, "padded": True,
                     "labelled": plan.labelled}
-            info_lists = {"skipped": problems.skipped_where(split=split),
-                          "repaired": problems.repaired_where(split=split)}
-            outputs.append((out / f"{split}{SCENES_SUFFIX}.json", {
-                "info": {"ds2d2": {**meta, "scenes": True}, **info_lists}, "images": scene_images,
-                "annotations": scene_anns, "categories": categories,
-            }))
-            outputs.append((out / f"{split}.json", {
-                "info": {"ds2d2": meta, **info_lists}, "images": patch_images, "annotations": patch_anns,
-                "categories": categories,
-            }))
-            summary["splits"][split] = {
-                "scenes": len(scene_images), "patches": split_stats.patches, "labelled": plan.labelled,
-                "objects": split_stats.objects, "annotations": split_stats.annotations, "crowd": split_stats.crowd,
-                "dropped_iof": split_stats.dropped_iof, "degenerate": split_stats.degenerate,
-                "skipped": len(info_lists["skipped"]), "repaired": len(info_lists["repaired"]),
-                "objects_per_class": {n: split_stats.objects_per_class.get(n, 0) for n in class_names},
-                "annotations_per_class": {n: split_stats.annotations_per_class.get(n, 0) for n in class_names},
-                "json": str(out / f"{split}.json"),
-            }
-        # Every split succeeded: the JSON files are written under temporary names, the patches
-        # moved into place, then the JSON files renamed; a failure on the way leaves neither.
-        with json_files(outputs):
-            for staging, final in staged:
-                _commit_patches(staging, final)
-    finally:
-        for staging, _ in staged:
-            shutil.rmtree(staging, ignore_errors=True)
+            skipped, repaired = problems.skipped_where(split=plan.split), problems.repaired_where(split=plan.split)
+            scenes_writer, patches_writer = documents
+            outputs.append((out / f"{plan.split}{SCENES_SUFFIX}.json",
+                            scenes_writer.document({**meta, "scenes": True}, skipped, repaired)))
+            outputs.append((out / f"{plan.split}.json", patches_writer.document(meta, skipped, repaired)))
+            summary.skipped, summary.repaired = len(skipped), len(repaired)
+            split_summaries[plan.split] = summary
+        for path, document in outputs:
+            stage.write_json(path, document)
     problems.flush()
-    summary.update(problems.summary())
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    return summary
+    return DotaSummary(source=str(src), out=str(out), classes=classes, patch_size=size, gap=gap,
+                       scales=list(scales), iof_thr=iof_thr, partial=partial, splits=split_summaries,
+                       problems=problems.report(), seconds=round(time.perf_counter() - started, 3))
+
+
+def _split_plan(plan: _Plan, staged: Path, out: Path, class_names: Sequence[str], cat_index: dict[str, int], *,
+                size: int, gap: int, scales: tuple[float, ...], iof_thr: float, partial: str, workers: int,
+                problems: Problems, reporter: Reporter) -> tuple[DotaSplitSummary, tuple[CocoWriter, CocoWriter]]:
+    """Cut one split's scenes into patches in `staged`; its figures and its two COCO files (scenes, patches)."""
+    split = plan.split
+    split_stats = SplitStats(degenerate=plan.degenerate)
+    jobs = [SceneJob(
+        image_path=scene.image, stem=scene.image.stem, polys=tuple(o.poly for o in scene.objects),
+        category_ids=tuple(cat_index[o.name] for o in scene.objects),
+        difficult=tuple(o.difficult for o in scene.objects), out_dir=staged, split=split, size=size,
+        gap=gap, scales=scales, iof_thr=iof_thr, partial=partial, class_names=tuple(class_names),
+        label_path=scene.labels.path if scene.labels else None, lines=tuple(o.line for o in scene.objects),
+    ) for scene in plan.scenes]
+    task = reporter.task(f"split {split}", total=len(jobs))
+    try:
+        results = _run_jobs(jobs, workers, problems, task)
+    finally:
+        task.close()
+
+    # Assemble in scene-name order: ids and reports do not depend on which worker finished first.
+    scenes, patches = CocoWriter(class_names), CocoWriter(class_names)
+    for job, scene, result in zip(jobs, plan.scenes, results):
+        where = {"split": split, "image": job.stem}
+        if isinstance(result, BadItem):
+            problems.bad(result, "image", **where)
+            continue
+        for index in result["outside"]:
+            problems.bad(_outside_error(job, result, index), "object", **where)
+        for index in result["clipped"]:
+            problems.repair(BadItem(f"object extends past its {result['width']}x{result['height']} image: "
+                                    "clipped to it", job.label_path, job.lines[index],
+                                    reason="object partly outside image"), "object", **where)
+        split_stats.add(result["stats"])
+        width, height = result["width"], result["height"]
+        scene_image: dict[str, Any] = {"file_name": relpath(job.image_path, out), "width": width, "height": height}
+        if scene.labels is not None:
+            scene_image["imagesource"] = scene.labels.imagesource
+            scene_image["gsd"] = scene.labels.gsd
+        scene_id = scenes.add_image(scene_image)
+        for index, box in zip(result["kept"], result["boxes"]):
+            poly = job.polys[index]
+            scenes.add_annotation(scene_id, job.category_ids[index], {
+                "bbox": box, "area": _r(polygon_area(poly)), "iscrowd": 0,
+                "segmentation": [[_r(v) for v in poly.reshape(-1)]], "difficult": job.difficult[index],
+            })
+        for patch in result["patches"]:
+            image_id = patches.add_image({
+                "file_name": patch["file_name"], "width": patch["width"], "height": patch["height"],
+                "scene": job.stem, "scene_width": width, "scene_height": height, "window": patch["window"],
+                "scale": patch["scale"], "scene_id": scene_id,
+            })
+            for ann in patch["annotations"]:
+                patches.add_annotation(image_id, ann["category_id"], ann)
+    if not scenes.images:
+        raise InputError(f"no usable image left in split {split!r}: every one was skipped as bad",
+                         plan.folder / "images")
+    problems.note_repairs(f"{split}: ", problems.repaired_where(split=split))
+    summary = DotaSplitSummary(
+        scenes=len(scenes.images), patches=split_stats.patches, labelled=plan.labelled,
+        objects=len(scenes.annotations), annotations=split_stats.annotations, crowd=split_stats.crowd,
+        dropped_iof=split_stats.dropped_iof, degenerate=split_stats.degenerate, skipped=0, repaired=0,
+        objects_per_class=scenes.per_class,
+        annotations_per_class={n: split_stats.annotations_per_class.get(n, 0) for n in class_names},
+        json=str(out / f"{split}.json"))
+    return summary, (scenes, patches)

@@ -18,23 +18,18 @@ Reporter); the CLI prints.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ds2d2_cli.errors import InputError
+from ds2d2_cli.errors import InputError, one_line  # noqa: F401 - one_line: shared by the converters
 from ds2d2_cli.progress import NullReporter, Reporter
 
 # What ds2d2 reads: the formats the remote-sensing datasets ship in (and the DOTA devkit splits).
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 MAX_NOTES = 100  # notes for single items; beyond that the summary's counts and list carry them
-
-
-def one_line(text: Any) -> str:
-    """An exception's text as one line (error messages are always one line)."""
-    return " ".join(str(text).split())
 
 
 class BadItem(InputError):
@@ -126,11 +121,20 @@ class Problems:
     def repaired_where(self, **where: Any) -> list[dict[str, Any]]:
         return [e for e in self.repaired if all(e.get(k) == v for k, v in where.items())]
 
-    def summary(self) -> dict[str, Any]:
+    def report(self) -> "ProblemReport":
         """The figures every prepare summary carries: counts by reason and the full lists."""
-        return {"skip_bad": self.skip_bad,
-                "skipped_counts": counts(self.skipped), "repaired_counts": counts(self.repaired),
-                "skipped": self.skipped, "repaired": self.repaired}
+        return ProblemReport(self.skip_bad, counts(self.skipped), counts(self.repaired), self.skipped, self.repaired)
+
+
+@dataclass
+class ProblemReport:
+    """What bad input did to a run: every item left out (`skipped`) or repaired, and their counts by reason."""
+
+    skip_bad: bool
+    skipped_counts: dict[str, int]
+    repaired_counts: dict[str, int]
+    skipped: list[dict[str, Any]]
+    repaired: list[dict[str, Any]]
 
 
 def counts(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
@@ -258,31 +262,6 @@ def writable_folder(folder: Path) -> None:
         raise Ds2d2Error(f"cannot create the output folder: {one_line(exc.strerror or exc)}", folder) from None
     if not folder.is_dir():
         raise Ds2d2Error("output path exists and is not a folder", folder)
-
-
-@contextlib.contextmanager
-def json_files(items: Iterable[tuple[Path, Any]]) -> Iterator[None]:
-    """Write several JSON files all or nothing: each to a temporary name, renamed when the block ends well.
-
-    Inside the block every file is written (under a temporary name), so a caller can
-    finish its other output there first. A failure (a full disk ...) removes every
-    temporary file and raises one Ds2d2Error naming the file that failed; no file of the
-    set appears under its final name.
-    """
-    from ds2d2_cli.fileio import atomic_path
-
-    with contextlib.ExitStack() as stack:
-        for path, data in items:
-            tmp = stack.enter_context(atomic_path(path))
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-        yield
-
-
-def write_json_files(items: Iterable[tuple[Path, Any]]) -> None:
-    """`json_files` with nothing else to do: all files or none."""
-    with json_files(items):
-        pass
 
 
 class _HeldTask:
