@@ -3,8 +3,8 @@
 A stage describes *what* is trained as a `TrainingTask` (which module owns the
 trainable weights, how a batch becomes named loss terms); this module does the rest
 the same way for all three (`Trainer`; `train` runs one): optimiser and LR schedule,
-mixed precision, gradient clipping, logging every loss term (`MetricsLog`: `metrics.jsonl`),
-periodic atomic checkpoints and exact `--resume`, evaluation and
+mixed precision, gradient clipping, logging every loss term (`MetricsLog`: `metrics.jsonl`,
+optionally TensorBoard), periodic atomic checkpoints and exact `--resume`, evaluation and
 the best checkpoint.
 
 Faults never cost more than one checkpoint interval: Ctrl-C and SIGTERM let the current
@@ -299,8 +299,10 @@ class Trainer:
         self.world, self.main = distributed.world_size(), distributed.is_main()
         self.reporter = (reporter or NullReporter()) if self.main else NullReporter()
         self._evaluate, self._on_best = evaluate, on_best
+        # A missing tensorboard package stops the run here, before anything is trained.
         self._owns_log = metrics_log is None
-        self.log = metrics_log if metrics_log is not None else MetricsLog(self.out)
+        self.log = metrics_log if metrics_log is not None else MetricsLog(
+            self.out, tensorboard=schedule.tensorboard, setting=f"{schedule_key}.tensorboard")
         self.total = total = total_iterations(schedule, len(dataset), self.world)
         if schedule.channels_last:
             task.module.to(memory_format=torch.channels_last)

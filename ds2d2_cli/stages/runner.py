@@ -81,7 +81,8 @@ def run_stage(
             save_checkpoint(best_path, weights(), meta(metrics))
 
     schedule_key = config.schedule_key(stage)  # type: ignore[arg-type]
-    with MetricsLog(out) as log:  # one log for the run, the final evaluation included
+    # One log for the run, the final evaluation included; a missing tensorboard package stops here.
+    with MetricsLog(out, tensorboard=schedule.tensorboard, setting=f"{schedule_key}.tensorboard") as log:
         result = train(task, dataset, schedule, out, stage=stage, device=device, resume=resume,
                        schedule_key=schedule_key, reporter=reporter, evaluate=evaluate, on_best=on_best,
                        metrics_log=log)
