@@ -7,33 +7,23 @@ same process on the same boxes; times are medians of repeats, the ratio is loop/
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 
 from ds2d2_cli.distill.disw import _disw_weights_loop, disw_weights_levels
 from ds2d2_cli.distill.spectral import band_shape
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # run_all loads us by path
+    sys.path.append(str(Path(__file__).resolve().parent))
+from _timing import median_time  # noqa: E402
+
 INPUT = 1024
 LEVELS = {  # FPN strides -> band shapes of a 1024 x 1024 input
     "retinanet_P3-P7": (8, 16, 32, 64, 128),
     "faster_rcnn_P2-P6": (4, 8, 16, 32, 64),
 }
-
-
-def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def dense_scene(n_boxes: int, gen: torch.Generator) -> torch.Tensor:

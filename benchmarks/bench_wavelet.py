@@ -9,8 +9,8 @@ timed call). Medians of repeats, same process, same tensors.
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 from typing import Callable
 
 import ptwt
@@ -20,21 +20,12 @@ from ds2d2_cli.distill.disw import disw_weights_levels
 from ds2d2_cli.distill.explicit import explicit_losses
 from ds2d2_cli.distill.spectral import _ptwt_split, band_shape, spectral_split
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # run_all loads us by path
+    sys.path.append(str(Path(__file__).resolve().parent))
+from _timing import median_time  # noqa: E402
+
 INPUT, BATCH, CHANNELS = 1024, 2, 256
 STRIDES = (8, 16, 32, 64, 128)
-
-
-def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _split_fwd_bwd(split: Callable, feats: list[torch.Tensor]) -> Callable[[], None]:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.evaluation import METRIC_KEYS
 from ds2d2_cli.fileio import read_json, write_json
+from ds2d2_cli.metrics_log import LOG_FILE
 
 
 @dataclass
@@ -69,7 +70,7 @@ def load_run(path: str | Path) -> Run:
             "merged_patches": False,  # training scores its eval split patch by patch
             "params": count_parameters(model),
         }
-        log = path / "metrics.jsonl"
+        log = path / LOG_FILE
         return Run(path.name, path, metrics, info, log if log.is_file() else None)
     if path.suffix == ".json" or path.is_file():
         data = read_json(path)
@@ -80,7 +81,7 @@ def load_run(path: str | Path) -> Run:
         info = {"stage": data.get("stage"), "eval_split": data.get("split"),
                 "merged_patches": merged if isinstance(merged, bool) else None,  # None: not recorded
                 "params": count_parameters(checkpoint) if checkpoint else None}
-        log = checkpoint.parent / "metrics.jsonl" if checkpoint else None
+        log = checkpoint.parent / LOG_FILE if checkpoint else None
         return Run(path.stem, path, data, info, log if log is not None and log.is_file() else None)
     raise InputError("not found (give run folders or `ds2d2 eval --json` files)", path)
 

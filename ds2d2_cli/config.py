@@ -93,6 +93,8 @@ class TrainConfig(_Strict):
                                     "non-finite gradients are caught either way)")
     seed: int = 0
     log_every: int = Field(20, gt=0)
+    tensorboard: bool = Field(False, description="also write every logged number (loss terms, lr, images_per_s, "
+                              "evaluations) to OUT/tensorboard/ (needs: pip install 'ds2d2[tensorboard]')")
     checkpoint_every: int = Field(500, gt=0)
     eval_every: int | None = Field(None, gt=0, description="iterations between evaluations (None: only at the end)")
     num_workers: int = Field(2, ge=0, description="loader processes (started once per run)")

@@ -6,13 +6,13 @@ written atomically as PNG.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ds2d2_cli.fileio import atomic_path
+from ds2d2_cli.metrics_log import LOG_FILE, MetricsLog
 
 # A qualitative palette that stays readable on busy aerial backgrounds.
 PALETTE = ("#ff3b30", "#34c759", "#0a84ff", "#ffd60a", "#bf5af2", "#ff9f0a", "#64d2ff", "#ff375f",
@@ -75,31 +75,6 @@ def detections_side_by_side(image: np.ndarray, panels: dict[str, Sequence[dict[s
     return _save(fig, Path(out))
 
 
-def read_metrics_log(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training steps, evaluations) from a run's metrics.jsonl."""
-    from ds2d2_cli.errors import InputError
-
-    path = Path(path)
-    steps, evals = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the training log: {exc}", path) from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not a JSON line ({exc.msg})", path, number) from None
-        if not isinstance(record, dict) or "iter" not in record:
-            raise InputError("not a ds2d2 training log line (no iter)", path, number)
-        if "skipped_step" in record:
-            continue  # a non-finite step skipped with on_nonfinite=skip: no losses to plot
-        (evals if "eval" in record else steps).append(record)
-    return steps, evals
-
-
 DETECTION_TERMS = ("classification", "bbox_regression", "loss_objectness", "loss_rpn_box_reg",
                    "loss_classifier", "loss_box_reg")
 
@@ -117,7 +92,7 @@ def _smooth(values: list[float], window: int = 5) -> np.ndarray:
 def training_curves(runs: dict[str, str | Path], out: str | Path) -> Path:
     """Per run: the detection loss (what every student shares), the distillation terms, eval AP50 when logged."""
     plt = _pyplot()
-    logs = {label: read_metrics_log(Path(run) / "metrics.jsonl") for label, run in runs.items()}
+    logs = {label: MetricsLog.read(Path(run) / LOG_FILE) for label, run in runs.items()}
     extra_terms = {label: sorted({k for s in steps for k in s} - set(DETECTION_TERMS)
                                  - {"iter", "epoch", "lr", "loss", "images_per_s"})
                    for label, (steps, _) in logs.items()}

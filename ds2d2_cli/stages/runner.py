@@ -8,7 +8,6 @@ resume state (`checkpoints/last.pt`) lives only while the run is unfinished.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from ds2d2_cli.config import RunConfig, config_to_json
 from ds2d2_cli.data.dataset import DetectionDataset
 from ds2d2_cli.engine import TrainingTask, prepare_run_dir, remove_resume_state, train
 from ds2d2_cli.fileio import write_json
+from ds2d2_cli.metrics_log import MetricsLog
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.evaluation import evaluate_on_split
 from ds2d2_cli.stages.common import StageData
@@ -81,19 +81,20 @@ def run_stage(
         if main:
             save_checkpoint(best_path, weights(), meta(metrics))
 
-    result = train(task, dataset, schedule, out, stage=stage, device=device, resume=resume,
-                   schedule_key=config.schedule_key(stage),  # type: ignore[arg-type]
-                   reporter=reporter, evaluate=evaluate, on_best=on_best)
-    final_metrics: dict[str, Any] = {}
-    if evaluate is not None:
-        reporter.note(f"{stage}: evaluating on {data.eval.path.stem} ({len(data.eval.images)} images)")
-        final_metrics = evaluate()
-        if main:  # the log holds every evaluation, the final one included
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps({"iter": result.iterations, "eval": final_metrics}) + "\n")
-        best_so_far = max((e.get("mAP", -1.0) for e in result.evaluations), default=-1.0)
-        if final_metrics["mAP"] >= best_so_far:
-            on_best(final_metrics)
+    schedule_key = config.schedule_key(stage)  # type: ignore[arg-type]
+    # One log for the run, the final evaluation included; a missing tensorboard package stops here.
+    with MetricsLog(out, tensorboard=schedule.tensorboard, setting=f"{schedule_key}.tensorboard") as log:
+        result = train(task, dataset, schedule, out, stage=stage, device=device, resume=resume,
+                       schedule_key=schedule_key, reporter=reporter, evaluate=evaluate, on_best=on_best,
+                       metrics_log=log)
+        final_metrics: dict[str, Any] = {}
+        if evaluate is not None:
+            reporter.note(f"{stage}: evaluating on {data.eval.path.stem} ({len(data.eval.images)} images)")
+            final_metrics = evaluate()
+            log.evaluation(result.iterations, final_metrics)  # rank 0 writes
+            best_so_far = max((e.get("mAP", -1.0) for e in result.evaluations), default=-1.0)
+            if final_metrics["mAP"] >= best_so_far:
+                on_best(final_metrics)
     model_path = out / "model.safetensors"
     if main:
         save_checkpoint(model_path, weights(), meta(final_metrics))
