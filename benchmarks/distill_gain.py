@@ -258,6 +258,17 @@ def markdown_table(record: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def _cpu_model() -> str:
+    """The CPU's model name: figures from two machines of one kind differ with their kernels."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--markdown"]:  # print the README table of a results file, train nothing
@@ -343,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": json.loads(config_to_json(example)) | {"note": f"shown for seed {args.seeds[0]}; distill per method"},
         "torch": torch.__version__,
         "device": str(device),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - started, 2),
