@@ -47,7 +47,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from ds2d2_cli.config import RunConfig, config_from_dict, config_to_json, load_config, value_differences  # noqa: E402
+from ds2d2_cli.config import (RunConfig, config_differences, config_to_json, load_config,  # noqa: E402
+                              stored_config, value_differences)
 from ds2d2_cli.engine import RESUME_FILE, resolve_device  # noqa: E402
 from ds2d2_cli.stages.common import with_data_root  # noqa: E402
 
@@ -139,18 +140,18 @@ def _iters(schedule) -> str:
 
 def run_or_reuse(stage: str, out: Path, config: RunConfig, train) -> tuple[dict[str, Any], bool]:
     """(summary, reused): the stage's summary.json when it already finished with this config."""
-    wanted = json.loads(config_to_json(config))
     stored_path = out / "config.json"
     if (out / "model.safetensors").is_file() and (out / "summary.json").is_file():
         if not stored_path.is_file():
             raise SystemExit(f"{out}: a finished {stage} run without config.json; remove it or use another --work")
-        stored = config_from_dict(json.loads(stored_path.read_text()))
+        stored = stored_config(json.loads(stored_path.read_text()))
         differ = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))
         if differ:
             raise SystemExit(f"{out}: a finished {stage} run with another config ({', '.join(differ[:4])}); "
                              "remove it or use another --work")
         return json.loads((out / "summary.json").read_text()), True
-    resume = (out / RESUME_FILE).is_file() and stored_path.is_file() and json.loads(stored_path.read_text()) == wanted
+    resume = (out / RESUME_FILE).is_file() and stored_path.is_file() and not config_differences(
+        stored_path, config_to_json(config))
     if (out / RESUME_FILE).is_file() and not resume:
         raise SystemExit(f"{out}: an unfinished {stage} run with another config; remove it or use another --work")
     return train(resume).summary, False

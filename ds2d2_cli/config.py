@@ -225,10 +225,13 @@ class RunConfig(_Strict):
                                   "teacher": self.teacher.model_dump(mode="json"),
                                   self.schedule_key(stage): self.schedule(stage).model_dump(mode="json")}
         if stage == "amplifier":
-            inputs["distill"] = {"wavelet": self.distill.wavelet, "amplifier_rpn": self.distill.amplifier_rpn}
+            inputs["distill"] = {"wavelet": self.distill.wavelet}
+            if self.teacher.detector == "faster_rcnn":  # the only family with an RPN to train or freeze
+                inputs["distill"]["amplifier_rpn"] = self.distill.amplifier_rpn
         if stage == "student":
             inputs["student"] = self.student.model_dump(mode="json")
-            inputs["distill"] = self.distill.model_dump(mode="json")
+            # how the amplifier was trained is the amplifier stage's business
+            inputs["distill"] = self.distill.model_dump(mode="json", exclude={"amplifier_rpn"})
         return inputs
 
 
@@ -314,13 +317,30 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 UNREADABLE_CONFIG = "(config.json unreadable)"
 
+# Settings added by the fidelity pass, with the values that reproduce what a run written
+# before them (a config.json without the key) did. A stored config is read with these, not
+# the new defaults, so such a run is never reused or resumed as if it had trained the
+# authors' way. amplifier_rpn changed Faster R-CNN amplifiers only.
+BEFORE_FIDELITY = {"implicit_input": "adapted", "box_kd_anchors": "not_ignored", "kd_normalizer": "batch",
+                   "roi_kd_reduction": "mean"}
+
+
+def stored_config(raw: dict[str, Any], source: str = "config.json") -> RunConfig:
+    """A run folder's config.json as a config, settings it predates filled as that run behaved."""
+    if isinstance(raw, dict) and isinstance(raw.get("distill"), dict):
+        legacy = dict(BEFORE_FIDELITY)
+        if (raw.get("teacher") or {}).get("detector") == "faster_rcnn":
+            legacy["amplifier_rpn"] = "frozen"
+        raw = {**raw, "distill": {**{k: v for k, v in legacy.items() if k not in raw["distill"]}, **raw["distill"]}}
+    return config_from_dict(raw, source)
+
 
 def config_differences(stored_path: Path, config_json: str) -> list[str]:
     """`key old -> new` for each setting in which the run's config.json and `config_json` differ,
-    compared as validated configs, so a run started before a new option (with its default)
-    existed still matches."""
+    compared as validated configs, so a run started before a new option existed still matches
+    when it behaved as the option's value says (`stored_config`)."""
     try:
-        stored = config_from_dict(json.loads(stored_path.read_text())).model_dump(mode="json")
+        stored = stored_config(json.loads(stored_path.read_text())).model_dump(mode="json")
     except (OSError, ValueError, InputError):
         return [UNREADABLE_CONFIG]
     return value_differences(stored, config_from_dict(json.loads(config_json)).model_dump(mode="json"))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ds2d2_cli.checkpoint import Stage
-from ds2d2_cli.config import (RunConfig, UNREADABLE_CONFIG, config_differences, config_from_dict, config_to_json,
+from ds2d2_cli.config import (RunConfig, UNREADABLE_CONFIG, config_differences, config_to_json, stored_config,
                               load_config, value_differences)
 from ds2d2_cli.engine import RESUME_FILE
 from ds2d2_cli.errors import InputError
@@ -99,7 +99,7 @@ def _check_stage(out: Path, config: RunConfig, stage: Stage, title: str) -> None
         differences = config_differences(stored_path, config_to_json(config))
     else:
         try:
-            stored = config_from_dict(read_json(stored_path))
+            stored = stored_config(read_json(stored_path))
         except InputError:
             differences = [UNREADABLE_CONFIG]
         else:

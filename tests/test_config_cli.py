@@ -150,3 +150,27 @@ def test_stage_inputs_hold_what_each_stage_depends_on():
     assert wavelet.stage_inputs("amplifier") != base.stage_inputs("amplifier")
     assert all(moved.stage_inputs(s) == base.stage_inputs(s) for s in ("teacher", "amplifier", "student"))
     assert set(base.stage_inputs("teacher")) == {"data", "input", "teacher", "teacher_train"}
+
+
+def test_a_run_written_before_the_fidelity_settings_is_read_as_it_behaved(tmp_path):
+    """A config.json without the fidelity pass's settings trained the old way: it must not match
+    the new defaults (no silent reuse or resume), and amplifier_rpn only matters to Faster R-CNN."""
+    from ds2d2_cli.config import config_differences, config_to_json, stored_config
+
+    for preset, rpn in (("tiny-synthetic", None), ("tiny-synthetic-frcnn", "frozen")):
+        new = load_config(preset)
+        old = json.loads(config_to_json(new))
+        for key in ("implicit_input", "box_kd_anchors", "kd_normalizer", "roi_kd_reduction", "amplifier_rpn"):
+            old["distill"].pop(key)
+        path = tmp_path / f"{preset}.json"
+        path.write_text(json.dumps(old))
+        d = stored_config(old).distill
+        assert (d.implicit_input, d.box_kd_anchors, d.kd_normalizer, d.roi_kd_reduction) == (
+            "adapted", "not_ignored", "batch", "mean")
+        assert d.amplifier_rpn == (rpn or new.distill.amplifier_rpn)
+        differ = config_differences(path, config_to_json(new))
+        assert 'distill.implicit_input "adapted" -> "raw"' in differ
+        assert any(x.startswith("distill.amplifier_rpn") for x in differ) == (rpn is not None)
+        # a config.json that has the settings is read as written
+        path.write_text(config_to_json(new))
+        assert config_differences(path, config_to_json(new)) == []
