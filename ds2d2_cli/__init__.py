@@ -12,12 +12,18 @@ __version__ = "0.1.0"
 
 _DISTILL_API = (
     "Adapter",
+    "cwd_loss",
     "disw_weights",
     "disw_weights_levels",
     "explicit_losses",
     "faster_rcnn_implicit_loss",
+    "fgd_context_blocks",
+    "fgd_losses",
     "fitnet_loss",
     "high_frequency",
+    "mgd_generators",
+    "mgd_loss",
+    "pkd_loss",
     "retinanet_implicit_loss",
     "spectral_split",
 )
@@ -27,12 +33,18 @@ __all__ = ["__version__", *_DISTILL_API]
 if TYPE_CHECKING:
     from ds2d2_cli.distill import (
         Adapter,
+        cwd_loss,
         disw_weights,
         disw_weights_levels,
         explicit_losses,
         faster_rcnn_implicit_loss,
+        fgd_context_blocks,
+        fgd_losses,
         fitnet_loss,
         high_frequency,
+        mgd_generators,
+        mgd_loss,
+        pkd_loss,
         retinanet_implicit_loss,
         spectral_split,
     )

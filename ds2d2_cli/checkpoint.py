@@ -129,6 +129,15 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     return path
 
 
+def save_tensors(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Plain safetensors (no checkpoint metadata), written atomically: files no stage loads."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ds2d2_cli.classes import CLASS_SETS
-from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, TERMS
+from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, REFERENCE_SETTINGS, TERMS
 from ds2d2_cli.errors import Ds2d2Error, InputError
 
 Detector = Literal["retinanet", "faster_rcnn"]
@@ -133,10 +133,42 @@ class LossWeights(_Strict):
     implicit_full: float = Field(1.0, ge=0)
     implicit_high: float = Field(1.0, ge=0)
     fitnet: float = Field(1e-5, ge=0, description="weight of the FitNet baseline's feature MSE")
+    # The other baselines' weights: None takes the method's reference config for the
+    # detector family (distill.registry.REFERENCE_SETTINGS, cited there and in the presets).
+    cwd: float | None = Field(None, ge=0, description="CWD loss weight (reference: 10)")
+    pkd: float | None = Field(None, ge=0, description="PKD loss weight (reference: RetinaNet 10, Faster R-CNN 6)")
+    mgd: float | None = Field(None, ge=0, description="MGD alpha_mgd")
+    fgd_fg: float | None = Field(None, ge=0, description="FGD alpha_fgd (foreground)")
+    fgd_bg: float | None = Field(None, ge=0, description="FGD beta_fgd (background)")
+    fgd_attention: float | None = Field(None, ge=0, description="FGD gamma_fgd (attention maps)")
+    fgd_global: float | None = Field(None, ge=0, description="FGD lambda_fgd (global context)")
+
+
+_LEVELS = Field(None, ge=1, description="distil the N finest FPN levels (None: the reference config's)")
+
+
+class CWDConfig(_Strict):
+    tau: float | None = Field(None, gt=0, description="softmax temperature")
+    levels: int | None = _LEVELS
+
+
+class PKDConfig(_Strict):
+    levels: int | None = _LEVELS
+
+
+class MGDConfig(_Strict):
+    mask_ratio: float | None = Field(None, ge=0, lt=1, description="lambda_mgd: share of locations masked")
+    levels: int | None = _LEVELS
+
+
+class FGDConfig(_Strict):
+    temperature: float | None = Field(None, gt=0, description="attention temperature")
+    levels: int | None = _LEVELS
 
 
 class DistillConfig(_Strict):
-    method: str = Field("ds2d2", description="a method of ds2d2_cli.distill.registry (ds2d2, none, fitnet)")
+    method: str = Field("ds2d2", description="a method of ds2d2_cli.distill.registry (ds2d2, none, fitnet, cwd, "
+                        "pkd, mgd, fgd)")
     streams: tuple[str, ...] = Field(DS2D2_STREAMS, description="ablation: the terms of an ablatable method "
                                      "(ds2d2's streams) that run")
     weights: LossWeights = LossWeights()
@@ -162,6 +194,10 @@ class DistillConfig(_Strict):
     kd_cls_weight: float = Field(0.5, ge=0, description="Faster R-CNN classification KD weight")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="precision of the frozen teacher backbone during distillation (half: less memory)")
+    cwd: CWDConfig = CWDConfig()
+    pkd: PKDConfig = PKDConfig()
+    mgd: MGDConfig = MGDConfig()
+    fgd: FGDConfig = FGDConfig()
 
     @field_validator("method")
     @classmethod
@@ -207,6 +243,17 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"teacher ({self.teacher.detector}) and student ({self.student.detector}) must be the same detector family"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _reference_settings(self) -> "RunConfig":
+        """Unset baseline settings take their method's reference values for this detector family."""
+        reference = REFERENCE_SETTINGS[self.student.detector]
+        for section, values in reference.items():
+            target = self.distill.weights if section == "weights" else getattr(self.distill, section)
+            for key, value in values.items():
+                if getattr(target, key) is None:
+                    setattr(target, key, value)
         return self
 
     def schedule_key(self, stage: Stage) -> str:

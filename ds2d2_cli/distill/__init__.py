@@ -7,6 +7,13 @@ Public API, called from a training loop:
     Adapter, explicit_losses, fitnet_loss           explicit.py
     retinanet_implicit_loss, faster_rcnn_implicit_loss   implicit.py (imports torchvision)
 
+The baselines `ds2d2 study` compares against:
+
+    cwd_loss                                        cwd.py
+    pkd_loss                                        pkd.py
+    mgd_loss, mgd_generators                        mgd.py
+    fgd_losses, fgd_context_blocks                  fgd.py
+
 Which terms a method combines, by name: registry.py. The names above are loaded on first
 use, so `ds2d2_cli.distill.registry` (read by the config) imports no torch.
 """
@@ -18,6 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "Adapter": "explicit",
+    "cwd_loss": "cwd",
+    "fgd_context_blocks": "fgd",
+    "fgd_losses": "fgd",
+    "mgd_generators": "mgd",
+    "mgd_loss": "mgd",
+    "pkd_loss": "pkd",
     "disw_weights": "disw",
     "disw_weights_levels": "disw",
     "explicit_losses": "explicit",
@@ -31,6 +44,10 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:
+    from ds2d2_cli.distill.cwd import cwd_loss
+    from ds2d2_cli.distill.fgd import fgd_context_blocks, fgd_losses
+    from ds2d2_cli.distill.mgd import mgd_generators, mgd_loss
+    from ds2d2_cli.distill.pkd import pkd_loss
     from ds2d2_cli.distill.disw import disw_weights, disw_weights_levels
     from ds2d2_cli.distill.explicit import Adapter, explicit_losses, fitnet_loss
     from ds2d2_cli.distill.implicit import faster_rcnn_implicit_loss, retinanet_implicit_loss

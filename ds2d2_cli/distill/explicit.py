@@ -19,19 +19,17 @@ value up to float rounding). The teacher is detached here: no gradient ever reac
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ds2d2_cli.distill.disw import disw_weights_levels
 from ds2d2_cli.distill.spectral import _ptwt_split, band_shape, haar_bands
+from ds2d2_cli.distill._utils import Features, paired_levels, working
 from ds2d2_cli.errors import Ds2d2Error
 
 __all__ = ["Adapter", "explicit_losses", "fitnet_loss"]
-
-Features = Sequence[Tensor] | Mapping[str, Tensor]
-
 
 class Adapter(nn.Module):
     """`A` of method.md: one 1x1 conv without bias, shared by all FPN levels.
@@ -47,40 +45,6 @@ class Adapter(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.conv(features)
-
-
-def _levels(feats: Features) -> list[Tensor]:
-    return list(feats.values()) if isinstance(feats, Mapping) else list(feats)
-
-
-def _paired_levels(student_feats: Features, teacher_feats: Features) -> tuple[list[Tensor], list[Tensor]]:
-    if isinstance(student_feats, Mapping) and isinstance(teacher_feats, Mapping):
-        if list(student_feats) != list(teacher_feats):
-            raise Ds2d2Error(
-                f"student FPN levels {list(student_feats)} do not match teacher levels {list(teacher_feats)}"
-            )
-    student, teacher = _levels(student_feats), _levels(teacher_feats)
-    _pairs(student, teacher)
-    return student, teacher
-
-
-def _pairs(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> None:
-    if len(student_feats) != len(teacher_feats):
-        raise Ds2d2Error(f"student has {len(student_feats)} FPN levels, teacher {len(teacher_feats)}")
-    if not student_feats:
-        raise Ds2d2Error("feature distillation needs at least one FPN level")
-
-
-def _check_level(level: int, student: Tensor, teacher: Tensor) -> None:
-    if student.shape != teacher.shape:
-        raise Ds2d2Error(
-            f"FPN level {level}: student features {tuple(student.shape)} do not match teacher "
-            f"{tuple(teacher.shape)} (channels need an Adapter; sizes need the same input)"
-        )
-
-
-def _working(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def explicit_losses(
@@ -101,9 +65,7 @@ def explicit_losses(
     wavelet: any pywt discrete wavelet; Haar has an exact fast path.
     disw: False weighs every band cell 1 (boxes / input_hw are then unused, may be None).
     """
-    student, teacher = _paired_levels(student_feats, teacher_feats)
-    for level, (s, t) in enumerate(zip(student, teacher)):
-        _check_level(level, s, t)
+    student, teacher = paired_levels(student_feats, teacher_feats)
     bands = [band_shape(tuple(s.shape[-2:]), wavelet) for s in student]
     weights: list[Tensor] | None = None
     if disw:
@@ -117,7 +79,7 @@ def explicit_losses(
     loss_low: Tensor | None = None
     loss_high: Tensor | None = None
     for level, (s, t) in enumerate(zip(student, teacher)):
-        diff = _working(s) - _working(t.detach())
+        diff = working(s) - working(t.detach())
         if wavelet == "haar":
             low, *details = haar_bands(diff)
             sq_high = details[0].square() + details[1].square() + details[2].square()
@@ -144,11 +106,10 @@ def fitnet_loss(student_feats: Features, teacher_feats: Features) -> Tensor:
         sequence or a dict (`.values()` order), same sizes as `teacher_feats`.
     The comparison point DS2D2's explicit stream improves on; teacher detached.
     """
-    student, teacher = _paired_levels(student_feats, teacher_feats)
+    student, teacher = paired_levels(student_feats, teacher_feats)
     total: Tensor | None = None
-    for level, (s, t) in enumerate(zip(student, teacher)):
-        _check_level(level, s, t)
-        term = (_working(s) - _working(t.detach())).square().mean()
+    for s, t in zip(student, teacher):
+        term = (working(s) - working(t.detach())).square().mean()
         total = term if total is None else total + term
     assert total is not None
     return total

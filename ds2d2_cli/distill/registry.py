@@ -20,6 +20,9 @@ from typing import Any, Callable
 NEEDS_ADAPTER = "adapter"  # the 1x1 adapter's output (student -> teacher channels)
 NEEDS_IMPLICIT = "implicit"  # a head run on student features (raw, or adapted when widths differ)
 NEEDS_AMPLIFIER = "amplifier"  # the trained high-frequency amplifier
+# the student's levels in the teacher's width: raw when the widths match, the adapter's
+# output otherwise (the rule of DS2D2's implicit streams, used by the feature baselines)
+NEEDS_ALIGNED = "aligned"
 
 
 @dataclass
@@ -34,7 +37,15 @@ class DistillStep:
     input_hw: tuple[int, int]  # padded batch size
     settings: Any  # config.DistillConfig
     implicit: Callable[[bool], dict[str, Any]]  # (high frequency?) -> {"cls", "box"}, unweighted
+    aligned: dict[str, Any] | None = None  # NEEDS_ALIGNED
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's size before padding
+    parts: dict[str, Any] = field(default_factory=dict)  # a method's own trainable modules, by PARTS name
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    def finest(self, features: dict[str, Any], count: int | None) -> dict[str, Any]:
+        """The `count` finest FPN levels (all with None): reference configs distill a prefix."""
+        names = list(features)[:count] if count is not None else list(features)
+        return {name: features[name] for name in names}
 
     def explicit(self) -> tuple[Any, Any]:
         """(low, high) explicit losses, computed once per step for both bands."""
@@ -54,6 +65,7 @@ class Term:
     needs: frozenset[str]
     compute: Callable[[DistillStep], dict[str, Any]]  # unweighted losses by log name
     description: str = ""
+    parts: str | None = None  # name in PARTS of the trainable modules the term needs
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,9 @@ class Method:
 
 TERMS: dict[str, Term] = {}
 METHODS: dict[str, Method] = {}
+# name -> builder(teacher channels, FPN level names, DistillConfig) -> nn.Module: modules a
+# method trains with the student (MGD's generators, FGD's context blocks), saved beside it.
+PARTS: dict[str, Callable[[int, list[str], Any], Any]] = {}
 
 
 def register_term(term: Term) -> Term:
@@ -87,6 +102,12 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} uses unregistered terms {unknown}")
     METHODS[method.name] = method
     return method
+
+
+def register_parts(name: str, builder: Callable[[int, list[str], Any], Any]) -> None:
+    if name in PARTS:
+        raise ValueError(f"distillation parts {name!r} are already registered")
+    PARTS[name] = builder
 
 
 def get_method(name: str) -> Method:
@@ -140,9 +161,109 @@ register_term(Term("implicit-high", "implicit_high", frozenset({NEEDS_IMPLICIT, 
 register_term(Term("fitnet", "fitnet", frozenset({NEEDS_ADAPTER}), _fitnet,
                    "plain full-feature MSE through the adapter"))
 
+def _cwd(step: DistillStep) -> dict[str, Any]:
+    from ds2d2_cli.distill.cwd import cwd_loss
+
+    cwd = step.settings.cwd
+    return {"cwd": cwd_loss(step.finest(step.aligned, cwd.levels), step.finest(step.teacher_features, cwd.levels),
+                            tau=cwd.tau)}
+
+
+def _pkd(step: DistillStep) -> dict[str, Any]:
+    from ds2d2_cli.distill.pkd import pkd_loss
+
+    levels = step.settings.pkd.levels
+    return {"pkd": pkd_loss(step.finest(step.aligned, levels), step.finest(step.teacher_features, levels))}
+
+
+def _mgd(step: DistillStep) -> dict[str, Any]:
+    from ds2d2_cli.distill.mgd import mgd_loss
+
+    mgd = step.settings.mgd
+    return {"mgd": mgd_loss(step.finest(step.aligned, mgd.levels), step.finest(step.teacher_features, mgd.levels),
+                            step.parts["mgd"], mask_ratio=mgd.mask_ratio)}
+
+
+def _fgd(part: str) -> Callable[[DistillStep], dict[str, Any]]:
+    def compute(step: DistillStep) -> dict[str, Any]:
+        if "fgd" not in step._cache:
+            from ds2d2_cli.distill.fgd import fgd_losses
+
+            fgd = step.settings.fgd
+            step._cache["fgd"] = fgd_losses(
+                step.finest(step.aligned, fgd.levels), step.finest(step.teacher_features, fgd.levels), step.boxes,
+                step.image_sizes, step.parts["fgd"], temperature=fgd.temperature)
+        return {f"fgd_{part}": step._cache["fgd"][part]}
+
+    return compute
+
+
+def _mgd_parts(channels: int, level_names: list[str], settings: Any) -> Any:
+    from ds2d2_cli.distill.mgd import mgd_generators
+
+    return mgd_generators(channels, level_names[:settings.mgd.levels])
+
+
+def _fgd_parts(channels: int, level_names: list[str], settings: Any) -> Any:
+    from ds2d2_cli.distill.fgd import fgd_context_blocks
+
+    return fgd_context_blocks(channels, level_names[:settings.fgd.levels])
+
+
+register_parts("mgd", _mgd_parts)
+register_parts("fgd", _fgd_parts)
+_ALIGNED = frozenset({NEEDS_ALIGNED})
+register_term(Term("cwd", "cwd", _ALIGNED, _cwd, "channel-wise KL of spatial softmax maps (Shu et al. 2021)"))
+register_term(Term("pkd", "pkd", _ALIGNED, _pkd, "MSE of per-channel standardised features (Cao et al. 2022)"))
+register_term(Term("mgd", "mgd", _ALIGNED, _mgd, "teacher features generated from randomly masked student "
+                   "features (Yang et al. 2022)", parts="mgd"))
+for _part, _what in (("fg", "attention-weighted MSE inside the boxes"), ("bg", "... outside them"),
+                     ("attention", "L1 between spatial and channel attention maps"),
+                     ("global", "MSE after a global-context block each")):
+    register_term(Term(f"fgd-{_part}", f"fgd_{_part}", _ALIGNED, _fgd(_part), f"FGD: {_what}", parts="fgd"))
+
 register_method(Method("ds2d2", ("explicit-low", "explicit-high", "implicit-full", "implicit-high"),
                        "detection loss + explicit (low, high) + implicit (full, high) streams", ablatable=True))
 register_method(Method("none", (), "the same student, schedule and seed with no teacher (the baseline)"))
 register_method(Method("fitnet", ("fitnet",), "FitNet: full-feature MSE through the same adapter"))
+register_method(Method("cwd", ("cwd",), "CWD, channel-wise distillation (Shu et al., ICCV 2021)"))
+register_method(Method("pkd", ("pkd",), "PKD, Pearson-correlation feature distillation (Cao et al., NeurIPS 2022)"))
+register_method(Method("mgd", ("mgd",), "MGD, masked generative distillation (Yang et al., ECCV 2022)"))
+register_method(Method("fgd", ("fgd-fg", "fgd-bg", "fgd-attention", "fgd-global"),
+                       "FGD, focal and global distillation (Yang et al., CVPR 2022)"))
+
+# The baselines' defaults per detector family, from each method's own reference config
+# (256-channel FPNs, COCO); a preset states them, `--set distill...` overrides them.
+# `levels`: how many of the finest FPN levels the reference config distills.
+REFERENCE_SETTINGS: dict[str, dict[str, dict[str, float | int]]] = {
+    "retinanet": {
+        "weights": {
+            "cwd": 10.0,  # MMRazor configs/distill/mmdet/cwd/cwd_fpn_retina_r101_retina_r50_1x_coco.py
+            "pkd": 10.0,  # MMRazor configs/distill/mmdet/pkd/pkd_fpn_retina_x101_retina_r50_2x_coco.py
+            "mgd": 2e-5,  # MMRazor configs/distill/mmdet/mgd/mgd_fpn_retina_x101_retina_r50_2x_coco.py (alpha_mgd)
+            # yzd-v/FGD configs/distillers/fgd/fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py
+            "fgd_fg": 1e-3, "fgd_bg": 5e-4, "fgd_attention": 5e-4, "fgd_global": 5e-6,
+        },
+        "cwd": {"tau": 1.0, "levels": 5},  # P3-P7
+        "pkd": {"levels": 4},  # P3-P6 (P7 is not distilled there)
+        "mgd": {"mask_ratio": 0.65, "levels": 5},  # lambda_mgd; P3-P7
+        "fgd": {"temperature": 0.5, "levels": 5},  # P3-P7
+    },
+    "faster_rcnn": {
+        "weights": {
+            "cwd": 10.0,  # MMRazor configs/distill/mmdet/cwd/cwd_fpn_frcnn_r101_frcnn_r50_1x_coco.py
+            "pkd": 6.0,  # MMRazor configs/distill/mmdet/pkd/pkd_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco.py
+            # MGD has no Faster R-CNN-teacher config anywhere; the closest, a Faster R-CNN student:
+            # yzd-v/MGD det/configs/distillers/mgd/cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py
+            "mgd": 5e-7,
+            # yzd-v/FGD configs/distillers/fgd/fgd_faster_rcnn_r101_fpn_2x_distill_faster_rcnn_r50_fpn_2x_coco.py
+            "fgd_fg": 5e-5, "fgd_bg": 2.5e-5, "fgd_attention": 5e-5, "fgd_global": 5e-7,
+        },
+        "cwd": {"tau": 1.0, "levels": 5},  # P2-P6
+        "pkd": {"levels": 4},  # P2-P5
+        "mgd": {"mask_ratio": 0.45, "levels": 4},  # P2-P5
+        "fgd": {"temperature": 0.5, "levels": 4},  # P2-P5
+    },
+}
 
 DS2D2_STREAMS: tuple[str, ...] = METHODS["ds2d2"].terms

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint, meta_for
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.distill import Adapter, high_frequency
-from ds2d2_cli.distill.registry import NEEDS_ADAPTER, NEEDS_AMPLIFIER, NEEDS_IMPLICIT, DistillStep, active_terms
-from ds2d2_cli.distill.registry import get_method
+from ds2d2_cli.distill.registry import NEEDS_ADAPTER, NEEDS_ALIGNED, NEEDS_AMPLIFIER, NEEDS_IMPLICIT, PARTS
+from ds2d2_cli.distill.registry import DistillStep, active_terms, get_method
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.amplifier import load_head
 from ds2d2_cli.models.detectors import build_detector, model_from_checkpoint
@@ -32,12 +32,18 @@ from ds2d2_cli.tasks import DetectorTask
 
 
 class Student(nn.Module):
-    """What the optimiser trains and `--resume` restores: the student and its adapter."""
+    """What the optimiser trains and `--resume` restores: the student, its adapter and the
+    method's own trainable parts (MGD's generators, FGD's context blocks)."""
 
-    def __init__(self, detector: nn.Module, adapter: nn.Module | None):
+    def __init__(self, detector: nn.Module, adapter: nn.Module | None, parts: nn.ModuleDict | None = None):
         super().__init__()
         self.detector = detector
         self.adapter = adapter
+        self.parts = parts
+
+    def distill_parts(self) -> dict[str, Tensor]:
+        """What trains beside the detector: saved with the run, never exported."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("detector.")}
 
 
 def _frozen(module: nn.Module | None) -> nn.Module | None:
@@ -70,9 +76,15 @@ class DistillTask:
             self.implicit_input = "adapted"
             self.implicit_input_note = (f"the student FPN has {student_channels} channels and the teacher's "
                                         f"{teacher_channels}: the implicit streams read the adapter's output")
-        needs_adapter = NEEDS_ADAPTER in needs or (self.uses_implicit and self.implicit_input == "adapted")
+        self.same_width = student_channels == teacher_channels
+        needs_adapter = (NEEDS_ADAPTER in needs or (self.uses_implicit and self.implicit_input == "adapted")
+                         or (NEEDS_ALIGNED in needs and not self.same_width))
         adapter = Adapter(student_channels, teacher_channels) if needs_adapter else None
-        self.module = Student(student, adapter)
+        level_names = _level_names(teacher)
+        wanted_parts = list(dict.fromkeys(t.parts for t in self.terms if t.parts is not None))
+        parts = nn.ModuleDict({name: PARTS[name](teacher_channels, level_names, config.distill)
+                               for name in wanted_parts}) if wanted_parts else None
+        self.module = Student(student, adapter, parts)
         self.teacher = _frozen(teacher)
         self.amplifier_head = _frozen(amplifier_head) if NEEDS_AMPLIFIER in needs else None
         # The teacher backbone only extracts features (no gradient): it may run in half precision.
@@ -109,6 +121,9 @@ class DistillTask:
             implicit_features=adapted if self.implicit_input == "adapted" else features,
             boxes=[t["boxes"] for t in targets], input_hw=tuple(batch.tensors.shape[-2:]),
             settings=self.settings, implicit=implicit,
+            aligned=features if self.same_width else adapted,
+            image_sizes=[tuple(size) for size in batch.image_sizes],
+            parts=dict(self.module.parts.items()) if self.module.parts is not None else {},
         )
         weights = self.settings.weights
         for term in self.terms:
@@ -124,6 +139,14 @@ class DistillTask:
         with torch.no_grad():
             teacher_hf = OrderedDict((k, high_frequency(f, wavelet)) for k, f in teacher_features.items())
         return OrderedDict((k, high_frequency(f, wavelet)) for k, f in student_features.items()), teacher_hf
+
+
+def _level_names(detector: nn.Module) -> list[str]:
+    """The FPN's level names, finest first, from a forward pass on a small blank input."""
+    parameter = next(detector.backbone.parameters())
+    with torch.no_grad():
+        probe = torch.zeros((1, 3, 64, 64), device=parameter.device, dtype=parameter.dtype)
+        return list(detector.backbone(probe))
 
 
 def _load_amplifier(path: Path, teacher: Checkpoint, teacher_model: nn.Module) -> nn.Module:
@@ -182,15 +205,19 @@ def distill(
         task = DistillTask(student, teacher_model, config, amplifier_head)
         task.module.to(device)
         detector = task.module.detector
-        reporter.note(f"distill: method {method}, streams {', '.join(sorted(task.streams)) or '-'}"
-                      f", DISW {'on' if config.distill.disw else 'off'}, wavelet {config.distill.wavelet}")
+        if chosen.ablatable:
+            reporter.note(f"distill: method {method}, streams {', '.join(sorted(task.streams)) or '-'}"
+                          f", DISW {'on' if config.distill.disw else 'off'}, wavelet {config.distill.wavelet}")
+        else:
+            reporter.note(f"distill: method {method}, terms {', '.join(t.name for t in task.terms)}")
         if task.implicit_input_note:
             reporter.note(task.implicit_input_note)
     extra = {"method": method, "teacher_sha256": teacher_ckpt.sha256 if teacher_ckpt else None}
     active = sorted(task.streams) if isinstance(task, DistillTask) else []
     implicit_input = task.implicit_input if isinstance(task, DistillTask) and task.uses_implicit else None
+    parts = task.module.distill_parts if isinstance(task, DistillTask) and task.module.distill_parts() else None
     return run_stage(
-        task=task, scored=detector, weights=detector.state_dict,
+        task=task, scored=detector, weights=detector.state_dict, side_weights=parts,
         meta=lambda metrics: meta_for("student", config, "student", data.classes, preset, metrics=metrics, **extra),
         config=config, data=data, out=out, stage="student", device=device, resume=resume, reporter=reporter,
         extra_summary={"method": method, "streams": active, "disw": config.distill.disw,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ds2d2_cli import distributed
-from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint
+from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint, save_tensors
 from ds2d2_cli.config import RunConfig, config_to_json
 from ds2d2_cli.data.dataset import DetectionDataset
 from ds2d2_cli.engine import TrainingTask, prepare_run_dir, remove_resume_state, train
@@ -25,6 +25,9 @@ from ds2d2_cli.metrics_log import MetricsLog
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.evaluation import evaluate_on_split
 from ds2d2_cli.stages.common import StageData
+
+
+DISTILL_PARTS = "distill_parts.safetensors"
 
 
 @dataclass
@@ -58,11 +61,14 @@ def run_stage(
     resume: bool,
     reporter: Reporter | None,
     extra_summary: dict[str, Any] | None = None,
+    side_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> StageResult:
     """Train `task`, score `scored` (None: no detector to score) and save the checkpoints.
 
     `weights()` returns the state dict that goes into the checkpoint and `meta(metrics)`
     its metadata, so amplifier and student stages can save only what they hand over.
+    `side_weights()`, when given, is what trained beside it and is not handed over (the
+    adapter, MGD's generators): saved as `DISTILL_PARTS`, read by nothing downstream.
     """
     main = distributed.is_main()
     reporter = (reporter or NullReporter()) if main else NullReporter()
@@ -96,13 +102,18 @@ def run_stage(
             if final_metrics["mAP"] >= best_so_far:
                 on_best(final_metrics)
     model_path = out / "model.safetensors"
+    parts_path = out / DISTILL_PARTS if side_weights is not None else None
     if main:
         save_checkpoint(model_path, weights(), meta(final_metrics))
+        if parts_path is not None:
+            save_tensors(parts_path, side_weights(), {"format": "ds2d2-distill-parts", "stage": stage,
+                                                       "method": config.distill.method})
     summary = {
         "stage": stage,
         "out": str(out),
         "model": str(model_path),
         "best": str(best_path) if best_path.is_file() else None,
+        "distill_parts": str(parts_path) if parts_path is not None else None,
         "iterations": result.iterations,
         "seconds": round(result.seconds, 2),
         "images_per_s": round(result.images_per_s, 3),
