@@ -11,8 +11,9 @@ clip + SGD step, as `engine.train` does) for:
   under no_grad: `teacher.backbone` and its head (RetinaNet: the head on every level;
   Faster R-CNN: the box head on 512 RoIs per image sampled from 2000 proposals, as
   the implicit stream does) -- what any teacher-based KD costs at the least;
-- `fitnet`: the FitNet baseline (`DistillTask` with method fitnet: adapter + feature MSE);
-- `student`: the plain student step alone.
+- `fitnet`, `cwd`, `pkd`, `mgd`, `fgd`: the study's baselines (`DistillTask` with that
+  method, its reference settings for the detector family: what `ds2d2 study` trains);
+- `student`: the plain student step alone (`none`).
 
 Variants are interleaved (the order rotates every repeat) on the same batch and the
 same student weights; times are medians after warm-up. Ratios: ds2d2 / (student+teacher)
@@ -57,7 +58,8 @@ from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
 from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 BOXES_PER_IMAGE = 50
-VARIANTS = ("ds2d2", "student+teacher", "fitnet", "student")
+METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd")  # DistillTask with that method
+VARIANTS = (*METHOD_VARIANTS, "student+teacher", "student")
 
 # (row name, preset, --set overrides, batch); "full" rows only with --full.
 MAIN_CONFIGS = (
@@ -160,14 +162,15 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     student = build_detector(config.student, num_classes, config.input).to(device)
     amp_head = amplifier_head(teacher).to(device)
 
-    ds2d2 = DistillTask(student, teacher, config, amp_head)
-    fitnet_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "fitnet"})})
-    fitnet = DistillTask(student, teacher, fitnet_cfg)  # same student weights, its own adapter
+    tasks = {}
+    for method in METHOD_VARIANTS:  # the same student weights; each method its own adapter and parts
+        method_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"method": method})})
+        tasks[method] = DistillTask(student, teacher, method_cfg, amp_head if method == "ds2d2" else None)
+        tasks[method].module.to(device)
+    ds2d2 = tasks["ds2d2"]
     plain = DetectorTask(student)
-    for task in (ds2d2, fitnet):
-        task.module.to(device)
     images, targets = random_batch(batch, size, num_classes, gen, device)
-    teacher_forward = teacher_forward_fn(teacher, images, targets, ds2d2.is_retinanet, gen)
+    teacher_forward = teacher_forward_fn(teacher, images, targets, config.student.detector == "retinanet", gen)
 
     def optimizer_for(task):
         opt = build_optimizer(task.module, schedule)
@@ -175,12 +178,11 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
             group["lr"] *= schedule.warmup_ratio
         return opt
 
-    steps = {
-        "ds2d2": (ds2d2, step_fn(ds2d2, optimizer_for(ds2d2), schedule, images, targets)),
-        "student+teacher": (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets, teacher_forward)),
-        "fitnet": (fitnet, step_fn(fitnet, optimizer_for(fitnet), schedule, images, targets)),
-        "student": (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets)),
-    }
+    steps = {method: (task, step_fn(task, optimizer_for(task), schedule, images, targets))
+             for method, task in tasks.items()}
+    steps["student+teacher"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets,
+                                               teacher_forward))
+    steps["student"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets))
     sync = _sync(device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(warmup + repeats):
@@ -210,6 +212,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     ratio_kd = med["ds2d2"] / med["student+teacher"]
     ratio_student = med["ds2d2"] / med["student"]
     ratio_fitnet = med["ds2d2"] / med["fitnet"]
+    vs_student = {v: round(med[v] / med["student"], 3) for v in VARIANTS}
     # Per-repeat ratios (same repeat, adjacent in time) show how stable the medians are.
     paired = [a / b for a, b in zip(times["ds2d2"], times["student+teacher"])]
     return {
@@ -233,10 +236,11 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
         "ratio_ds2d2_vs_student_plus_teacher": round(ratio_kd, 3),
         "ratio_ds2d2_vs_student": round(ratio_student, 3),
         "ratio_ds2d2_vs_fitnet": round(ratio_fitnet, 3),
+        "ratio_vs_student": vs_student,
         "paired_ratio_vs_student_plus_teacher_min_max": [round(min(paired), 3), round(max(paired), 3)],
-        "summary": f"{name} ({size} px, batch {batch}): ds2d2 {med['ds2d2']:.3f} s, student+teacher "
-                   f"{med['student+teacher']:.3f} s, fitnet {med['fitnet']:.3f} s, student {med['student']:.3f} s; "
-                   f"ds2d2/(student+teacher) x{ratio_kd:.2f}, ds2d2/student x{ratio_student:.2f}",
+        "summary": f"{name} ({size} px, batch {batch}): student {med['student']:.3f} s; per step vs student: "
+                   + ", ".join(f"{v} x{vs_student[v]:.2f}" for v in VARIANTS if v != "student")
+                   + f"; ds2d2/(student+teacher) x{ratio_kd:.2f}",
     }
 
 

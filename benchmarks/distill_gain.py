@@ -1,24 +1,21 @@
 """What distillation buys: student AP per method over several seeds, against the undistilled student.
 
-Per seed: one teacher (trained with that seed), one high-frequency amplifier for it, and
-one student per method, all through the library's stage functions (`train_teacher`,
-`train_amplifier`, `distill`: the code `ds2d2 train-teacher / train-amplifier / distill`
-runs). Each student's metrics are the final evaluation its stage writes into
-`summary.json` (the preset's eval split). Methods:
+A thin caller of `ds2d2_cli.study`: where `ds2d2 study` takes one given teacher, this
+benchmark replicates the whole pipeline per seed, so teacher noise is part of the spread:
+per seed one teacher (trained with that seed), one high-frequency amplifier for it, and
+one student per method (`train_teacher`, `train_amplifier`, then `run_study` with that
+seed's teacher). Methods are the study's: every registry method (none, fitnet, cwd, pkd,
+mgd, fgd, ds2d2) and DS2D2's ablations:
 
-    none            the student alone (distill --method none)
-    fitnet          FitNet feature MSE through the adapter
-    ds2d2           all four streams, DISW on
     ds2d2-explicit  streams explicit-low, explicit-high
     ds2d2-implicit  streams implicit-full, implicit-high
     ds2d2-no-disw   all four streams, DISW off
     ds2d2-adapted   all four streams, the implicit ones reading the adapter's output (the
                     wiring before the fidelity pass) instead of the student's raw features
 
-Finished stages are reused (a run folder under --work with `model.safetensors` is not
-trained again, provided its config.json matches); an interrupted one resumes from its
-last checkpoint. Without --data, synthetic scenes are generated and split into patches
-under --work (what the tiny presets' comments prescribe).
+Finished stages are reused (their config.json and teacher must match) and interrupted
+ones resume. Without --data, synthetic scenes are generated and split into patches under
+--work (what the tiny presets' comments prescribe).
 
     python benchmarks/distill_gain.py                                  # tiny-synthetic, seeds 0,1,2
     python benchmarks/distill_gain.py --markdown benchmarks/results/distill_gain.json   # README table
@@ -30,40 +27,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from ds2d2_cli.config import (RunConfig, config_differences, config_to_json, load_config,  # noqa: E402
-                              stored_config, value_differences)
-from ds2d2_cli.engine import RESUME_FILE, resolve_device  # noqa: E402
+from ds2d2_cli.config import RunConfig, load_config  # noqa: E402
+from ds2d2_cli.engine import resolve_device  # noqa: E402
+from ds2d2_cli.errors import Ds2d2Error  # noqa: E402
+from ds2d2_cli.progress import NullReporter  # noqa: E402
 from ds2d2_cli.stages.common import with_data_root  # noqa: E402
+from ds2d2_cli.study import (METRICS, StudyRun, check_reusable, markdown, method_config,  # noqa: E402
+                             needs_amplifier, needs_teacher, run_study, study_methods)
 
-METHODS: dict[str, dict[str, Any]] = {  # name -> distill settings (the rest from the preset)
-    "none": {"method": "none"},
-    "fitnet": {"method": "fitnet"},
-    "ds2d2": {"method": "ds2d2", "streams": ["explicit-low", "explicit-high", "implicit-full", "implicit-high"]},
-    "ds2d2-explicit": {"method": "ds2d2", "streams": ["explicit-low", "explicit-high"]},
-    "ds2d2-implicit": {"method": "ds2d2", "streams": ["implicit-full", "implicit-high"]},
-    "ds2d2-no-disw": {"method": "ds2d2", "streams": ["explicit-low", "explicit-high", "implicit-full", "implicit-high"],
-                      "disw": False},
-    "ds2d2-adapted": {"method": "ds2d2", "streams": ["explicit-low", "explicit-high", "implicit-full", "implicit-high"],
-                      "implicit_input": "adapted"},
-}
-METRICS = ("mAP", "AP50", "AP75", "APs")
+METHODS = tuple(study_methods())
+
+
+class _PrintReporter(NullReporter):
+    """The study's notes on stdout (a benchmark log), progress bars off."""
+
+    def note(self, message: str) -> None:
+        print(message, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,13 +113,6 @@ def seed_config(base: RunConfig, seed: int, args: argparse.Namespace) -> RunConf
     })
 
 
-def method_config(config: RunConfig, method: str) -> RunConfig:
-    settings = dict(METHODS[method])
-    if "streams" in settings:
-        settings["streams"] = tuple(settings["streams"])
-    return config.model_copy(update={"distill": config.distill.model_copy(update=settings)})
-
-
 def _iters(schedule) -> str:
     return f"{schedule.max_iters}it" if schedule.max_iters else f"{schedule.epochs}ep"
 
@@ -138,23 +120,15 @@ def _iters(schedule) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def run_or_reuse(stage: str, out: Path, config: RunConfig, train) -> tuple[dict[str, Any], bool]:
-    """(summary, reused): the stage's summary.json when it already finished with this config."""
-    stored_path = out / "config.json"
-    if (out / "model.safetensors").is_file() and (out / "summary.json").is_file():
-        if not stored_path.is_file():
-            raise SystemExit(f"{out}: a finished {stage} run without config.json; remove it or use another --work")
-        stored = stored_config(json.loads(stored_path.read_text()))
-        differ = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))
-        if differ:
-            raise SystemExit(f"{out}: a finished {stage} run with another config ({', '.join(differ[:4])}); "
-                             "remove it or use another --work")
-        return json.loads((out / "summary.json").read_text()), True
-    resume = (out / RESUME_FILE).is_file() and stored_path.is_file() and not config_differences(
-        stored_path, config_to_json(config))
-    if (out / RESUME_FILE).is_file() and not resume:
-        raise SystemExit(f"{out}: an unfinished {stage} run with another config; remove it or use another --work")
-    return train(resume).summary, False
+def _stage(stage: str, out: Path, config: RunConfig, train, teacher_sha256: str | None = None) -> dict[str, Any]:
+    """A teacher or amplifier run: reused when finished with this config, resumed when cut off."""
+    action = check_reusable(stage, out, config, teacher_sha256)
+    t0 = time.perf_counter()
+    summary = json.loads((out / "summary.json").read_text()) if action == "reuse" else train(action == "resume").summary
+    metrics = summary.get("metrics") or {}
+    print(f"{stage:<10} {'reused' if action == 'reuse' else f'{time.perf_counter() - t0:.0f} s':>8}  "
+          f"AP50 {_points(metrics.get('AP50'))}  ({out})", flush=True)
+    return summary
 
 
 def prepare_data(args: argparse.Namespace, config: RunConfig) -> Path:
@@ -175,99 +149,11 @@ def prepare_data(args: argparse.Namespace, config: RunConfig) -> Path:
     return patches.resolve()
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
 def _points(value: Any) -> float | None:
-    """COCO metric -> AP points; COCO's -1 (no such objects) -> None."""
-    if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
-        return None
-    return round(100 * value, 2)
-
-
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    known = [v for v in values if v is not None]
-    if not known:
-        return None, None
-    std = statistics.stdev(known) if len(known) > 1 else 0.0
-    return round(statistics.fmean(known), 2), round(std, 2)
-
-
-def aggregate(per_seed: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for method, runs in per_seed.items():
-        entry: dict[str, Any] = {"settings": METHODS[method], "per_seed": {str(s): runs[s] for s in seeds},
-                                 "mean": {}, "std": {}}
-        for metric in METRICS:
-            entry["mean"][metric], entry["std"][metric] = _mean_std([runs[s][metric] for s in seeds])
-        if "none" in per_seed:  # paired by seed: same teacher, data and student initialisation seed
-            gains = [None if runs[s]["AP50"] is None or per_seed["none"][s]["AP50"] is None
-                     else round(runs[s]["AP50"] - per_seed["none"][s]["AP50"], 2) for s in seeds]
-            mean, std = _mean_std(gains)
-            entry["gain_AP50_vs_none"] = {"mean": mean, "std": std, "per_seed": dict(zip(map(str, seeds), gains))}
-        out[method] = entry
-    return out
-
-
-def print_table(methods: dict[str, Any], teachers: dict[str, Any], seeds: list[int]) -> None:
-    def cell(entry, metric):
-        mean, std = entry["mean"][metric], entry["std"][metric]
-        return "-" if mean is None else f"{mean:5.1f}±{std:.1f}"
-
-    header = f"{'method':<16}" + "".join(f"{m:>12}" for m in METRICS) + f"{'dAP50':>12}"
-    print(f"\nstudent AP points, mean±std over seeds {','.join(map(str, seeds))} (eval split)")
-    print(header)
-    print("-" * len(header))
-    for method, entry in methods.items():
-        gain = entry.get("gain_AP50_vs_none", {})
-        g = "-" if gain.get("mean") is None else f"{gain['mean']:+5.1f}±{gain['std']:.1f}"
-        print(f"{method:<16}" + "".join(f"{cell(entry, m):>12}" for m in METRICS) + f"{g:>12}")
-    t_mean = _mean_std([t["AP50"] for t in teachers.values()])[0]
-    a_mean = _mean_std([t.get("amplifier_AP50") for t in teachers.values()])[0]
-    print(f"teacher AP50 {t_mean if t_mean is not None else '-'}, amplifier (HF head) AP50 "
-          f"{a_mean if a_mean is not None else '-'}")
-
-
-LABELS = {
-    "none": "baseline (no teacher)", "fitnet": "FitNet", "ds2d2": "**DS2D2** (all four streams)",
-    "ds2d2-explicit": "DS2D2 explicit streams only", "ds2d2-implicit": "DS2D2 implicit streams only",
-    "ds2d2-no-disw": "DS2D2 without DISW",
-    "ds2d2-adapted": "DS2D2, implicit streams on adapted features (old wiring)",
-}
-
-
-def markdown_table(record: dict[str, Any]) -> str:
-    """The README table of a results file: mean ± std per method, gain paired by seed."""
-    seeds = [int(s) for s in record["seeds"]]
-
-    def cell(mean: float | None, std: float | None) -> str:
-        return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
-
-    lines = ["| method | mAP | AP50 | AP75 | APs | AP50 gain vs none (per seed) |", "|---|---|---|---|---|---|"]
-    teachers = record["teachers"]
-    t = {m: _mean_std([teachers[str(s)][m] for s in seeds]) for m in METRICS}
-    lines.append("| teacher | " + " | ".join(cell(*t[m]) for m in METRICS) + " | |")
-    for method, entry in record["methods"].items():
-        gain = entry.get("gain_AP50_vs_none") or {}
-        per_seed = ", ".join(f"{gain['per_seed'][str(s)]:+.2f}" for s in seeds) if gain else ""
-        g = f"{gain['mean']:+.2f} ({per_seed})" if gain.get("mean") is not None else "-"
-        lines.append(f"| {LABELS.get(method, method)} | "
-                     + " | ".join(cell(entry["mean"][m], entry["std"][m]) for m in METRICS) + f" | {g} |")
-    return "\n".join(lines)
+    return None if not isinstance(value, (int, float)) or value < 0 else round(100 * value, 2)
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def _cpu_model() -> str:
-    """The CPU's model name: figures from two machines of one kind differ with their kernels."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--markdown"]:  # print the README table of a results file, train nothing
         if len(argv) != 2:
             raise SystemExit("usage: distill_gain.py --markdown RESULTS.json")
-        print(markdown_table(json.loads(Path(argv[1]).read_text())))
+        print(markdown(json.loads(Path(argv[1]).read_text())), end="")
         return 0
     args = parse_args(argv)
+    from ds2d2_cli.checkpoint import file_sha256
     from ds2d2_cli.stages.amplifier import train_amplifier
-    from ds2d2_cli.stages.distill import distill
     from ds2d2_cli.stages.teacher import train_teacher
 
     started = time.perf_counter()
@@ -287,87 +173,54 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.preset, args.overrides)
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args, base)
-    needs_teacher = any(m != "none" for m in args.methods)
-    needs_amplifier = any(METHODS[m]["method"] == "ds2d2" and "implicit-high" in METHODS[m]["streams"]
-                          for m in args.methods)
-    per_seed: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
+    configs = {seed: {m: method_config(seed_config(base, seed, args), m) for m in args.methods} for seed in args.seeds}
+    any_teacher = any(needs_teacher(c) for per in configs.values() for c in per.values())
+    any_amplifier = any(needs_amplifier(c) for per in configs.values() for c in per.values())
     teachers: dict[str, Any] = {}
-    stage_seconds: dict[str, float] = {}
-
-    def run(label: str, stage: str, out: Path, config: RunConfig, train) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        summary, reused = run_or_reuse(stage, out, with_data_root(config, data), train)
-        stage_seconds[label] = round(time.perf_counter() - t0, 2)
-        metrics = summary.get("metrics") or {}
-        print(f"{label:<32} {'reused' if reused else f'{stage_seconds[label]:.0f} s':>8}  "
-              f"mAP {_points(metrics.get('mAP'))}  AP50 {_points(metrics.get('AP50'))}  ({out})", flush=True)
-        return summary
-
-    for seed in args.seeds:
-        config = seed_config(base, seed, args)
-        folder = args.work / f"seed{seed}"
-        teacher_path = amplifier_path = None
-        if needs_teacher:
-            out = folder / f"teacher-{_iters(config.schedule('teacher'))}"
-            summary = run(f"seed {seed} teacher", "teacher", out, config,
-                          lambda resume, out=out, config=config: train_teacher(
-                              config, out=out, data_dir=data, preset=args.preset, device=device, resume=resume))
-            teacher_path = out / "model.safetensors"
-            teachers[str(seed)] = {k: _points(summary["metrics"].get(k)) for k in METRICS} | {"run": str(out)}
-        if needs_amplifier:
-            out = folder / f"amplifier-{_iters(config.schedule('amplifier'))}-t{_iters(config.schedule('teacher'))}"
-            summary = run(f"seed {seed} amplifier", "amplifier", out, config,
-                          lambda resume, out=out, config=config: train_amplifier(
-                              config, teacher=teacher_path, out=out, data_dir=data, preset=args.preset,
-                              device=device, resume=resume))
-            amplifier_path = out / "model.safetensors"
-            teachers[str(seed)]["amplifier_AP50"] = _points(summary["metrics"].get("AP50"))
-        for method in args.methods:
-            student_cfg = method_config(config, method)
-            uses_teacher = method != "none"
-            uses_amplifier = METHODS[method]["method"] == "ds2d2" and "implicit-high" in METHODS[method]["streams"]
-            tag = f"-t{_iters(config.schedule('teacher'))}" if uses_teacher else ""
-            out = folder / f"student-{method}-{_iters(config.schedule('student'))}{tag}"
-            summary = run(f"seed {seed} student {method}", "student", out, student_cfg,
-                          lambda resume, out=out, cfg=student_cfg, t=uses_teacher, a=uses_amplifier: distill(
-                              cfg, out=out, teacher=teacher_path if t else None,
-                              amplifier=amplifier_path if a else None, data_dir=data, preset=args.preset,
-                              device=device, resume=resume))
-            metrics = summary.get("metrics") or {}
-            per_seed[method][seed] = {k: _points(metrics.get(k)) for k in METRICS} | {
-                "train_seconds": summary.get("seconds"), "iterations": summary.get("iterations"),
-                "streams": summary.get("streams"), "run": str(out)}
-
-    methods = aggregate(per_seed, args.seeds)
+    runs: list[StudyRun] = []
+    try:
+        for seed in args.seeds:
+            config = seed_config(base, seed, args)
+            staged = with_data_root(config, data)
+            folder = args.work / f"seed{seed}"
+            teacher_path = amplifier_path = None
+            if any_teacher:
+                out = folder / f"teacher-{_iters(config.schedule('teacher'))}"
+                summary = _stage("teacher", out, staged, lambda resume, out=out, config=config: train_teacher(
+                    config, out=out, data_dir=data, preset=args.preset, device=device, resume=resume))
+                teacher_path = out / "model.safetensors"
+                teachers[str(seed)] = {k: _points((summary.get("metrics") or {}).get(k)) for k in METRICS}
+            if any_amplifier:
+                out = folder / f"amplifier-{_iters(config.schedule('amplifier'))}-t{_iters(config.schedule('teacher'))}"
+                _stage("amplifier", out, staged, lambda resume, out=out, config=config, t=teacher_path: train_amplifier(
+                    config, teacher=t, out=out, data_dir=data, preset=args.preset, device=device, resume=resume),
+                    teacher_sha256=file_sha256(teacher_path))
+                amplifier_path = out / "model.safetensors"
+            for method in args.methods:
+                cfg = configs[seed][method]
+                tag = f"-t{_iters(config.schedule('teacher'))}" if needs_teacher(cfg) else ""
+                runs.append(StudyRun(method, seed, cfg, folder / f"student-{method}-{_iters(config.schedule('student'))}{tag}",
+                                     teacher_path if needs_teacher(cfg) else None,
+                                     amplifier_path if needs_amplifier(cfg) else None))
+        record = run_study(runs, data_dir=data, preset=args.preset, device=device, reporter=_PrintReporter(),
+                           teachers=teachers or None)
+    except Ds2d2Error as exc:
+        raise SystemExit(f"error: {exc}") from None
     example = seed_config(base, args.seeds[0], args)
-    record = {
+    record.update({
         "benchmark": "distill_gain",
-        "units": "AP points (COCO metric x 100); gains are paired by seed (method - none)",
-        "preset": args.preset,
         "overrides": args.overrides,
-        "seeds": args.seeds,
-        "methods_run": args.methods,
-        "data": str(data),
-        "eval_split": base.data.eval_split,
         "work": str(args.work.resolve()),
+        "teacher_per_seed": True,
         "schedules": {stage: json.loads(example.schedule(stage).model_dump_json(exclude={"seed"}))
                       for stage in ("teacher", "amplifier", "student")},
-        "config": json.loads(config_to_json(example)) | {"note": f"shown for seed {args.seeds[0]}; distill per method"},
-        "torch": torch.__version__,
-        "device": str(device),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - started, 2),
-        "stage_seconds": stage_seconds,
-        "teachers": teachers,
-        "methods": methods,
-    }
+    })
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print_table(methods, teachers, args.seeds)
+    print(markdown(record), end="")
     print(f"-> {args.output} ({record['wall_s']:.0f} s)")
-    return 0
+    return 0 if record["complete"] else 1
 
 
 if __name__ == "__main__":

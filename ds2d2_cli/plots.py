@@ -127,3 +127,31 @@ def training_curves(runs: dict[str, str | Path], out: str | Path) -> Path:
         ax_map.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(out))
+
+
+def paired_gain_chart(record: dict[str, Any], out: str | Path, metric: str = "AP50") -> Path:
+    """`ds2d2 study`'s picture: per method the paired gain vs none, its 95% interval, the seeds as dots."""
+    plt = _pyplot()
+    rows = [(name, entry["gain"][metric]) for name, entry in record["table"].items()
+            if entry.get("gain") and entry["gain"][metric]["mean"] is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * max(len(rows), 1) + 1.4))
+    ax.axvline(0.0, color="#8e8e93", linewidth=1.0, zorder=1)
+    for y, (name, gain) in enumerate(rows):
+        colour = PALETTE[2] if gain["distinguishable"] else "#636366"
+        if gain.get("ci95"):
+            low, high = gain["ci95"]
+            ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt", zorder=2)
+        ax.plot([gain["mean"]], [y], marker="D", color=colour, markersize=7, zorder=3)
+        dots = list(gain["per_seed"].values())
+        ax.scatter(dots, [y + 0.18] * len(dots), s=16, color="#ff9f0a", zorder=4,
+                   label="one seed" if y == 0 else None)
+    ax.set_yticks(range(len(rows)), [record["table"][name]["label"] for name, _ in rows])
+    ax.invert_yaxis()
+    seeds = ",".join(map(str, record["seeds"]))
+    ax.set_xlabel(f"{metric} gain over the undistilled student (points), paired by seed")
+    ax.set_title(f"{metric} gain vs none, mean and 95% t-interval over seeds {seeds}\n"
+                 "(blue: interval excludes zero)", fontsize=10)
+    if rows:
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, Path(out))

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ds2d2_cli import __version__
-from ds2d2_cli.cli import compare, demo, prepare, stages
+from ds2d2_cli.cli import compare, demo, prepare, stages, study
 from ds2d2_cli.cli.common import PRESET_HELP, SET_HELP, handle_errors, state, stdout_console
 
 app = typer.Typer(
@@ -49,6 +49,7 @@ app.add_typer(prepare.app, name="prepare-data")
 stages.register(app)
 app.command("demo")(demo.demo_command)
 app.command("compare")(compare.compare_command)
+app.command("study")(study.study_command)
 
 
 @app.command("presets")

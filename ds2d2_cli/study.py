@@ -1,0 +1,455 @@
+"""`ds2d2 study`: every distillation method x seed against the undistilled student, with error bars.
+
+One teacher (and amplifier), one data set, one schedule; per seed the student is trained
+once per method (`none` included), so method and baseline share the seed: the gain is
+the paired difference `method - none` per seed, reported with a 95% t-interval over the
+seeds. A gain whose interval excludes zero is called distinguishable; the rest is noise
+at this number of seeds.
+
+Finished runs are reused and interrupted ones resumed, decided from each run folder's
+config.json and teacher hash, so a study cut off by a session or a job limit continues
+where it stopped. `plan_study` lays out the runs of the CLI; callers with other layouts
+(the gain benchmark trains a teacher per seed) pass their own `StudyRun`s to `run_study`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ds2d2_cli import distributed
+from ds2d2_cli.config import RunConfig, config_differences, config_to_json, stored_config, value_differences
+from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, NEEDS_AMPLIFIER, active_terms, get_method
+from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.fileio import atomic_path, read_json, write_json
+from ds2d2_cli.progress import NullReporter, Reporter
+
+METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+GAIN_METRICS = ("AP50", "mAP")
+BASELINE = "none"
+
+# DS2D2's stream ablations, selectable as methods; every registry method is one by its name.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "ds2d2-explicit": {"method": "ds2d2", "streams": ("explicit-low", "explicit-high")},
+    "ds2d2-implicit": {"method": "ds2d2", "streams": ("implicit-full", "implicit-high")},
+    "ds2d2-no-disw": {"method": "ds2d2", "streams": DS2D2_STREAMS, "disw": False},
+    "ds2d2-adapted": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_input": "adapted"},
+}
+LABELS = {
+    "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
+    "ds2d2": "DS2D2", "ds2d2-explicit": "DS2D2 explicit streams only", "ds2d2-implicit": "DS2D2 implicit streams only",
+    "ds2d2-no-disw": "DS2D2 without DISW", "ds2d2-adapted": "DS2D2, implicit streams on adapted features",
+}
+
+
+def study_methods() -> list[str]:
+    return [*METHODS, *ABLATIONS]
+
+
+def method_settings(name: str) -> dict[str, Any]:
+    """The distill settings a study method sets (the rest from the preset)."""
+    if name in ABLATIONS:
+        return dict(ABLATIONS[name])
+    if name not in METHODS:
+        raise InputError(f"unknown study method {name!r}; available: {', '.join(study_methods())}")
+    return {"method": name, "streams": DS2D2_STREAMS} if METHODS[name].ablatable else {"method": name}
+
+
+def method_config(config: RunConfig, name: str) -> RunConfig:
+    return config.model_copy(update={"distill": config.distill.model_copy(update=method_settings(name))})
+
+
+def seeded(config: RunConfig, seed: int) -> RunConfig:
+    """The student schedule with `seed` (the teacher is given, not retrained)."""
+    return config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
+
+
+def needs_teacher(config: RunConfig) -> bool:
+    return get_method(config.distill.method).needs_teacher
+
+
+def needs_amplifier(config: RunConfig) -> bool:
+    terms = active_terms(get_method(config.distill.method), config.distill.streams)
+    return any(NEEDS_AMPLIFIER in term.needs for term in terms)
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One student to train: its method, seed, full config and run folder."""
+
+    method: str
+    seed: int
+    config: RunConfig
+    out: Path
+    teacher: Path | None = None
+    amplifier: Path | None = None
+
+
+def plan_study(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path, *,
+               teacher: Path | None, amplifier: Path | None) -> list[StudyRun]:
+    """The runs of `ds2d2 study`: OUT/runs/<method>/seed<S>, one teacher for all."""
+    if not methods or not seeds:
+        raise InputError("a study needs at least one method and one seed")
+    if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
+        raise InputError("--methods and --seeds must not repeat a value")
+    runs = []
+    for name in methods:
+        for seed in seeds:
+            run_config = method_config(seeded(config, seed), name)
+            if needs_teacher(run_config) and teacher is None:
+                raise InputError(f"method {name} needs --teacher T.safetensors")
+            runs.append(StudyRun(name, seed, run_config, Path(out) / "runs" / name / f"seed{seed}",
+                                 teacher if needs_teacher(run_config) else None,
+                                 amplifier if needs_amplifier(run_config) else None))
+    return runs
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _finished(out: Path) -> bool:
+    return (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
+
+
+def _teacher_of(model: Path) -> str | None:
+    from ds2d2_cli.checkpoint import load_checkpoint
+
+    return load_checkpoint(model).meta.teacher_sha256
+
+
+def check_reusable(stage: str, out: Path, config: RunConfig, teacher_sha256: str | None = None) -> str:
+    """'reuse', 'resume' or 'train' for a run folder of `stage`; another config or teacher is
+    an error (a study never overwrites a run it did not start)."""
+    from ds2d2_cli.engine import RESUME_FILE
+
+    out = Path(out)
+    stored_path = out / "config.json"
+    if _finished(out):
+        if not stored_path.is_file():
+            raise InputError(f"a finished {stage} run without config.json; remove it or use another --out", out)
+        stored = stored_config(read_json(stored_path), str(stored_path))
+        differ = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))  # type: ignore[arg-type]
+        if differ:
+            raise InputError(f"a finished {stage} run with another config ({', '.join(differ[:4])}); remove it or "
+                             "use another --out", out)
+        if stage != "teacher" and teacher_sha256 != _teacher_of(out / "model.safetensors"):
+            raise InputError(f"a finished {stage} run from another teacher; remove it or use another --out", out)
+        return "reuse"
+    if (out / RESUME_FILE).is_file():
+        if not stored_path.is_file() or config_differences(stored_path, config_to_json(config)):
+            raise InputError(f"an unfinished {stage} run with another config; remove it or use another --out", out)
+        return "resume"
+    return "train"
+
+
+def _points(value: Any) -> float | None:
+    """COCO metric -> AP points; COCO's -1 (no such objects) -> None."""
+    if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
+        return None
+    return round(100 * value, 2)
+
+
+def _scene_metrics(model: Path, data_dir: Path, split: str, device: Any, reporter: Reporter) -> dict[str, Any]:
+    """Scene-level metrics (patch detections merged), cached beside the checkpoint by its hash."""
+    from ds2d2_cli.checkpoint import file_sha256
+    from ds2d2_cli.stages.evaluate import evaluate_checkpoint
+
+    cache = model.parent / "scene_metrics.json"
+    sha = file_sha256(model)
+    if cache.is_file():
+        try:
+            cached = read_json(cache)
+            if cached.get("checkpoint_sha256") == sha and cached.get("split") == split:
+                return cached
+        except InputError:
+            pass
+    metrics = evaluate_checkpoint(model, data_dir=data_dir, split=split, device=device, merge_patches=True,
+                                  reporter=reporter)
+    metrics["checkpoint_sha256"] = sha
+    if distributed.is_main():
+        write_json(cache, metrics, indent=2)
+    return metrics
+
+
+def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: Any = "cpu",
+              merge_patches: bool = False, reporter: Reporter | None = None,
+              teachers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or reuse) every run, then the study record (see `analyse`).
+
+    `teachers`: optional per-seed teacher metrics to show in the table (the benchmark's).
+    A run that fails is recorded and the others go on; `record["complete"]` says whether all finished.
+    """
+    import torch
+
+    from ds2d2_cli.checkpoint import file_sha256
+    from ds2d2_cli.stages.common import with_data_root
+    from ds2d2_cli.stages.distill import distill
+
+    if not runs:
+        raise InputError("a study needs at least one run")
+    reporter = reporter or NullReporter()
+    device = torch.device(device)
+    started = time.perf_counter()
+    shas: dict[Path, str] = {}
+    plans = []
+    for run in runs:  # every folder checked before any training
+        config = with_data_root(run.config, data_dir)
+        sha = None
+        if run.teacher is not None:
+            if not Path(run.teacher).is_file():
+                raise InputError("teacher checkpoint not found", run.teacher)
+            sha = shas.setdefault(Path(run.teacher), file_sha256(run.teacher))
+        plans.append((run, config, check_reusable("student", run.out, config, sha)))
+    to_train = sum(1 for _, _, action in plans if action != "reuse")
+    reporter.note(f"study: {len(plans)} runs ({len(plans) - to_train} finished, reused; {to_train} to train)")
+
+    outcomes: list[dict[str, Any]] = []
+    trained_seconds: list[float] = []
+    done = 0
+    for index, (run, config, action) in enumerate(plans, 1):
+        label = f"{run.method} seed {run.seed}"
+        if action != "reuse":
+            left = to_train - done
+            eta = (f", about {_duration(statistics.fmean(trained_seconds) * left)} left for {left} runs"
+                   if trained_seconds else "")
+            reporter.note(f"study: run {index}/{len(plans)}: {label} ({action}{eta})")
+        t0 = time.perf_counter()
+        outcome: dict[str, Any] = {"method": run.method, "seed": run.seed, "run": str(run.out), "action": action}
+        try:
+            if action == "reuse":
+                summary = read_json(run.out / "summary.json")
+            else:
+                summary = distill(config, out=run.out, teacher=run.teacher, amplifier=run.amplifier,
+                                  data_dir=data_dir, preset=preset, device=device, resume=action == "resume",
+                                  reporter=reporter).summary
+                trained_seconds.append(time.perf_counter() - t0)
+                done += 1
+            metrics = summary.get("metrics") or {}
+            if merge_patches:
+                metrics = _scene_metrics(run.out / "model.safetensors", data_dir, config.data.eval_split, device,
+                                         reporter)
+            outcome.update({
+                "status": "finished",
+                "metrics": {k: _points(metrics.get(k)) for k in METRICS},
+                "iterations": summary.get("iterations"),
+                "train_seconds": summary.get("seconds"),
+                "seconds_per_iteration": (round(summary["seconds"] / summary["iterations"], 4)
+                                          if summary.get("iterations") else None),
+                "terms": sorted(k for k in summary.get("final_losses", {})),
+            })
+        except KeyboardInterrupt:
+            raise
+        except Ds2d2Error as exc:  # diverged, bad data for this run...: the others still run
+            outcome.update({"status": "failed", "error": str(exc)})
+            reporter.note(f"study: {label} failed: {exc}")
+        outcomes.append(outcome)
+    distributed.barrier()
+
+    first = runs[0]
+    teacher_metrics = teachers
+    if teacher_metrics is None:
+        teacher_path = next((r.teacher for r in runs if r.teacher is not None), None)
+        if teacher_path is not None:
+            teacher_metrics = {"all": _teacher_points(Path(teacher_path), data_dir, first.config, merge_patches,
+                                                      device, reporter)}
+    record = analyse(outcomes, [r.method for r in runs], [r.seed for r in runs])
+    amplifiers = sorted({str(r.amplifier) for r in runs if r.amplifier is not None})
+    record.update({
+        "study": "ds2d2 study",
+        "units": "AP points (COCO metric x 100); gains paired by seed (method - none), 95% t-interval",
+        "preset": preset,
+        "data": str(data_dir),
+        "eval_split": first.config.data.eval_split,
+        "merged_patches": merge_patches,
+        "teacher": sorted({str(r.teacher) for r in runs if r.teacher is not None}),
+        "amplifier": amplifiers,
+        "teacher_metrics": teacher_metrics,
+        "schedule": json.loads(first.config.train.model_dump_json(exclude={"seed"})),
+        "device": str(device),
+        "processes": distributed.world_size(),
+        "machine": machine(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - started, 2),
+    })
+    return record
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _teacher_points(teacher: Path, data_dir: Path, config: RunConfig, merge_patches: bool, device: Any,
+                    reporter: Reporter) -> dict[str, float | None]:
+    from ds2d2_cli.checkpoint import load_checkpoint
+
+    if merge_patches:
+        metrics = _scene_metrics(teacher, data_dir, config.data.eval_split, device, reporter)
+    else:
+        metrics = load_checkpoint(teacher).meta.metrics or {}
+    return {k: _points(metrics.get(k)) for k in METRICS}
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from: figures from two machines of one kind differ with their kernels."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+# Two-sided 95% Student t critical values t_{0.975, df}, df = 1..30 (standard tables).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical_975(df: int) -> float:
+    """t_{0.975, df}; beyond the table the Cornish-Fisher expansion (error < 1e-3)."""
+    if df < 1:
+        raise ValueError("the t-interval needs at least two paired seeds (df >= 1)")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_gain(values: dict[int, float | None], baseline: dict[int, float | None]) -> dict[str, Any]:
+    """Mean of the per-seed differences, their standard deviation and 95% t-interval."""
+    seeds = [s for s in values if values[s] is not None and baseline.get(s) is not None]
+    diffs = [values[s] - baseline[s] for s in seeds]  # type: ignore[operator]
+    result: dict[str, Any] = {"per_seed": {str(s): round(d, 2) for s, d in zip(seeds, diffs)}, "n": len(diffs),
+                              "mean": None, "std": None, "ci95": None, "distinguishable": False}
+    if not diffs:
+        return result
+    mean = statistics.fmean(diffs)
+    result["mean"] = round(mean, 2)
+    if len(diffs) > 1:
+        std = statistics.stdev(diffs)
+        half = t_critical_975(len(diffs) - 1) * std / math.sqrt(len(diffs))
+        low, high = mean - half, mean + half
+        result.update({"std": round(std, 2), "ci95": [round(low, 2), round(high, 2)],
+                       "distinguishable": bool(low > 0 or high < 0)})
+    return result
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, None
+    return round(statistics.fmean(known), 2), round(statistics.stdev(known), 2) if len(known) > 1 else 0.0
+
+
+def analyse(outcomes: Sequence[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """The study table: per method mean/std per metric, paired gains vs none, relative step cost."""
+    methods = list(dict.fromkeys(methods))
+    seeds = list(dict.fromkeys(seeds))
+    by: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    for outcome in outcomes:
+        if outcome.get("status") == "finished":
+            by[outcome["method"]][outcome["seed"]] = outcome
+    table: dict[str, Any] = {}
+    base = by.get(BASELINE, {})
+    base_cost = _mean_std([o.get("seconds_per_iteration") for o in base.values()])[0]
+    for method in methods:
+        runs = by[method]
+        entry: dict[str, Any] = {"label": LABELS.get(method, method), "settings": _jsonable(method_settings(method)),
+                                 "seeds": sorted(runs), "mean": {}, "std": {}}
+        for metric in METRICS:
+            entry["mean"][metric], entry["std"][metric] = _mean_std([runs[s]["metrics"][metric] for s in runs])
+        if method != BASELINE and base:
+            entry["gain"] = {metric: paired_gain({s: runs[s]["metrics"][metric] for s in runs},
+                                                 {s: base[s]["metrics"][metric] for s in base})
+                             for metric in GAIN_METRICS}
+        cost = _mean_std([o.get("seconds_per_iteration") for o in runs.values()])[0]
+        entry["seconds_per_iteration"] = cost
+        entry["step_cost_vs_none"] = round(cost / base_cost, 2) if cost and base_cost else None
+        table[method] = entry
+    gains = {m: e["gain"]["AP50"]["mean"] for m, e in table.items() if e.get("gain") and e["gain"]["AP50"]["mean"]
+             is not None}
+    best = max(gains, key=gains.get) if gains else None
+    failed = [o for o in outcomes if o.get("status") != "finished"]
+    return {"methods": methods, "seeds": seeds, "table": table, "runs": list(outcomes),
+            "best_by_AP50_gain": best, "failed": failed, "complete": not failed}
+
+
+def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def gain_text(gain: dict[str, Any] | None, digits: int = 2) -> str:
+    if not gain or gain.get("mean") is None:
+        return "-"
+    if gain.get("ci95") is None:
+        return f"{gain['mean']:+.{digits}f}"
+    low, high = gain["ci95"]
+    return f"{gain['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{' *' if gain['distinguishable'] else ''}"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The study table as Markdown (what study.md holds and the README quotes)."""
+    seeds = ",".join(map(str, record["seeds"]))
+    where = "scenes (patches merged)" if record.get("merged_patches") else "patches"
+    lines = [f"Student AP points on {record.get('eval_split', 'eval')} {where}, mean ± std over seeds {seeds}; "
+             "gains paired by seed vs `none` with a 95% t-interval, * = interval excludes zero.", "",
+             "| method | " + " | ".join(METRICS) + " | AP50 gain [95% CI] | mAP gain [95% CI] | step cost |",
+             "|---|" + "---|" * (len(METRICS) + 3)]
+    teachers = list((record.get("teacher_metrics") or {}).values())
+    if teachers:  # one teacher, or one per seed (the gain benchmark): mean ± std then
+        label = "teacher" if len(teachers) == 1 else f"teacher ({len(teachers)}, one per seed)"
+        lines.append(f"| {label} | " + " | ".join(_cell(*_mean_std([t.get(m) for t in teachers])) if len(teachers) > 1
+                                                  else ("-" if teachers[0].get(m) is None else f"{teachers[0][m]:.2f}")
+                                                  for m in METRICS) + " | | | |")
+    for method, entry in record["table"].items():
+        gain = entry.get("gain") or {}
+        cost = entry.get("step_cost_vs_none")
+        lines.append(f"| {entry['label']} | " + " | ".join(_cell(entry["mean"][m], entry["std"][m]) for m in METRICS)
+                     + f" | {gain_text(gain.get('AP50'))} | {gain_text(gain.get('mAP'))} | "
+                     + (f"{cost:.2f}x" if cost else "-") + " |")
+    if record.get("best_by_AP50_gain"):
+        lines += ["", f"Largest mean AP50 gain: {LABELS.get(record['best_by_AP50_gain'], record['best_by_AP50_gain'])}."]
+    if record.get("failed"):
+        lines += ["", "Failed runs: " + "; ".join(f"{o['method']} seed {o['seed']}: {o.get('error')}"
+                                                   for o in record["failed"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_study(record: dict[str, Any], out: Path) -> dict[str, str]:
+    """study.json, study.md and study.png in OUT (rank 0 only; each written atomically)."""
+    from ds2d2_cli.plots import paired_gain_chart
+
+    out = Path(out)
+    paths = {"json": out / "study.json", "markdown": out / "study.md", "chart": out / "study.png"}
+    if not distributed.is_main():
+        return {k: str(v) for k, v in paths.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**record, "outputs": {k: str(v) for k, v in paths.items()}}
+    write_json(paths["json"], record, indent=2)
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text(markdown(record), encoding="utf-8")
+    paired_gain_chart(record, paths["chart"])
+    return {k: str(v) for k, v in paths.items()}
