@@ -416,7 +416,7 @@ def markdown(record: dict[str, Any]) -> str:
     where = "scenes (patches merged)" if record.get("merged_patches") else "patches"
     lines = [f"Student AP points on {record.get('eval_split', 'eval')} {where}, mean ± std over seeds {seeds}; "
              "gains paired by seed vs `none` with a 95% t-interval, * = interval excludes zero.", "",
-             "| method | " + " | ".join(METRICS) + " | AP50 gain [95% CI] | mAP gain [95% CI] | step cost |",
+             "| method | " + " | ".join(METRICS) + " | AP50 gain [95% CI] | mAP gain [95% CI] | time/iter vs none |",
              "|---|" + "---|" * (len(METRICS) + 3)]
     teachers = list((record.get("teacher_metrics") or {}).values())
     if teachers:  # one teacher, or one per seed (the gain benchmark): mean ± std then
@@ -430,6 +430,8 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(f"| {entry['label']} | " + " | ".join(_cell(entry["mean"][m], entry["std"][m]) for m in METRICS)
                      + f" | {gain_text(gain.get('AP50'))} | {gain_text(gain.get('mAP'))} | "
                      + (f"{cost:.2f}x" if cost else "-") + " |")
+    lines += ["", "time/iter: each run's training wall time per iteration over the baseline's (evaluation "
+              "during training included; it moves with the machine's load, runs are not interleaved)."]
     if record.get("best_by_AP50_gain"):
         lines += ["", f"Largest mean AP50 gain: {LABELS.get(record['best_by_AP50_gain'], record['best_by_AP50_gain'])}."]
     if record.get("failed"):

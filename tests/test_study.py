@@ -1,0 +1,215 @@
+"""`ds2d2 study`: the statistics by hand, the plan, reuse and resume, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ds2d2_cli.cli.app import app
+from ds2d2_cli.config import load_config
+from ds2d2_cli.errors import InputError
+from ds2d2_cli.study import (analyse, markdown, method_settings, paired_gain, plan_study, study_methods,
+                             t_critical_975)
+
+from conftest import TINY
+
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_t_critical_values():
+    assert t_critical_975(1) == 12.706 and t_critical_975(2) == 4.303 and t_critical_975(30) == 2.042
+    assert t_critical_975(60) == pytest.approx(2.000, abs=1e-3)  # table value 2.000
+    assert t_critical_975(120) == pytest.approx(1.980, abs=1e-3)  # table value 1.980
+    with pytest.raises(ValueError):
+        t_critical_975(0)
+
+
+def test_paired_gain_by_hand():
+    # differences 1, 2, 3: mean 2, sd 1, half-width 4.303 / sqrt(3) = 2.4843
+    gain = paired_gain({0: 11.0, 1: 12.0, 2: 13.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert gain["mean"] == 2.0 and gain["std"] == 1.0 and gain["n"] == 3
+    assert gain["ci95"] == [round(2 - 4.303 / math.sqrt(3), 2), round(2 + 4.303 / math.sqrt(3), 2)] == [-0.48, 4.48]
+    assert gain["distinguishable"] is False and gain["per_seed"] == {"0": 1.0, "1": 2.0, "2": 3.0}
+    # paired, not pooled: a large spread between seeds shared by both sides cancels
+    gain = paired_gain({0: 3.0, 1: 23.0, 2: 43.0}, {0: 1.0, 1: 20.0, 2: 42.0})
+    assert gain["mean"] == 2.0 and gain["ci95"] == [-0.48, 4.48]
+    gain = paired_gain({0: 12.0, 1: 12.2, 2: 11.8}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert gain["ci95"] == [round(2 - 4.303 * 0.2 / math.sqrt(3), 2), round(2 + 4.303 * 0.2 / math.sqrt(3), 2)]
+    assert gain["distinguishable"] is True
+    # one seed: a mean, no interval; a missing baseline seed is left out of the pairing
+    one = paired_gain({0: 5.0, 1: 6.0}, {0: 4.0})
+    assert one["mean"] == 1.0 and one["ci95"] is None and one["n"] == 1 and not one["distinguishable"]
+
+
+def _outcome(method, seed, ap50, seconds=1.0):
+    metrics = {m: ap50 / 2 for m in ("mAP", "AP75", "APs", "APm", "APl")} | {"AP50": ap50}
+    return {"method": method, "seed": seed, "status": "finished", "metrics": metrics,
+            "seconds_per_iteration": seconds}
+
+
+def test_analyse_table_best_method_and_failures():
+    outcomes = [_outcome("none", 0, 10.0), _outcome("none", 1, 12.0),
+                _outcome("cwd", 0, 11.0, 2.0), _outcome("cwd", 1, 13.5, 2.0),
+                _outcome("ds2d2", 0, 13.0, 3.0), {"method": "ds2d2", "seed": 1, "status": "failed", "error": "diverged"}]
+    record = analyse(outcomes, ["none", "cwd", "ds2d2"], [0, 1])
+    table = record["table"]
+    assert table["none"]["mean"]["AP50"] == 11.0 and table["none"]["std"]["AP50"] == round(math.sqrt(2), 2)
+    assert "gain" not in table["none"]
+    assert table["cwd"]["gain"]["AP50"]["mean"] == 1.25 and table["cwd"]["step_cost_vs_none"] == 2.0
+    assert table["ds2d2"]["gain"]["AP50"]["mean"] == 3.0 and table["ds2d2"]["gain"]["AP50"]["n"] == 1
+    assert record["best_by_AP50_gain"] == "ds2d2"
+    assert not record["complete"] and record["failed"][0]["error"] == "diverged"
+    text = markdown({**record, "eval_split": "val"})
+    assert "| CWD |" in text and "+1.25 [" in text and "Failed runs: ds2d2 seed 1: diverged" in text
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_plan_lays_out_methods_times_seeds(tmp_path):
+    config = load_config("tiny-synthetic")
+    teacher, amplifier = tmp_path / "t.safetensors", tmp_path / "a.safetensors"
+    runs = plan_study(config, ["none", "ds2d2", "ds2d2-explicit", "mgd"], [0, 3], tmp_path / "study",
+                      teacher=teacher, amplifier=amplifier)
+    assert [(r.method, r.seed) for r in runs][:3] == [("none", 0), ("none", 3), ("ds2d2", 0)]
+    assert runs[1].out == tmp_path / "study/runs/none/seed3" and runs[1].config.train.seed == 3
+    by = {(r.method, r.seed): r for r in runs}
+    assert by[("none", 0)].teacher is None and by[("none", 0)].amplifier is None
+    assert by[("ds2d2", 0)].amplifier == amplifier  # the high-frequency stream needs it
+    assert by[("ds2d2-explicit", 0)].amplifier is None and by[("ds2d2-explicit", 0)].teacher == teacher
+    assert by[("ds2d2-explicit", 0)].config.distill.streams == ("explicit-low", "explicit-high")
+    assert by[("mgd", 3)].config.distill.method == "mgd"
+    assert {"none", "fitnet", "cwd", "pkd", "mgd", "fgd", "ds2d2", "ds2d2-no-disw"} <= set(study_methods())
+    assert method_settings("ds2d2-adapted")["implicit_input"] == "adapted"
+    with pytest.raises(InputError, match="needs --teacher"):
+        plan_study(config, ["none", "cwd"], [0], tmp_path, teacher=None, amplifier=None)
+    with pytest.raises(InputError, match="must not repeat"):
+        plan_study(config, ["none"], [0, 0], tmp_path, teacher=None, amplifier=None)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_data, module_tmp):
+    root = module_tmp("study-teacher")
+    result = runner.invoke(app, ["train-teacher", "--preset", "tiny-synthetic", "--data", str(tiny_data),
+                                 "--max-iters", "2", *_sets(TINY), "--out", str(root / "teacher"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return root / "teacher/model.safetensors"
+
+
+def _study(tiny_data, teacher, out, *extra, methods="cwd,ds2d2-explicit", seeds="0,1"):
+    return runner.invoke(app, ["study", "--preset", "tiny-synthetic", "--data", str(tiny_data), "--teacher",
+                               str(teacher), "--methods", methods, "--seeds", seeds, "--max-iters", "2",
+                               *_sets(TINY), "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_study_end_to_end_reuses_finished_runs(tiny_data, teacher, tmp_path):
+    out = tmp_path / "study"
+    result = _study(tiny_data, teacher, out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    record = json.loads((out / "study.json").read_text())
+    assert record["methods"] == ["none", "cwd", "ds2d2-explicit"] and record["seeds"] == [0, 1]
+    assert record["complete"] and len(record["runs"]) == 6
+    assert all(r["action"] == "train" for r in record["runs"])
+    assert set(record["table"]["cwd"]["gain"]) == {"AP50", "mAP"}
+    assert record["table"]["cwd"]["gain"]["AP50"]["n"] == 2
+    assert (out / "study.md").read_text().startswith("Student AP points")
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "runs/cwd/seed1/model.safetensors").is_file()
+    seeds = {json.loads((out / f"runs/none/seed{s}/config.json").read_text())["train"]["seed"] for s in (0, 1)}
+    assert seeds == {0, 1}
+    # again, with --json -: nothing trains, stdout is the record alone
+    again = _study(tiny_data, teacher, out, "--json", "-")
+    assert again.exit_code == 0, again.output
+    rerun = json.loads(again.stdout)
+    assert all(r["action"] == "reuse" for r in rerun["runs"])
+    assert rerun["table"]["cwd"]["mean"] == record["table"]["cwd"]["mean"]
+
+
+def test_reuse_decisions(tmp_path):
+    """train / resume (the resume state of the same config) / refuse (another config)."""
+    from ds2d2_cli.config import config_to_json
+    from ds2d2_cli.engine import RESUME_FILE
+    from ds2d2_cli.study import check_reusable
+
+    config = load_config("tiny-synthetic")
+    run = tmp_path / "run"
+    assert check_reusable("student", run, config) == "train"
+    (run / RESUME_FILE).parent.mkdir(parents=True)
+    (run / RESUME_FILE).write_bytes(b"state")
+    (run / "config.json").write_text(config_to_json(config))
+    assert check_reusable("student", run, config) == "resume"
+    other = load_config("tiny-synthetic", ["train.lr=0.5"])
+    with pytest.raises(InputError, match="an unfinished student run with another config"):
+        check_reusable("student", run, other)
+
+
+def test_study_refuses_a_finished_run_of_another_teacher(tiny_data, teacher, tmp_path):
+    out = tmp_path / "study"
+    assert _study(tiny_data, teacher, out, methods="cwd", seeds="0").exit_code == 0
+    model = out / "runs/cwd/seed0/model.safetensors"
+    before = model.stat().st_mtime_ns
+    copy = tmp_path / "copy.safetensors"  # the same bytes elsewhere: the same teacher
+    copy.write_bytes(teacher.read_bytes())
+    again = _study(tiny_data, copy, out, methods="cwd", seeds="0", )
+    assert again.exit_code == 0 and model.stat().st_mtime_ns == before
+    other = tmp_path / "other.safetensors"  # one weight bit flipped: another teacher
+    data = bytearray(teacher.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
+    refused = _study(tiny_data, other, out, methods="cwd", seeds="0")
+    assert refused.exit_code == 2 and "from another teacher" in refused.output
+    assert "Traceback" not in refused.output and model.stat().st_mtime_ns == before
+
+
+def test_study_refuses_unknown_methods_and_bad_seeds(tiny_data, teacher, tmp_path):
+    result = _study(tiny_data, teacher, tmp_path / "s", methods="cwd,magic")
+    assert result.exit_code == 2 and "unknown magic" in result.output and "Traceback" not in result.output
+    result = _study(tiny_data, teacher, tmp_path / "s", seeds="0,x")
+    assert result.exit_code == 2 and "--seeds takes a comma list of integers" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_study_with_merged_patches_scores_scenes(tiny_data, teacher, tmp_path):
+    out = tmp_path / "study"
+    result = _study(tiny_data, teacher, out, "--merge-patches", methods="none", seeds="0")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "study.json").read_text())
+    assert record["merged_patches"] is True
+    cached = json.loads((out / "runs/none/seed0/scene_metrics.json").read_text())
+    assert cached["merged_patches"] is True and "checkpoint_sha256" in cached
+    assert record["runs"][0]["metrics"]["AP50"] == (None if cached["AP50"] < 0 else round(100 * cached["AP50"], 2))
+
+
+@pytest.mark.slow
+def test_study_under_torchrun(tiny_data, teacher, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ds2d2_cli",
+               "study", "--preset", "tiny-synthetic", "--data", str(tiny_data), "--teacher", str(teacher),
+               "--methods", "cwd", "--seeds", "0", "--max-iters", "2", *_sets([*TINY, "train.batch_size=1"]),
+               "--out", str(out), "--device", "cpu", "--json", "-"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads((out / "study.json").read_text())
+    assert record["processes"] == 2 and record["complete"]
+    assert json.loads((out / "runs/cwd/seed0/summary.json").read_text())["processes"] == 2
