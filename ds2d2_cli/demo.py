@@ -30,6 +30,7 @@ from ds2d2_cli.progress import NullReporter, Reporter
 DEMO_PRESET = "tiny-synthetic"
 SCENES = 24
 SCENE_SIZE = 640
+PICTURE_SCORE = 0.3  # the one score threshold of detections.png
 DATA_RECORD = "demo_data.json"  # in OUT/data: what the prepared data was generated with
 OWNED = ("data", "teacher", "amplifier", "ds2d2", "baseline", "student.onnx", "results.json",
          "detections.png", "training_curves.png")
@@ -134,19 +135,31 @@ def _prepare(out: Path, config: RunConfig, reporter: Reporter, scenes_count: int
     return patches
 
 
-def _scene_picture(out: Path, patches: Path, predictions: dict[str, Path], classes: list[str]) -> Path:
-    """The first held-out scene: ground truth, baseline and DS2D2 detections side by side."""
+def _scene_picture(out: Path, patches: Path, predictions: dict[str, Path], classes: list[str],
+                   score_thresh: float = PICTURE_SCORE) -> tuple[Path, dict[str, Any]]:
+    """The first held-out scene: ground truth, then each model's detections at one score
+    threshold, each panel titled with its hits / misses / false alarms at IoU 0.5."""
     from ds2d2_cli.data.dataset import read_image
-    from ds2d2_cli.evaluation import load_coco_json
+    from ds2d2_cli.evaluation import load_coco_json, match_detections
     from ds2d2_cli.plots import detections_side_by_side
 
     scenes = load_coco_json(patches / "val_scenes.json")
     scene = scenes["images"][0]
     image = read_image((patches / scene["file_name"]).resolve()).permute(1, 2, 0).numpy()
-    panels = {"ground truth": [a for a in scenes["annotations"] if a["image_id"] == scene["id"]]}
+    truth = [a for a in scenes["annotations"] if a["image_id"] == scene["id"]]
+    panels = {f"ground truth: {len(truth)} objects": truth}
+    counts: dict[str, Any] = {"objects": len(truth)}
     for label, path in predictions.items():
-        panels[label] = [r for r in load_coco_json(path) if r["image_id"] == scene["id"]]
-    return detections_side_by_side(image, panels, classes, out / "detections.png")
+        found = match_detections(truth, [r for r in load_coco_json(path) if r["image_id"] == scene["id"]],
+                                 iou_thresh=0.5, score_thresh=score_thresh)
+        counts[label] = {k: found[k] for k in ("hits", "misses", "false_alarms")}
+        panels[f"{label}: {found['hits']} hits, {found['misses']} misses, {found['false_alarms']} false alarms"] = \
+            found["detections"]
+    picture = detections_side_by_side(
+        image, panels, classes, out / "detections.png",
+        suptitle=f"held-out scene {Path(scene['file_name']).name}: detections with score >= {score_thresh:g}; a hit overlaps "
+                 "an unmatched object of its class at IoU >= 0.5 (dashed: false alarm)")
+    return picture, counts
 
 
 def _export(student: Path, onnx_path: Path, patches: Path, reporter: Reporter) -> dict[str, Any] | None:
@@ -240,9 +253,11 @@ def run_demo(
 
     results["export"] = _export(students["ds2d2"], out / "student.onnx", patches, reporter)
     classes = load_checkpoint(teacher).meta.classes
+    picture, counts = _scene_picture(out, patches, {"teacher": predictions["teacher"], "baseline": predictions["baseline"],
+                                                    "DS2D2": predictions["ds2d2"]}, classes)
+    results["picture_counts"] = {"score_thresh": PICTURE_SCORE, "iou": 0.5, **counts}
     results["pictures"] = {
-        "detections": str(_scene_picture(out, patches, {"baseline": predictions["baseline"],
-                                                        "DS2D2": predictions["ds2d2"]}, classes)),
+        "detections": str(picture),
         "training_curves": str(training_curves({"baseline": out / "baseline", "DS2D2": out / "ds2d2"},
                                                out / "training_curves.png")),
     }

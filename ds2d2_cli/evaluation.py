@@ -178,6 +178,41 @@ def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any
     return coco_metrics(gt, results)
 
 
+def match_detections(ground_truth: Sequence[dict[str, Any]], detections: Sequence[dict[str, Any]], *,
+                     iou_thresh: float = 0.5, score_thresh: float = 0.0) -> dict[str, Any]:
+    """Hits, misses and false alarms of COCO-style boxes (`bbox` xywh) at one score threshold.
+
+    Per class, detections by descending score each take the unmatched ground-truth box
+    they overlap most, if at IoU >= `iou_thresh` (COCO's greedy rule), so a picture's
+    counts read like the AP50 they come from. Returns the counts and the kept detections
+    each flagged `hit`.
+    """
+    from torchvision.ops import box_iou
+
+    def xyxy(items: Sequence[dict[str, Any]]) -> torch.Tensor:
+        boxes = torch.tensor([a["bbox"] for a in items], dtype=torch.float64).reshape(-1, 4)
+        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+
+    kept = sorted((d for d in detections if d.get("score", 1.0) >= score_thresh), key=lambda d: -d.get("score", 1.0))
+    flagged: list[dict[str, Any]] = []
+    hits = 0
+    for category in sorted({a["category_id"] for a in ground_truth} | {d["category_id"] for d in kept}):
+        truth = [a for a in ground_truth if a["category_id"] == category]
+        found = [d for d in kept if d["category_id"] == category]
+        iou = box_iou(xyxy(found), xyxy(truth)) if truth and found else torch.zeros((len(found), len(truth)))
+        taken = torch.zeros(len(truth), dtype=torch.bool)
+        for i, det in enumerate(found):
+            overlaps = iou[i].masked_fill(taken, -1.0) if truth else iou[i]
+            best = int(overlaps.argmax()) if truth else -1
+            hit = bool(truth) and float(overlaps[best]) >= iou_thresh
+            if hit:
+                taken[best] = True
+                hits += 1
+            flagged.append({**det, "hit": hit})
+    return {"hits": hits, "misses": len(ground_truth) - hits, "false_alarms": len(flagged) - hits,
+            "detections": sorted(flagged, key=lambda d: -d.get("score", 1.0))}
+
+
 def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou: float = 0.5) -> list[dict[str, Any]]:
     """Shift patch detections to scene coordinates and merge overlaps with class-wise NMS."""
     from torchvision.ops import box_convert

@@ -35,43 +35,38 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _draw_boxes(ax, detections: Sequence[dict[str, Any]], linewidth: float = 1.0) -> None:
+def _draw_boxes(ax, detections: Sequence[dict[str, Any]], linewidth: float = 1.0, linestyle: str = "-") -> None:
     from matplotlib.patches import Rectangle
 
     for det in detections:
         x, y, w, h = det["bbox"]
         colour = PALETTE[(det["category_id"] - 1) % len(PALETTE)]
-        ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=linewidth))
+        ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=linewidth, linestyle=linestyle))
 
 
 def detections_side_by_side(image: np.ndarray, panels: dict[str, Sequence[dict[str, Any]]],
-                            class_names: Sequence[str], out: str | Path, *, top_k: int | None = None) -> Path:
-    """One scene, one panel per detection set (e.g. ground truth, baseline, DS2D2).
+                            class_names: Sequence[str], out: str | Path, *, suptitle: str | None = None) -> Path:
+    """One scene, one panel per box set (ground truth, then each model), titled by the caller.
 
-    Each detection panel shows its `top_k` highest-scoring boxes (default: as many as the
-    first panel, the ground truth, has), so weak and strong models are compared fairly
-    whatever their score calibration.
+    Boxes flagged `hit: False` (false alarms) are drawn dashed, so hits and false alarms
+    read apart at a glance; colours are classes.
     """
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    first = next(iter(panels.values()), [])
-    k = top_k if top_k is not None else max(1, len(first))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.9))
     axes = np.atleast_1d(axes)
-    for index, (ax, (title, detections)) in enumerate(zip(axes, panels.items())):
-        if index == 0:
-            kept, label = list(detections), f"{title} ({len(detections)} boxes)"
-        else:
-            kept = sorted(detections, key=lambda d: -d.get("score", 1.0))[:k]
-            lowest = min((d["score"] for d in kept), default=0.0)
-            label = f"{title}: top {len(kept)} (score >= {lowest:.2f})"
+    for ax, (title, detections) in zip(axes, panels.items()):
         ax.imshow(image)
-        _draw_boxes(ax, kept)
-        ax.set_title(label)
+        _draw_boxes(ax, [d for d in detections if d.get("hit", True)], linewidth=1.2)
+        _draw_boxes(ax, [d for d in detections if not d.get("hit", True)], linewidth=1.0, linestyle="--")
+        ax.set_title(title, fontsize=10)
         ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
     handles = [Patch(edgecolor=PALETTE[i % len(PALETTE)], facecolor="none", label=n) for i, n in enumerate(class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    handles.append(Patch(edgecolor="#636366", facecolor="none", linestyle="--", label="false alarm (dashed)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False)
     return _save(fig, Path(out))
 
 

@@ -53,6 +53,10 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     for picture in ("detections.png", "training_curves.png"):
         with Image.open(out / picture) as image:
             assert image.format == "PNG" and image.width > 300
+    counts = results["picture_counts"]
+    assert counts["score_thresh"] == 0.3 and counts["iou"] == 0.5
+    for model in ("teacher", "baseline", "DS2D2"):  # every panel's counts add up to the scene's objects
+        assert counts[model]["hits"] + counts[model]["misses"] == counts["objects"]
     assert "DS2D2 student vs baseline" in first.stdout and "AP50" in first.stdout
 
     again = _demo(out)
@@ -137,3 +141,20 @@ def test_data_without_a_settings_record_is_refused(tmp_path):
         run_demo(out, overrides=SMALL, scenes=6, scene_size=256)
     assert str(error.value) == (f"{out / 'data'}: holds data without a record of its settings (an older ds2d2 "
                                 "demo); pass --fresh to start over or choose another --out")
+
+
+def test_picture_counts_hits_misses_and_false_alarms_by_hand():
+    from ds2d2_cli.evaluation import match_detections
+
+    truth = [{"bbox": [0, 0, 10, 10], "category_id": 1}, {"bbox": [20, 20, 10, 10], "category_id": 1},
+             {"bbox": [50, 50, 10, 10], "category_id": 2}]
+    found = [{"bbox": [0, 0, 10, 10], "category_id": 1, "score": 0.9},   # hit
+             {"bbox": [1, 1, 10, 10], "category_id": 1, "score": 0.8},   # IoU 0.68 with a taken object: false alarm
+             {"bbox": [20, 20, 10, 10], "category_id": 1, "score": 0.2},  # below the threshold: not shown
+             {"bbox": [52, 50, 10, 10], "category_id": 2, "score": 0.7},  # IoU 80/120: hit
+             {"bbox": [50, 50, 10, 10], "category_id": 1, "score": 0.6}]  # right place, wrong class: false alarm
+    result = match_detections(truth, found, iou_thresh=0.5, score_thresh=0.3)
+    assert (result["hits"], result["misses"], result["false_alarms"]) == (2, 1, 2)
+    assert [d["hit"] for d in result["detections"]] == [True, False, True, False]
+    assert match_detections(truth, [], score_thresh=0.3) | {"detections": []} == {
+        "hits": 0, "misses": 3, "false_alarms": 0, "detections": []}
