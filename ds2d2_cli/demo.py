@@ -177,6 +177,120 @@ def _export(student: Path, onnx_path: Path, patches: Path, reporter: Reporter) -
     return export_onnx(student, onnx_path, verify=True, images=[patches / first_patch])
 
 
+# --quick: every stage runs, in well under 2 minutes on a slow 2-core CPU; no accuracy claim.
+QUICK_SCENES, QUICK_SCENE_SIZE = 6, 256
+QUICK_OVERRIDES = ["teacher_train.max_iters=20", "amplifier_train.max_iters=5", "train.max_iters=10",
+                   "teacher_train.batch_size=4", "amplifier_train.batch_size=4", "train.batch_size=4",
+                   "teacher_train.eval_every=null", "amplifier_train.eval_every=null", "train.eval_every=null"]
+
+
+class _Clock:
+    """How long the demo will take on this machine: each stage's step and inference time,
+    measured on a real batch before training, times its iterations and evaluations;
+    refreshed with the measured pace after every stage."""
+
+    def __init__(self, estimates: dict[str, float], reporter: Reporter):
+        self.estimates = estimates
+        self.reporter = reporter
+        self.started = time.perf_counter()
+        self.spent: dict[str, float] = {}
+
+    @property
+    def total(self) -> float:
+        return sum(self.estimates.values())
+
+    def finished(self, name: str, seconds: float) -> None:
+        self.spent[name] = seconds
+        done_estimate = sum(self.estimates[n] for n in self.spent)
+        pace = sum(self.spent.values()) / done_estimate if done_estimate > 0 else 1.0
+        left = sum(v for n, v in self.estimates.items() if n not in self.spent) * pace
+        if left > 0:
+            self.reporter.note(f"demo: {name} took {_minutes(seconds)} (estimated {_minutes(self.estimates[name])}); "
+                               f"about {_minutes(left)} left")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _median_seconds(step: Callable[[], Any], repeats: int = 2) -> float:
+    step()  # warm-up: allocations, first-call kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _estimate(config: RunConfig, ds2d2_config: RunConfig, patches: Path, device: torch.device,
+              todo: set[str]) -> dict[str, float]:
+    """Seconds per demo part on this machine, from a few real training steps of each model."""
+    import copy
+
+    from ds2d2_cli.data.dataset import DetectionDataset, collate
+    from ds2d2_cli.engine import build_optimizer, total_iterations
+    from ds2d2_cli.models.amplifier import amplifier_head, amplify
+    from ds2d2_cli.models.detectors import build_detector
+    from ds2d2_cli.stages.amplifier import AmplifierTask
+    from ds2d2_cli.stages.common import load_stage_data, with_data_root
+    from ds2d2_cli.stages.distill import DistillTask
+    from ds2d2_cli.tasks import DetectorTask
+
+    data = load_stage_data(with_data_root(config, patches))
+    n_classes, n_eval = len(data.classes), len(data.eval.images) if data.eval is not None else 0
+    dataset = DetectionDataset(data.train)
+    generator_state = torch.random.get_rng_state()
+    teacher = build_detector(config.teacher, n_classes, config.input).to(device)
+    student = build_detector(config.student, n_classes, config.input).to(device)
+    amplified = copy.deepcopy(teacher)
+    amplify(amplified, amplifier_head(amplified), config.distill.wavelet, rpn=config.distill.amplifier_rpn)
+    tasks = {
+        "teacher": (DetectorTask(teacher), "teacher"),
+        "amplifier": (AmplifierTask(amplified, config.distill.amplifier_rpn), "amplifier"),
+        "ds2d2": (DistillTask(copy.deepcopy(student), copy.deepcopy(teacher), ds2d2_config,
+                              amplifier_head(teacher).to(device)), "student"),
+        "baseline": (DetectorTask(student), "student"),
+    }
+    estimates: dict[str, float] = {}
+    inference: dict[str, float] = {}
+    for name, (task, stage) in tasks.items():
+        schedule = config.schedule(stage)  # type: ignore[arg-type]
+        images, targets = collate([dataset[i % len(dataset)] for i in range(schedule.batch_size)])
+        images = [i.to(device) for i in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        task.module.to(device)
+        optimizer = build_optimizer(task.module, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0  # timing only
+
+        def step(task=task, optimizer=optimizer, images=images, targets=targets) -> None:
+            task.train_mode()
+            loss = sum(task.losses(images, targets).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        scored = task.module.detector if name == "ds2d2" else task.module
+
+        def infer(scored=scored, images=images) -> None:
+            scored.eval()
+            with torch.no_grad():
+                scored(images)
+
+        per_image = _median_seconds(infer) / len(images)
+        inference[name] = per_image
+        if name not in todo:
+            continue
+        iterations = total_iterations(schedule, len(dataset))
+        evaluations = (iterations // schedule.eval_every if schedule.eval_every else 0) + 1
+        estimates[name] = _median_seconds(step) * iterations + evaluations * n_eval * per_image
+    torch.random.set_rng_state(generator_state)
+    # the final scene-level evaluation of teacher, baseline and DS2D2 (plus merging and pictures)
+    estimates["evaluation"] = n_eval * (inference["teacher"] + 2 * inference["baseline"]) * 1.2
+    return estimates
+
+
 def run_demo(
     out: Path,
     *,
@@ -186,8 +300,10 @@ def run_demo(
     overrides: list[str] | None = None,
     scenes: int = SCENES,
     scene_size: int = SCENE_SIZE,
+    quick: bool = False,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
+    """The whole pipeline; `quick` is a smoke run of every stage (tiny schedules, no accuracy claim)."""
     from ds2d2_cli.checkpoint import load_checkpoint
     from ds2d2_cli.models.detectors import count_parameters
     from ds2d2_cli.plots import training_curves
@@ -208,6 +324,8 @@ def run_demo(
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    if quick:
+        overrides = [*QUICK_OVERRIDES, *(overrides or [])]
     config = load_config(preset, overrides or [])
     ds2d2_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "ds2d2"})})
     baseline_config = config.model_copy(update={"distill": config.distill.model_copy(update={"method": "none"})})
@@ -220,15 +338,29 @@ def run_demo(
         _check_stage(out / name, with_data_root(stage_config, _patches_dir(out, config)), stage, title)
     patches = _prepare(out, config, reporter, scenes, scene_size)
     common = dict(data_dir=patches, preset=preset, device=device)
+    todo = {name for name in ("teacher", "amplifier", "ds2d2", "baseline")
+            if not (out / name / "model.safetensors").is_file()}
+    t0 = time.perf_counter()
+    clock = _Clock(_estimate(config, ds2d2_config, patches, torch.device(device), todo), reporter)
+    reporter.note(f"demo: about {_minutes(clock.total + time.perf_counter() - t0)} of training and evaluation on "
+                  f"this machine (measured in {time.perf_counter() - t0:.0f} s from a few steps of each model"
+                  f"{'; finished stages reused' if len(todo) < 4 else ''}), then a few seconds of export and pictures")
 
-    teacher = _stage(out / "teacher", train_teacher, reporter, "teacher", config=config, **common)
-    amplifier = _stage(out / "amplifier", train_amplifier, reporter, "amplifier", config=config,
-                       teacher=teacher, **common)
+    def timed(name: str, *args, **kwargs) -> Path:
+        t = time.perf_counter()
+        path = _stage(*args, **kwargs)
+        if name in todo:
+            clock.finished(name, time.perf_counter() - t)
+        return path
+
+    teacher = timed("teacher", out / "teacher", train_teacher, reporter, "teacher", config=config, **common)
+    amplifier = timed("amplifier", out / "amplifier", train_amplifier, reporter, "amplifier", config=config,
+                      teacher=teacher, **common)
     students = {
-        "ds2d2": _stage(out / "ds2d2", distill, reporter, "student (DS2D2)", config=ds2d2_config,
-                        teacher=teacher, amplifier=amplifier, **common),
-        "baseline": _stage(out / "baseline", distill, reporter, "student (baseline, no teacher)",
-                           config=baseline_config, **common),
+        "ds2d2": timed("ds2d2", out / "ds2d2", distill, reporter, "student (DS2D2)", config=ds2d2_config,
+                       teacher=teacher, amplifier=amplifier, **common),
+        "baseline": timed("baseline", out / "baseline", distill, reporter, "student (baseline, no teacher)",
+                          config=baseline_config, **common),
     }
 
     results: dict[str, Any] = {}
@@ -263,6 +395,8 @@ def run_demo(
     }
     results["preset"] = preset
     results["device"] = str(device)
+    results["quick"] = quick
+    results["estimated_s"] = round(clock.total, 1)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(out / "results.json", results, indent=2)
     return results

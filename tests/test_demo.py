@@ -158,3 +158,17 @@ def test_picture_counts_hits_misses_and_false_alarms_by_hand():
     assert [d["hit"] for d in result["detections"]] == [True, False, True, False]
     assert match_detections(truth, [], score_thresh=0.3) | {"detections": []} == {
         "hits": 0, "misses": 3, "false_alarms": 0, "detections": []}
+
+
+def test_quick_demo_runs_every_stage_and_says_how_long_it_will_take(tmp_path):
+    out = tmp_path / "quick"
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "of training and evaluation on this machine" in result.output
+    assert "teacher took" in result.output and "left" in result.output
+    assert "smoke run" in result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] is True and results["estimated_s"] > 0
+    summary = json.loads((out / "teacher" / "summary.json").read_text())
+    assert summary["iterations"] == 20
+    assert json.loads((out / "data" / "demo_data.json").read_text())["scenes"] == 6
