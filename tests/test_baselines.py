@@ -267,3 +267,32 @@ def test_an_mgd_student_exports_and_predicts_as_a_plain_detector(teachers, tmp_p
     result = _run(["export", str(out / "model.safetensors"), "--out", str(tmp_path / "student.onnx"), "--verify"],
                   device=False)
     assert (tmp_path / "student.onnx").is_file() and "verif" in result.output.lower()
+
+
+@pytest.mark.parametrize("preset", ["tiny-synthetic", "tiny-synthetic-frcnn"])
+@pytest.mark.parametrize("method", ["mgd", "fgd"])
+def test_the_distill_step_trains_the_parts_and_leaves_the_teacher_as_it_was(preset, method):
+    """A teacher straight from build_detector (train mode): building the method's parts and
+    a step leave its weights and batch-norm statistics untouched and give it no gradient."""
+    from ds2d2_cli.models.detectors import build_detector
+    from ds2d2_cli.stages.distill import DistillTask
+
+    config = load_config(preset, [*TINY, f"distill.method={method}"])
+    torch.manual_seed(0)
+    student = build_detector(config.student, 5, config.input)
+    teacher = build_detector(config.teacher, 5, config.input)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    task = DistillTask(student, teacher, config)
+    task.train_mode()
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 12, 30, 40]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 80, 50, 120]]), "labels": torch.tensor([2])}]
+    terms = task.losses(images, targets)
+    sum(terms.values()).backward()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    parts = task.module.parts[method]
+    levels = config.distill.mgd.levels if method == "mgd" else config.distill.fgd.levels
+    assert len(parts) == levels
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in parts.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.detector.backbone.parameters())

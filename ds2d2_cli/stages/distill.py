@@ -80,10 +80,12 @@ class DistillTask:
         needs_adapter = (NEEDS_ADAPTER in needs or (self.uses_implicit and self.implicit_input == "adapted")
                          or (NEEDS_ALIGNED in needs and not self.same_width))
         adapter = Adapter(student_channels, teacher_channels) if needs_adapter else None
-        level_names = _level_names(teacher)
         wanted_parts = list(dict.fromkeys(t.parts for t in self.terms if t.parts is not None))
-        parts = nn.ModuleDict({name: PARTS[name](teacher_channels, level_names, config.distill)
-                               for name in wanted_parts}) if wanted_parts else None
+        parts = None
+        if wanted_parts:
+            level_names = _level_names(teacher)
+            parts = nn.ModuleDict({name: PARTS[name](teacher_channels, level_names, config.distill)
+                                   for name in wanted_parts})
         self.module = Student(student, adapter, parts)
         self.teacher = _frozen(teacher)
         self.amplifier_head = _frozen(amplifier_head) if NEEDS_AMPLIFIER in needs else None
@@ -142,11 +144,17 @@ class DistillTask:
 
 
 def _level_names(detector: nn.Module) -> list[str]:
-    """The FPN's level names, finest first, from a forward pass on a small blank input."""
+    """The FPN's level names, finest first, from a forward pass on a small blank input (in eval
+    mode: batch-norm statistics must not see it)."""
     parameter = next(detector.backbone.parameters())
-    with torch.no_grad():
-        probe = torch.zeros((1, 3, 64, 64), device=parameter.device, dtype=parameter.dtype)
-        return list(detector.backbone(probe))
+    was_training = detector.training
+    detector.eval()
+    try:
+        with torch.no_grad():
+            probe = torch.zeros((1, 3, 64, 64), device=parameter.device, dtype=parameter.dtype)
+            return list(detector.backbone(probe))
+    finally:
+        detector.train(was_training)
 
 
 def _load_amplifier(path: Path, teacher: Checkpoint, teacher_model: nn.Module) -> nn.Module:
