@@ -21,7 +21,10 @@ from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, REFERENCE_SETTING
 from ds2d2_cli.errors import Ds2d2Error, InputError
 
 Detector = Literal["retinanet", "faster_rcnn"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d",
+                   "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
+BACKBONE_LABELS = {"mobilenet_v3_large": "MNv3-L", "efficientnet_b0": "EffNet-B0", "regnet_y_400mf": "RegNetY-400MF",
+                   "convnext_tiny": "ConvNeXt-T"}
 Stage = Literal["teacher", "amplifier", "student"]
 # Each stage's own schedule field (`train` is the student's and every stage's fallback).
 SCHEDULE_FIELDS: dict[str, str] = {"teacher": "teacher_train", "amplifier": "amplifier_train", "student": "train"}
@@ -72,7 +75,8 @@ class ModelConfig(_Strict):
     @property
     def label(self) -> str:
         """Short name for tables: `R34-FPN64`."""
-        return f"{self.backbone.replace('resnet', 'R')}-FPN{self.fpn_channels}"
+        name = BACKBONE_LABELS.get(self.backbone, self.backbone.replace("resnet", "R"))
+        return f"{name}-FPN{self.fpn_channels}"
 
 
 class TrainConfig(_Strict):

@@ -1,13 +1,19 @@
-"""ResNet bodies and their FPN, as method.md configures them (torchvision parts, not re-written).
+"""Backbone bodies and their FPN, as method.md configures them (torchvision parts, not re-written).
 
-Each detector family (`models/families/`) says which ResNet stages feed its FPN and how
-the pyramid is extended; everything else about the backbone is shared: normalisation
-(frozen BN over pretrained weights, trainable BN from scratch), ImageNet weights from
-torchvision or a local file, and which layers train.
+Each detector family (`models/families/`) says which of the four stages C2..C5 (strides
+4..32) feed its FPN and how the pyramid is extended; everything else about the backbone
+is shared: normalisation (frozen BN over pretrained weights, trainable BN from scratch),
+ImageNet weights from torchvision or a local file, and which stages train.
+
+Besides the paper's ResNets, the students people deploy (MobileNetV3-Large,
+EfficientNet-B0, RegNetY-400MF, ConvNeXt-Tiny) are torchvision models whose feature stages
+at strides 4, 8, 16 and 32 play C2..C5: the FPN, heads and distillation are unchanged, so
+any of them can learn from a ResNet teacher.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,6 +34,23 @@ RESNET_C_CHANNELS = {  # output channels of layer1..layer4
     "resnet101": (256, 512, 1024, 2048),
     "resnext101_32x8d": (256, 512, 1024, 2048),
 }
+
+
+# Other torchvision bodies: the children that end C2..C5 (strides 4, 8, 16, 32), their
+# channels, and the children before C2 (the stem). RegNet's stem and trunk blocks are
+# flattened into one sequence.
+STAGES = {
+    "mobilenet_v3_large": (("3", "6", "12", "16"), (24, 40, 112, 960), 1),
+    "efficientnet_b0": (("2", "3", "5", "7"), (24, 40, 112, 320), 1),
+    "regnet_y_400mf": (("block1", "block2", "block3", "block4"), (48, 104, 208, 440), 1),
+    "convnext_tiny": (("1", "3", "5", "7"), (96, 192, 384, 768), 1),
+}
+BACKBONES = (*RESNET_C_CHANNELS, *STAGES)
+
+
+def stage_channels(backbone: str) -> tuple[int, ...]:
+    """Output channels of C2..C5."""
+    return RESNET_C_CHANNELS[backbone] if backbone in RESNET_C_CHANNELS else STAGES[backbone][1]
 
 
 def has_pretrained(cfg: ModelConfig) -> bool:
@@ -64,7 +87,7 @@ def _load_local_weights(body: nn.Module, path: Path) -> None:
     except RuntimeError as exc:  # shape mismatches
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         raise InputError(f"backbone weights do not fit this backbone ({detail})", path) from None
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing:
         raise InputError(
             f"backbone weights do not fit this backbone ({len(missing)} missing, e.g. {missing[0]})", path
@@ -73,11 +96,15 @@ def _load_local_weights(body: nn.Module, path: Path) -> None:
 
 
 def build_resnet_body(cfg: ModelConfig) -> nn.Module:
-    if cfg.backbone not in RESNET_C_CHANNELS:
-        raise InputError(f"unsupported backbone {cfg.backbone!r}; available: {', '.join(RESNET_C_CHANNELS)}")
+    """The whole torchvision classification model of `cfg.backbone` (ResNet or not), with its
+    ImageNet or local weights; `build_fpn_backbone` takes the stages it needs."""
+    if cfg.backbone not in BACKBONES:
+        raise InputError(f"unsupported backbone {cfg.backbone!r}; available: {', '.join(BACKBONES)}")
     weights = "DEFAULT" if cfg.pretrained and cfg.backbone_weights is None else None
+    # ConvNeXt normalises with LayerNorm: there is no batch norm to freeze or train.
+    norm = {} if cfg.backbone.startswith("convnext") else {"norm_layer": _norm_layer(cfg)}
     try:
-        body = torchvision.models.get_model(cfg.backbone, weights=weights, norm_layer=_norm_layer(cfg))
+        body = torchvision.models.get_model(cfg.backbone, weights=weights, **norm)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         raise Ds2d2Error(
             f"cannot get ImageNet weights for {cfg.backbone} ({exc}); when offline, pass "
@@ -96,6 +123,8 @@ def build_fpn_backbone(cfg: ModelConfig, returned: Sequence[int],
     `extra_blocks(stage_channels)` builds the pyramid's extension; it is called after the
     body and before the FPN, so parameters are initialised in one fixed order (seeded runs
     stay bit-identical)."""
+    if cfg.backbone in STAGES:
+        return _stages_with_fpn(cfg, returned, extra_blocks)
     body = build_resnet_body(cfg)
     # Freezing randomly initialised layers makes no sense: train everything from scratch.
     trainable = cfg.trainable_layers if has_pretrained(cfg) else 5
@@ -108,5 +137,35 @@ def build_fpn_backbone(cfg: ModelConfig, returned: Sequence[int],
     channels = RESNET_C_CHANNELS[cfg.backbone]
     extra = extra_blocks(channels)
     return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+    in_channels = [channels[k - 1] for k in returned]
+    return BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
+
+
+def _stages_with_fpn(cfg: ModelConfig, returned: Sequence[int],
+                     extra_blocks: Callable[[tuple[int, ...]], ExtraFPNBlock]) -> BackboneWithFPN:
+    """A non-ResNet torchvision body as C2..C5 (see STAGES) with the same FPN and freezing rule:
+    the top `trainable_layers` of (C5, C4, C3, C2, stem) train when pretrained, all from scratch."""
+    model = build_resnet_body(cfg)
+    ends, channels, stem_children = STAGES[cfg.backbone]
+    if cfg.backbone.startswith("regnet"):
+        body = nn.Sequential(OrderedDict([("stem", model.stem), *model.trunk_output.named_children()]))
+    else:
+        body = model.features
+    names = [name for name, _ in body.named_children()]
+    last = names.index(ends[-1])
+    groups: list[list[str]] = [names[:stem_children]]  # stem, C2, C3, C4, C5
+    start = stem_children
+    for end in ends:
+        stop = names.index(end) + 1
+        groups.append(names[start:stop])
+        start = stop
+    trainable = cfg.trainable_layers if has_pretrained(cfg) else 5
+    frozen = {name for group in groups[:5 - trainable] for name in group}
+    for name, child in body.named_children():
+        if name in frozen or names.index(name) > last:
+            for parameter in child.parameters():
+                parameter.requires_grad_(False)
+    extra = extra_blocks(channels)
+    return_layers = {ends[k - 1]: str(i) for i, k in enumerate(returned)}
     in_channels = [channels[k - 1] for k in returned]
     return BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
