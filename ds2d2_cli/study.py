@@ -385,9 +385,17 @@ def analyse(outcomes: Sequence[dict[str, Any]], methods: Sequence[str], seeds: S
     gains = {m: e["gain"]["AP50"]["mean"] for m, e in table.items() if e.get("gain") and e["gain"]["AP50"]["mean"]
              is not None}
     best = max(gains, key=gains.get) if gains else None
+    # DS2D2 against the strongest other method (its own ablations aside), paired by seed
+    others = {m: g for m, g in gains.items() if m != "ds2d2" and m not in ABLATIONS}
+    versus = None
+    if "ds2d2" in gains and others:
+        rival = max(others, key=others.get)
+        versus = {"method": rival, "AP50": paired_gain(
+            {s: o["metrics"]["AP50"] for s, o in by["ds2d2"].items()},
+            {s: o["metrics"]["AP50"] for s, o in by[rival].items()})}
     failed = [o for o in outcomes if o.get("status") != "finished"]
     return {"methods": methods, "seeds": seeds, "table": table, "runs": list(outcomes),
-            "best_by_AP50_gain": best, "failed": failed, "complete": not failed}
+            "best_by_AP50_gain": best, "ds2d2_vs_best_other": versus, "failed": failed, "complete": not failed}
 
 
 def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
@@ -434,6 +442,11 @@ def markdown(record: dict[str, Any]) -> str:
               "during training included; it moves with the machine's load, runs are not interleaved)."]
     if record.get("best_by_AP50_gain"):
         lines += ["", f"Largest mean AP50 gain: {LABELS.get(record['best_by_AP50_gain'], record['best_by_AP50_gain'])}."]
+    versus = record.get("ds2d2_vs_best_other")
+    if versus:
+        rival = LABELS.get(versus["method"], versus["method"])
+        lines += ["", f"DS2D2 minus the best other method ({rival}), AP50 paired by seed: "
+                      f"{gain_text(versus['AP50'])}."]
     if record.get("failed"):
         lines += ["", "Failed runs: " + "; ".join(f"{o['method']} seed {o['seed']}: {o.get('error')}"
                                                    for o in record["failed"])]

@@ -68,9 +68,12 @@ def test_analyse_table_best_method_and_failures():
     assert table["cwd"]["gain"]["AP50"]["mean"] == 1.25 and table["cwd"]["step_cost_vs_none"] == 2.0
     assert table["ds2d2"]["gain"]["AP50"]["mean"] == 3.0 and table["ds2d2"]["gain"]["AP50"]["n"] == 1
     assert record["best_by_AP50_gain"] == "ds2d2"
+    versus = record["ds2d2_vs_best_other"]
+    assert versus["method"] == "cwd" and versus["AP50"]["mean"] == 2.0 and versus["AP50"]["n"] == 1
     assert not record["complete"] and record["failed"][0]["error"] == "diverged"
     text = markdown({**record, "eval_split": "val"})
     assert "| CWD |" in text and "+1.25 [" in text and "Failed runs: ds2d2 seed 1: diverged" in text
+    assert "DS2D2 minus the best other method (CWD), AP50 paired by seed: +2.00." in text
 
 
 # ----------------------------------------------------------------------------- plan
