@@ -45,7 +45,7 @@ from ds2d2_cli.stages.common import with_data_root  # noqa: E402
 from ds2d2_cli.study import (METRICS, StudyRun, check_reusable, markdown, method_config,  # noqa: E402
                              needs_amplifier, needs_teacher, run_study, study_methods)
 
-METHODS = tuple(study_methods())
+METHODS = ("none", *(m for m in study_methods() if m != "none"))  # the baseline first
 
 
 class _PrintReporter(NullReporter):
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--markdown"]:  # print the README table of a results file, train nothing
         if len(argv) != 2:
             raise SystemExit("usage: distill_gain.py --markdown RESULTS.json")
-        print(markdown(json.loads(Path(argv[1]).read_text())), end="")
+        print(markdown(json.loads(Path(argv[1]).read_text()), timing=False), end="")
         return 0
     args = parse_args(argv)
     from ds2d2_cli.checkpoint import file_sha256
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(markdown(record), end="")
+    print(markdown(record, timing=False), end="")
     print(f"-> {args.output} ({record['wall_s']:.0f} s)")
     return 0 if record["complete"] else 1
 

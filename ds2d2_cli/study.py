@@ -418,28 +418,32 @@ def gain_text(gain: dict[str, Any] | None, digits: int = 2) -> str:
     return f"{gain['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{' *' if gain['distinguishable'] else ''}"
 
 
-def markdown(record: dict[str, Any]) -> str:
-    """The study table as Markdown (what study.md holds and the README quotes)."""
+def markdown(record: dict[str, Any], timing: bool = True) -> str:
+    """The study table as Markdown (what study.md holds and the README quotes); `timing=False`
+    leaves out the wall-time column (runs sharing a busy machine)."""
     seeds = ",".join(map(str, record["seeds"]))
     where = "scenes (patches merged)" if record.get("merged_patches") else "patches"
     lines = [f"Student AP points on {record.get('eval_split', 'eval')} {where}, mean ± std over seeds {seeds}; "
              "gains paired by seed vs `none` with a 95% t-interval, * = interval excludes zero.", "",
-             "| method | " + " | ".join(METRICS) + " | AP50 gain [95% CI] | mAP gain [95% CI] | time/iter vs none |",
-             "|---|" + "---|" * (len(METRICS) + 3)]
+             "| method | " + " | ".join(METRICS) + " | AP50 gain [95% CI] | mAP gain [95% CI] |"
+             + (" time/iter vs none |" if timing else ""),
+             "|---|" + "---|" * (len(METRICS) + 2 + timing)]
+    empty = " | | |" + (" |" if timing else "")
     teachers = list((record.get("teacher_metrics") or {}).values())
     if teachers:  # one teacher, or one per seed (the gain benchmark): mean ± std then
         label = "teacher" if len(teachers) == 1 else f"teacher ({len(teachers)}, one per seed)"
         lines.append(f"| {label} | " + " | ".join(_cell(*_mean_std([t.get(m) for t in teachers])) if len(teachers) > 1
                                                   else ("-" if teachers[0].get(m) is None else f"{teachers[0][m]:.2f}")
-                                                  for m in METRICS) + " | | | |")
+                                                  for m in METRICS) + empty)
     for method, entry in record["table"].items():
         gain = entry.get("gain") or {}
         cost = entry.get("step_cost_vs_none")
         lines.append(f"| {entry['label']} | " + " | ".join(_cell(entry["mean"][m], entry["std"][m]) for m in METRICS)
-                     + f" | {gain_text(gain.get('AP50'))} | {gain_text(gain.get('mAP'))} | "
-                     + (f"{cost:.2f}x" if cost else "-") + " |")
-    lines += ["", "time/iter: each run's training wall time per iteration over the baseline's (evaluation "
-              "during training included; it moves with the machine's load, runs are not interleaved)."]
+                     + f" | {gain_text(gain.get('AP50'))} | {gain_text(gain.get('mAP'))} |"
+                     + ((f" {cost:.2f}x |" if cost else " - |") if timing else ""))
+    if timing:
+        lines += ["", "time/iter: each run's training wall time per iteration over the baseline's (evaluation "
+                  "during training included; it moves with the machine's load, runs are not interleaved)."]
     if record.get("best_by_AP50_gain"):
         lines += ["", f"Largest mean AP50 gain: {LABELS.get(record['best_by_AP50_gain'], record['best_by_AP50_gain'])}."]
     versus = record.get("ds2d2_vs_best_other")
