@@ -42,7 +42,7 @@ from ds2d2_cli.engine import resolve_device  # noqa: E402
 from ds2d2_cli.errors import Ds2d2Error  # noqa: E402
 from ds2d2_cli.progress import NullReporter  # noqa: E402
 from ds2d2_cli.stages.common import with_data_root  # noqa: E402
-from ds2d2_cli.study import (METRICS, StudyRun, check_reusable, markdown, method_config,  # noqa: E402
+from ds2d2_cli.study import (METRICS, StudyRun, ap_points, check_reusable, markdown, method_config,  # noqa: E402
                              needs_amplifier, needs_teacher, run_study, study_methods)
 
 METHODS = ("none", *(m for m in study_methods() if m != "none"))  # the baseline first
@@ -127,7 +127,7 @@ def _stage(stage: str, out: Path, config: RunConfig, train, teacher_sha256: str 
     summary = json.loads((out / "summary.json").read_text()) if action == "reuse" else train(action == "resume").summary
     metrics = summary.get("metrics") or {}
     print(f"{stage:<10} {'reused' if action == 'reuse' else f'{time.perf_counter() - t0:.0f} s':>8}  "
-          f"AP50 {_points(metrics.get('AP50'))}  ({out})", flush=True)
+          f"AP50 {ap_points(metrics.get('AP50'))}  ({out})", flush=True)
     return summary
 
 
@@ -147,10 +147,6 @@ def prepare_data(args: argparse.Namespace, config: RunConfig) -> Path:
         generate_synthetic(scenes, images=args.images, size=args.scene_size, seed=args.data_seed)
         prepare_dota(scenes, patches, size=size, gap=64, classes="synthetic")
     return patches.resolve()
-
-
-def _points(value: Any) -> float | None:
-    return None if not isinstance(value, (int, float)) or value < 0 else round(100 * value, 2)
 
 
 # ----------------------------------------------------------------------------- main
@@ -189,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = _stage("teacher", out, staged, lambda resume, out=out, config=config: train_teacher(
                     config, out=out, data_dir=data, preset=args.preset, device=device, resume=resume))
                 teacher_path = out / "model.safetensors"
-                teachers[str(seed)] = {k: _points((summary.get("metrics") or {}).get(k)) for k in METRICS}
+                teachers[str(seed)] = {k: ap_points((summary.get("metrics") or {}).get(k)) for k in METRICS}
             if any_amplifier:
                 out = folder / f"amplifier-{_iters(config.schedule('amplifier'))}-t{_iters(config.schedule('teacher'))}"
                 _stage("amplifier", out, staged, lambda resume, out=out, config=config, t=teacher_path: train_amplifier(

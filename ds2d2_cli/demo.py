@@ -20,8 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ds2d2_cli.checkpoint import Stage
-from ds2d2_cli.config import (RunConfig, UNREADABLE_CONFIG, config_differences, config_to_json, stored_config,
-                              load_config, value_differences)
+from ds2d2_cli.config import RunConfig, UNREADABLE_CONFIG, load_config, value_differences
 from ds2d2_cli.engine import RESUME_FILE
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import read_json, write_json
@@ -86,30 +85,21 @@ def _check_data(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _check_stage(out: Path, config: RunConfig, stage: Stage, title: str) -> None:
-    """A finished stage is reused when the settings it depends on match (`RunConfig.stage_inputs`:
-    a changed student setting keeps the teacher). An interrupted stage is resumed by the stage's
-    own --resume, which compares the whole config, so it is held to that."""
-    finished = (out / "model.safetensors").is_file()
-    if not finished and not (out / RESUME_FILE).is_file():
+    """A finished or interrupted stage is reused or resumed only when made with these settings
+    (`stages.runner.prior_run`); otherwise the demo stops before any work."""
+    from ds2d2_cli.stages.runner import NO_CONFIG, prior_run
+
+    prior = prior_run(stage, out, config)
+    if prior is None:
         return  # nothing here to reuse; the stage starts over
-    stored_path = out / "config.json"
-    if not stored_path.is_file():
+    if prior.differences == [NO_CONFIG]:
         raise InputError(f"{title}: no config.json to check its settings against; pass --fresh to start over "
                          "or choose another --out", out)
-    if not finished:
-        differences = config_differences(stored_path, config_to_json(config))
-    else:
-        try:
-            stored = stored_config(read_json(stored_path))
-        except InputError:
-            differences = [UNREADABLE_CONFIG]
-        else:
-            differences = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))
-    if differences == [UNREADABLE_CONFIG]:
+    if prior.differences == [UNREADABLE_CONFIG]:
         raise InputError(f"{title}: its config.json is not a config this version can read; pass --fresh to "
                          "start over or choose another --out", out)
-    if differences:
-        raise _refuse(out, title, differences)
+    if prior.differences:
+        raise _refuse(out, title, prior.differences)
 
 
 def _prepare(out: Path, config: RunConfig, reporter: Reporter, scenes_count: int, scene_size: int) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ds2d2_cli import distributed
-from ds2d2_cli.config import RunConfig, config_differences, config_to_json, stored_config, value_differences
+from ds2d2_cli.config import RunConfig
 from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, NEEDS_AMPLIFIER, active_terms, get_method
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path, read_json, write_json
@@ -116,10 +116,6 @@ def plan_study(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], 
 # ----------------------------------------------------------------------------- running
 
 
-def _finished(out: Path) -> bool:
-    return (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
-
-
 def _teacher_of(model: Path) -> str | None:
     from ds2d2_cli.checkpoint import load_checkpoint
 
@@ -127,31 +123,28 @@ def _teacher_of(model: Path) -> str | None:
 
 
 def check_reusable(stage: str, out: Path, config: RunConfig, teacher_sha256: str | None = None) -> str:
-    """'reuse', 'resume' or 'train' for a run folder of `stage`; another config or teacher is
-    an error (a study never overwrites a run it did not start)."""
-    from ds2d2_cli.engine import RESUME_FILE
+    """'reuse', 'resume' or 'train' for a run folder of `stage` (`stages.runner.prior_run`);
+    another config or teacher is an error (a study never overwrites a run it did not start)."""
+    from ds2d2_cli.stages.runner import prior_run
 
     out = Path(out)
-    stored_path = out / "config.json"
-    if _finished(out):
-        if not stored_path.is_file():
-            raise InputError(f"a finished {stage} run without config.json; remove it or use another --out", out)
-        stored = stored_config(read_json(stored_path), str(stored_path))
-        differ = value_differences(stored.stage_inputs(stage), config.stage_inputs(stage))  # type: ignore[arg-type]
-        if differ:
-            raise InputError(f"a finished {stage} run with another config ({', '.join(differ[:4])}); remove it or "
-                             "use another --out", out)
-        if stage != "teacher" and teacher_sha256 != _teacher_of(out / "model.safetensors"):
-            raise InputError(f"a finished {stage} run from another teacher; remove it or use another --out", out)
-        return "reuse"
-    if (out / RESUME_FILE).is_file():
-        if not stored_path.is_file() or config_differences(stored_path, config_to_json(config)):
-            raise InputError(f"an unfinished {stage} run with another config; remove it or use another --out", out)
+    prior = prior_run(stage, out, config)
+    if prior is None:
+        return "train"
+    state = "finished" if prior.finished else "unfinished"
+    if prior.differences:
+        raise InputError(f"{'an' if state == 'unfinished' else 'a'} {state} {stage} run with another config "
+                         f"({', '.join(prior.differences[:4])}); remove it or use another --out", out)
+    if not prior.finished:
         return "resume"
-    return "train"
+    if not (out / "summary.json").is_file():
+        raise InputError(f"a finished {stage} run without summary.json; remove it or use another --out", out)
+    if stage != "teacher" and teacher_sha256 != _teacher_of(out / "model.safetensors"):
+        raise InputError(f"a finished {stage} run from another teacher; remove it or use another --out", out)
+    return "reuse"
 
 
-def _points(value: Any) -> float | None:
+def ap_points(value: Any) -> float | None:
     """COCO metric -> AP points; COCO's -1 (no such objects) -> None."""
     if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
         return None
@@ -239,7 +232,7 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
                                          reporter)
             outcome.update({
                 "status": "finished",
-                "metrics": {k: _points(metrics.get(k)) for k in METRICS},
+                "metrics": {k: ap_points(metrics.get(k)) for k in METRICS},
                 "iterations": summary.get("iterations"),
                 "train_seconds": summary.get("seconds"),
                 "seconds_per_iteration": (round(summary["seconds"] / summary["iterations"], 4)
@@ -295,7 +288,7 @@ def _teacher_points(teacher: Path, data_dir: Path, config: RunConfig, merge_patc
         metrics = _scene_metrics(teacher, data_dir, config.data.eval_split, device, reporter)
     else:
         metrics = load_checkpoint(teacher).meta.metrics or {}
-    return {k: _points(metrics.get(k)) for k in METRICS}
+    return {k: ap_points(metrics.get(k)) for k in METRICS}
 
 
 def machine() -> dict[str, Any]:

@@ -93,7 +93,7 @@ def study_command(
     Example: ds2d2 study --preset retina-dota --teacher runs/teacher/model.safetensors
     --amplifier runs/amplifier/model.safetensors --seeds 0,1,2 --out runs/study
     """
-    from ds2d2_cli.study import BASELINE, plan_study, run_study, study_methods, write_study
+    from ds2d2_cli.study import BASELINE, needs_amplifier, plan_study, run_study, study_methods, write_study
 
     names = _names(methods, "--methods")
     unknown = [n for n in names if n not in study_methods()]
@@ -105,7 +105,7 @@ def study_command(
     data_dir = Path(data) if data is not None else Path(config.data.root)
     runs = plan_study(config, names, _seeds(seeds), out, teacher=teacher, amplifier=amplifier)
     reporter = RichReporter()
-    if amplifier is None and any(n in ("ds2d2", "ds2d2-implicit", "ds2d2-no-disw", "ds2d2-adapted") for n in names):
+    if amplifier is None and any(needs_amplifier(run.config) for run in runs):
         reporter.note("no --amplifier: DS2D2's implicit high-frequency stream is off in this study")
     record = run_study(runs, data_dir=data_dir, preset=preset, device=_device(device), merge_patches=merge_patches,
                        reporter=reporter)

@@ -17,10 +17,12 @@ from torch import nn
 
 from ds2d2_cli import distributed
 from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint, save_tensors
-from ds2d2_cli.config import RunConfig, config_to_json
+from ds2d2_cli.config import (UNREADABLE_CONFIG, RunConfig, config_differences, config_to_json, stored_config,
+                              value_differences)
 from ds2d2_cli.data.dataset import DetectionDataset
-from ds2d2_cli.engine import TrainingTask, prepare_run_dir, remove_resume_state, train
-from ds2d2_cli.fileio import write_json
+from ds2d2_cli.engine import RESUME_FILE, TrainingTask, prepare_run_dir, remove_resume_state, train
+from ds2d2_cli.errors import InputError
+from ds2d2_cli.fileio import read_json, write_json
 from ds2d2_cli.metrics_log import MetricsLog
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.evaluation import evaluate_on_split
@@ -38,6 +40,41 @@ class StageResult:
     model_path: Path
     best_path: Path | None
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+NO_CONFIG = "(no config.json)"
+
+
+@dataclass(frozen=True)
+class PriorRun:
+    """What a run folder already holds, against the config a caller would train it with.
+
+    A finished run (its `model.safetensors`) is compared on the settings its stage depends
+    on (`RunConfig.stage_inputs`: a changed student setting keeps the teacher); an
+    unfinished one (resume state only) on the whole config, as `--resume` requires.
+    `differences` is `[NO_CONFIG]` or `[UNREADABLE_CONFIG]` when there is nothing to compare.
+    """
+
+    finished: bool
+    differences: list[str]
+
+
+def prior_run(stage: str, out: Path, config: RunConfig) -> PriorRun | None:
+    """None when `out` holds nothing to reuse or resume (demo and study decide with this)."""
+    out = Path(out)
+    finished = (out / "model.safetensors").is_file()
+    if not finished and not (out / RESUME_FILE).is_file():
+        return None
+    stored_path = out / "config.json"
+    if not stored_path.is_file():
+        return PriorRun(finished, [NO_CONFIG])
+    if not finished:
+        return PriorRun(False, config_differences(stored_path, config_to_json(config)))
+    try:
+        stored = stored_config(read_json(stored_path), str(stored_path))
+    except InputError:
+        return PriorRun(True, [UNREADABLE_CONFIG])
+    return PriorRun(True, value_differences(stored.stage_inputs(stage), config.stage_inputs(stage)))  # type: ignore[arg-type]
 
 
 def prepare_stage(config: RunConfig, out: Path, resume: bool) -> None:
