@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-teacher bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/ds2d2 demo --out $(DEMO_OUT)
+
+# Maintainers: retrain the demo teacher shipped in ds2d2_cli/assets/ (about 35 min on 2 cores; resumable).
+demo-teacher: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -c "from ds2d2_cli.cli.common import RichReporter; \
+	from ds2d2_cli.demo import make_shipped_teacher; print(make_shipped_teacher('runs/demo-teacher', reporter=RichReporter()))"
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -32,6 +30,7 @@ from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, NEEDS_AMPLIFIER, 
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path, read_json, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
+from ds2d2_cli.provenance import machine
 
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 GAIN_METRICS = ("AP50", "mAP")
@@ -116,16 +115,10 @@ def plan_study(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], 
 # ----------------------------------------------------------------------------- running
 
 
-def _teacher_of(model: Path) -> str | None:
-    from ds2d2_cli.checkpoint import load_checkpoint
-
-    return load_checkpoint(model).meta.teacher_sha256
-
-
 def check_reusable(stage: str, out: Path, config: RunConfig, teacher_sha256: str | None = None) -> str:
     """'reuse', 'resume' or 'train' for a run folder of `stage` (`stages.runner.prior_run`);
     another config or teacher is an error (a study never overwrites a run it did not start)."""
-    from ds2d2_cli.stages.runner import prior_run
+    from ds2d2_cli.stages.runner import prior_run, teacher_of
 
     out = Path(out)
     prior = prior_run(stage, out, config)
@@ -139,7 +132,7 @@ def check_reusable(stage: str, out: Path, config: RunConfig, teacher_sha256: str
         return "resume"
     if not (out / "summary.json").is_file():
         raise InputError(f"a finished {stage} run without summary.json; remove it or use another --out", out)
-    if stage != "teacher" and teacher_sha256 != _teacher_of(out / "model.safetensors"):
+    if stage != "teacher" and teacher_sha256 != teacher_of(out / "model.safetensors"):
         raise InputError(f"a finished {stage} run from another teacher; remove it or use another --out", out)
     return "reuse"
 
@@ -289,22 +282,6 @@ def _teacher_points(teacher: Path, data_dir: Path, config: RunConfig, merge_patc
     else:
         metrics = load_checkpoint(teacher).meta.metrics or {}
     return {k: ap_points(metrics.get(k)) for k in METRICS}
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers come from: figures from two machines of one kind differ with their kernels."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------- statistics

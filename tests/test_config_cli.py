@@ -100,9 +100,10 @@ def test_schedule_key_names_the_stage_schedule_in_use():
     config = load_config("tiny-synthetic")  # sets teacher_train and amplifier_train
     assert [config.schedule_key(s) for s in ("teacher", "amplifier", "student")] == \
         ["teacher_train", "amplifier_train", "train"]
-    assert config.schedule("teacher").max_iters == 600 and config.schedule("student").max_iters == 300
+    assert config.schedule("teacher").max_iters == 600 and config.schedule("student").max_iters == 450
+    assert config.schedule("teacher").eval_every is None and config.schedule("student").eval_every == 150
     plain = load_config("tiny-synthetic", ["teacher_train=null"])
-    assert plain.schedule_key("teacher") == "train" and plain.schedule("teacher").max_iters == 300
+    assert plain.schedule_key("teacher") == "train" and plain.schedule("teacher").max_iters == 450
 
 
 def test_global_flags_may_follow_the_command():

@@ -1,5 +1,5 @@
-"""The wheel built from the repository carries every module and every preset (the presets live
-at the top level, `presets/`, and install as `ds2d2_cli/presets/`)."""
+"""The wheel built from the repository carries every module, every preset (the presets live
+at the top level, `presets/`, and install as `ds2d2_cli/presets/`) and the demo teacher."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ def test_wheel_holds_every_module_and_preset(wheel):
     assert modules and modules <= names, sorted(modules - names)
     presets = {f"ds2d2_cli/presets/{p.name}" for p in (ROOT / "presets").glob("*.yaml")}
     assert len(presets) >= 6 and presets <= names, sorted(presets - names)
+    assert {"ds2d2_cli/assets/demo_teacher.safetensors", "ds2d2_cli/assets/demo_teacher.json"} <= names
 
 
 @pytest.mark.slow
-def test_installed_wheel_finds_every_preset(wheel, tmp_path):
+def test_installed_wheel_finds_every_preset_and_the_demo_teacher(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, capture_output=True)
@@ -42,6 +43,8 @@ def test_installed_wheel_finds_every_preset(wheel, tmp_path):
         "from ds2d2_cli.config import available_presets, load_config, presets_folder\n"
         "assert ds2d2_cli.__file__.startswith(sys.argv[1]), ds2d2_cli.__file__\n"
         "assert str(presets_folder()).startswith(sys.argv[1]), presets_folder()\n"
+        "from ds2d2_cli.demo import shipped_teacher, shipped_teacher_record\n"
+        "assert str(shipped_teacher()).startswith(sys.argv[1]) and shipped_teacher_record()['iterations'] > 0\n"
         "print(','.join(available_presets())); [load_config(n) for n in available_presets()]\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, cwd=tmp_path)

@@ -77,6 +77,13 @@ def prior_run(stage: str, out: Path, config: RunConfig) -> PriorRun | None:
     return PriorRun(True, value_differences(stored.stage_inputs(stage), config.stage_inputs(stage)))  # type: ignore[arg-type]
 
 
+def teacher_of(model: Path) -> str | None:
+    """The SHA-256 of the teacher a finished amplifier or student was trained from (None: no teacher)."""
+    from ds2d2_cli.checkpoint import load_checkpoint
+
+    return load_checkpoint(model).meta.teacher_sha256
+
+
 def prepare_stage(config: RunConfig, out: Path, resume: bool) -> None:
     """Rank 0 checks and creates the run folder; the other processes wait for it."""
     if distributed.is_main():
