@@ -247,3 +247,14 @@ def test_the_shipped_teacher_is_the_recipe_on_the_demo_scenes():
     assert checkpoint.run_config().stage_inputs("teacher") == config.stage_inputs("teacher")
     assert {t.dtype for t in checkpoint.tensors.values() if t.is_floating_point()} == {torch.float16}
     assert record["iterations"] == config.teacher_train.max_iters and path.stat().st_size < 50e6
+
+
+def test_the_forecast_is_not_swung_by_one_short_stage():
+    from ds2d2_cli.demo import _Clock
+    from ds2d2_cli.progress import NullReporter
+
+    clock = _Clock({"amplifier": 15.0, "baseline": 85.0, "ds2d2": 400.0}, NullReporter())  # 500 s, prior 100 s
+    clock.finished("amplifier", 19.0)
+    assert clock.pace() == pytest.approx((19 + 100) / (15 + 100))  # 1.035, not 19 / 15 = 1.27
+    clock.finished("baseline", 170.0)  # twice as slow as estimated: the forecast follows
+    assert clock.pace() == pytest.approx((189 + 100) / (100 + 100))
