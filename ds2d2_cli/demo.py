@@ -251,7 +251,7 @@ def _estimate(config: RunConfig, student_configs: dict[str, RunConfig], patches:
     from ds2d2_cli.models.detectors import build_detector
     from ds2d2_cli.stages.amplifier import AmplifierTask
     from ds2d2_cli.stages.common import load_stage_data, with_data_root
-    from ds2d2_cli.stages.distill import DistillTask
+    from ds2d2_cli.stages.distill import DistillTask, needs_amplifier, needs_teacher
     from ds2d2_cli.tasks import DetectorTask
 
     data = load_stage_data(with_data_root(config, patches))
@@ -270,9 +270,9 @@ def _estimate(config: RunConfig, student_configs: dict[str, RunConfig], patches:
     tasks["amplifier"] = (amplifier_task, "amplifier")
     for name, student_config in student_configs.items():
         def student_task(student_config=student_config):
-            if not _needs(student_config, "teacher"):
+            if not needs_teacher(student_config):
                 return DetectorTask(copy.deepcopy(student))
-            head = amplifier_head(teacher).to(device) if _needs(student_config, "amplifier") else None
+            head = amplifier_head(teacher).to(device) if needs_amplifier(student_config) else None
             return DistillTask(copy.deepcopy(student), teacher, student_config, head)
         tasks[name] = (student_task, "student")
     estimates: dict[str, float] = {}
@@ -316,16 +316,6 @@ def _estimate(config: RunConfig, student_configs: dict[str, RunConfig], patches:
     # the final scene-level evaluation of the teacher and every student (plus merging and pictures)
     estimates["evaluation"] = n_eval * (inference["teacher"] + len(student_configs) * inference["baseline"]) * 1.2
     return estimates
-
-
-def _needs(config: RunConfig, what: str) -> bool:
-    """Whether a student's method reads the teacher or the amplifier (the registry decides)."""
-    from ds2d2_cli.distill.registry import NEEDS_AMPLIFIER, active_terms, get_method
-
-    method = get_method(config.distill.method)
-    if what == "teacher":
-        return method.needs_teacher
-    return any(NEEDS_AMPLIFIER in term.needs for term in active_terms(method, config.distill.streams))
 
 
 def shipped_teacher() -> Path:
@@ -415,7 +405,7 @@ def run_demo(
     from ds2d2_cli.plots import training_curves
     from ds2d2_cli.stages.amplifier import train_amplifier
     from ds2d2_cli.stages.common import with_data_root
-    from ds2d2_cli.stages.distill import distill
+    from ds2d2_cli.stages.distill import distill, needs_amplifier, needs_teacher
     from ds2d2_cli.stages.evaluate import evaluate_checkpoint
     from ds2d2_cli.stages.runner import teacher_of
     from ds2d2_cli.stages.teacher import train_teacher as train_teacher_stage
@@ -456,7 +446,7 @@ def run_demo(
     for name, stage, title, stage_config in stages:
         _check_stage(out / name, with_data_root(stage_config, patches_dir), stage, title)
         model = out / name / "model.safetensors"
-        wanted = expected_teacher if name == "amplifier" or _needs(stage_config, "teacher") else None
+        wanted = expected_teacher if name == "amplifier" or needs_teacher(stage_config) else None
         if model.is_file() and teacher_of(model) != wanted:
             raise InputError(f"{title} was trained from another teacher; pass --fresh to start over or choose another "
                              "--out", out / name)
@@ -487,9 +477,9 @@ def run_demo(
     students: dict[str, Path] = {}
     for name, student_config in student_configs.items():
         inputs = {}
-        if _needs(student_config, "teacher"):
+        if needs_teacher(student_config):
             inputs["teacher"] = teacher
-        if _needs(student_config, "amplifier"):
+        if needs_amplifier(student_config):
             inputs["amplifier"] = amplifier
         students[name] = timed(name, out / name, distill, reporter, STUDENT_TITLES[name], config=student_config,
                                **inputs, **common)

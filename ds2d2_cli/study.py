@@ -26,11 +26,12 @@ from typing import Any
 
 from ds2d2_cli import distributed
 from ds2d2_cli.config import RunConfig
-from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, NEEDS_AMPLIFIER, active_terms, get_method
+from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path, read_json, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.provenance import machine
+from ds2d2_cli.stages.distill import needs_amplifier, needs_teacher
 
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 GAIN_METRICS = ("AP50", "mAP")
@@ -70,15 +71,6 @@ def method_config(config: RunConfig, name: str) -> RunConfig:
 def seeded(config: RunConfig, seed: int) -> RunConfig:
     """The student schedule with `seed` (the teacher is given, not retrained)."""
     return config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
-
-
-def needs_teacher(config: RunConfig) -> bool:
-    return get_method(config.distill.method).needs_teacher
-
-
-def needs_amplifier(config: RunConfig) -> bool:
-    terms = active_terms(get_method(config.distill.method), config.distill.streams)
-    return any(NEEDS_AMPLIFIER in term.needs for term in terms)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,17 @@ def _frozen(module: nn.Module | None) -> nn.Module | None:
     return module.eval()
 
 
+def needs_teacher(config: RunConfig) -> bool:
+    """Whether a student run with these settings reads a teacher (the registry decides)."""
+    return get_method(config.distill.method).needs_teacher
+
+
+def needs_amplifier(config: RunConfig) -> bool:
+    """Whether one of its active terms reads the teacher's high-frequency amplifier."""
+    terms = active_terms(get_method(config.distill.method), config.distill.streams)
+    return any(NEEDS_AMPLIFIER in term.needs for term in terms)
+
+
 class DistillTask:
     """Detection loss + the chosen method's weighted terms (`distill.registry`), each returned
     separately for the log."""
