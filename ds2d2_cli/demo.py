@@ -332,10 +332,6 @@ def shipped_teacher_record() -> dict[str, Any]:
     return read_json(shipped_teacher().with_name(SHIPPED_RECORD))
 
 
-def _touches_teacher(override: str) -> bool:
-    return override.split("=", 1)[0].strip().startswith(("teacher.", "teacher_train", "teacher=", "input."))
-
-
 def _check_shipped_teacher(config: RunConfig, user_overrides: list[str], data_settings: dict[str, Any],
                            quick: bool) -> Path:
     """The shipped teacher stands in for the teacher stage only where it is that stage: the
@@ -345,15 +341,16 @@ def _check_shipped_teacher(config: RunConfig, user_overrides: list[str], data_se
 
     path = shipped_teacher()
     fix = "; add --train-teacher to train a teacher with these settings"
-    touched = [o for o in user_overrides if _touches_teacher(o)]
-    if touched:
-        raise InputError(f"--set {touched[0]} changes the teacher, and the demo uses its shipped teacher{fix}", path)
-    checkpoint = load_checkpoint(path, "teacher")
-    made = checkpoint.run_config()
+    made = load_checkpoint(path, "teacher").run_config()
     if made is None:
         raise InputError(f"the shipped teacher's config is not one this version can read{fix}", path)
     differences = value_differences(made.stage_inputs("teacher"), config.stage_inputs("teacher"))
     if differences:
+        changed = [d.split(" ", 1)[0] for d in differences]
+        named = [o for o in user_overrides
+                 if any(c == (key := o.split("=", 1)[0].strip()) or c.startswith(key + ".") for c in changed)]
+        if named:
+            raise InputError(f"--set {named[0]} changes the teacher, and the demo uses its shipped teacher{fix}", path)
         raise InputError(f"the shipped teacher was trained with other settings ({', '.join(differences[:3])}){fix}",
                          path)
     trained_on = {k: shipped_teacher_record()["data"][k] for k in SCENE_KEYS}
@@ -365,7 +362,7 @@ def _check_shipped_teacher(config: RunConfig, user_overrides: list[str], data_se
     return path
 
 
-def _place_shipped_teacher(folder: Path, shipped: Path, reporter: Reporter) -> Path:
+def _place_shipped_teacher(folder: Path, shipped: Path, shipped_sha256: str, reporter: Reporter) -> Path:
     """OUT/teacher/model.safetensors: a copy of the shipped teacher (its scene predictions go beside it)."""
     from ds2d2_cli.checkpoint import file_sha256
 
@@ -375,7 +372,7 @@ def _place_shipped_teacher(folder: Path, shipped: Path, reporter: Reporter) -> P
         return model
     with atomic_path(model) as partial:
         shutil.copyfile(shipped, partial)
-        if file_sha256(partial) != file_sha256(shipped):
+        if file_sha256(partial) != shipped_sha256:
             raise Ds2d2Error(f"copying the shipped teacher to {model} did not give the same bytes")
     record = shipped_teacher_record()
     reporter.note(f"teacher: the shipped demo teacher ({record['iterations']} iterations on the demo's training "
@@ -469,7 +466,7 @@ def run_demo(
         return path
 
     if shipped is not None:
-        teacher = _place_shipped_teacher(out / "teacher", shipped, reporter)
+        teacher = _place_shipped_teacher(out / "teacher", shipped, expected_teacher, reporter)
     else:
         teacher = timed("teacher", out / "teacher", train_teacher_stage, reporter, "teacher", config=config, **common)
     amplifier = timed("amplifier", out / "amplifier", train_amplifier, reporter, "amplifier", config=config,
@@ -546,6 +543,7 @@ def make_shipped_teacher(work: Path, *, device: torch.device | str = "cpu", dest
     config = load_config(DEMO_PRESET, TEACHER_RECIPE)
     settings = _data_settings(config, SCENES, SCENE_SIZE, gap=TEACHER_GAP)
     _check_data(work, settings)
+    _check_data(work / "demo-cut", _data_settings(config, SCENES, SCENE_SIZE))
     _check_stage(work / "teacher", with_data_root(config, _patches_dir(work, config)), "teacher", "teacher")
     patches = _prepare(work, config, reporter, SCENES, SCENE_SIZE, gap=TEACHER_GAP)
     model = _stage(work / "teacher", train_teacher_stage, reporter, "teacher", config=config, data_dir=patches,

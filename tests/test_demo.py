@@ -183,6 +183,7 @@ def test_picture_counts_hits_misses_and_false_alarms_by_hand():
 
 def test_quick_demo_distills_from_the_shipped_teacher_and_says_how_long_it_will_take(tmp_path):
     from ds2d2_cli.checkpoint import file_sha256
+    from ds2d2_cli.stages.runner import teacher_of
 
     out = tmp_path / "quick"
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
@@ -194,9 +195,11 @@ def test_quick_demo_distills_from_the_shipped_teacher_and_says_how_long_it_will_
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] is True and results["estimated_s"] > 0 and results["teacher_source"] == "shipped"
     assert file_sha256(out / "teacher" / "model.safetensors") == file_sha256(shipped_teacher())
-    for name in STUDENTS:  # the distilled students name the shipped teacher as theirs
+    for name in STUDENTS:  # every student ran its quick schedule; the distilled ones name the shipped teacher
         meta = json.loads((out / name / "summary.json").read_text())
         assert meta["iterations"] == 10
+        assert teacher_of(out / name / "model.safetensors") == (None if name == "baseline"
+                                                                 else file_sha256(shipped_teacher()))
     assert results["teacher"]["AP50"] > results["baseline"]["AP50"]  # 20-iteration students vs a trained teacher
     assert json.loads((out / "data" / "demo_data.json").read_text())["scenes"] == 6
     again = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
