@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Sequence
 
 DOTA_V1_0 = (
     "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle",
@@ -53,5 +55,64 @@ def get_class_set(name: str) -> tuple[str, ...]:
         return CLASS_SETS[name]
     except KeyError:
         raise InputError(
-            f"unknown class set {name!r}; available: {', '.join(CLASS_SETS)}"
+            f"unknown class set {name!r}; available: {', '.join(CLASS_SETS)} "
+            f"(or your own list, e.g. [{name},other])"
         ) from None
+
+
+AUTO = "auto"  # data.classes: the training split's categories, in id order
+
+
+def split_class_text(text: str) -> list[str] | None:
+    """`[car, truck]` or `car,truck` -> the names; None for a single word (a set name or `auto`)."""
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        stripped = stripped[1:-1]
+    elif "," not in stripped:
+        return None
+    return [part.strip().strip("'\"").strip() for part in stripped.split(",")]
+
+
+@dataclass(frozen=True)
+class ClassChoice:
+    """What `--classes` / `data.classes` chose: a shipped set by name, or the user's own list.
+
+    A named set is strict (a name outside it is bad input: DIOR labels under a DOTA set are
+    caught); a list filters (objects of other classes are left out and counted) and orders.
+    """
+
+    names: tuple[str, ...]
+    set_name: str | None = None
+
+    @property
+    def strict(self) -> bool:
+        return self.set_name is not None
+
+    @property
+    def label(self) -> str:
+        """How summaries and JSON name the choice: the set's name, or the list itself."""
+        return self.set_name if self.set_name is not None else ",".join(self.names)
+
+
+def check_class_list(names: Sequence[str], what: str = "class list") -> tuple[str, ...]:
+    """A usable explicit class list: non-empty names, none twice (spelling-insensitively)."""
+    from ds2d2_cli.errors import InputError
+
+    cleaned = [str(n).strip() for n in names]
+    if not cleaned or any(not n for n in cleaned):
+        raise InputError(f"{what} has an empty class name (got {list(names)!r})")
+    keys = [class_key(n) for n in cleaned]
+    twice = sorted({n for n, k in zip(cleaned, keys) if keys.count(k) > 1})
+    if twice:
+        raise InputError(f"{what} names a class twice: {', '.join(twice)}")
+    return tuple(cleaned)
+
+
+def class_choice(value: str | Sequence[str], option: str = "--classes") -> ClassChoice:
+    """A set name (`dior`), a list (`[car,truck]`, `car,truck`, or a Python list) -> ClassChoice."""
+    if not isinstance(value, str):
+        return ClassChoice(check_class_list(value, option))
+    names = split_class_text(value)
+    if names is not None:
+        return ClassChoice(check_class_list(names, option))
+    return ClassChoice(get_class_set(value.strip()), value.strip())
