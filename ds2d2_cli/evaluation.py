@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ds2d2_cli.data.dataset import CocoSplit, DetectionDataset, collate
-from ds2d2_cli.data.dota import SCENES_SUFFIX
+from ds2d2_cli.data.prepared import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter, Reporter
 

@@ -14,7 +14,10 @@ from ds2d2_cli.cli.common import RichReporter, handle_errors, stdout_console, wr
 from ds2d2_cli.errors import InputError
 
 if TYPE_CHECKING:
+    from ds2d2_cli.classes import ClassChoice
+    from ds2d2_cli.data.tiling import Tiling
     from ds2d2_cli.data.coco_writer import PrepareSummary
+    from ds2d2_cli.data.prepared import PreparedSummary
     from ds2d2_cli.data.validate import ProblemReport
 
 app = typer.Typer(
@@ -28,6 +31,16 @@ JSON_HELP = "also write the summary figures as JSON to FILE (`-` for stdout)"
 SKIP_BAD_HELP = ("skip bad images, label files, lines and objects instead of stopping at the first; each is "
                  "reported, counted in the summary and listed in the output JSON's info.skipped")
 CLASSES_HELP = f"class set: {', '.join(CLASS_SETS)}"
+GAP_HELP = "overlap between neighbouring windows in pixels"
+SCALES_HELP = "resize scenes by these factors first: --scales 1.0,0.5 (or repeat)"
+IOF_HELP = "keep a cut object when at least this fraction of its area is inside the window"
+WORKERS_HELP = "processes cutting scenes in parallel (0: one per CPU)"
+SPLIT_HELP = ("cut images into SIZE x SIZE patches, as prepare-data dota does (writes OUT/<split>/images/ and "
+              "OUT/<split>_scenes.json) [default: images stay whole]")
+OWN_CLASSES_HELP = (f"a class set ({', '.join(CLASS_SETS)}: names outside it are bad input) or your own list "
+                    "(car,truck or [car,truck]: keeps and orders those classes, leaves the others out) "
+                    "[default: the data's own classes]")
+PARTIAL_HELP = "cut objects under --iof-thr: drop them, or keep them as crowd (iscrowd 1, ignored in training)"
 
 
 def _parse_scales(values: List[str]) -> list[float]:
@@ -41,6 +54,32 @@ def _parse_scales(values: List[str]) -> list[float]:
             except ValueError:
                 raise InputError(f"--scales takes numbers such as 1.0,0.5 (got {part!r})") from None
     return scales or [1.0]
+
+
+def tiling_options(split: Optional[int], gap: Optional[int], scales: Optional[List[str]], iof_thr: Optional[float],
+                   partial: Optional[str]) -> "Tiling | None":
+    """`--split SIZE` and its companions -> a Tiling; None (images stay whole) without --split.
+
+    A companion option given without --split would change nothing: it is refused, not dropped.
+    """
+    from ds2d2_cli.data.tiling import Tiling
+
+    if split is None:
+        given = [name for name, value in (("--gap", gap), ("--scales", scales), ("--iof-thr", iof_thr),
+                                          ("--partial", partial)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply when cutting scenes into patches: add --split SIZE")
+        return None
+    defaults = Tiling()
+    return Tiling(split, defaults.gap if gap is None else gap, tuple(_parse_scales(scales or [])),
+                  defaults.iof_thr if iof_thr is None else iof_thr, partial or defaults.partial).check()
+
+
+def class_option(value: Optional[str]) -> "ClassChoice | None":
+    """`--classes`: a shipped set's name or the user's own list (`car,truck` / `[car,truck]`)."""
+    from ds2d2_cli.classes import class_choice
+
+    return None if value is None else class_choice(value)
 
 
 def _looks_like_number(text: str) -> bool:
@@ -106,6 +145,49 @@ def _finish(console: Any, summary: PrepareSummary, per_class: dict[str, dict[str
     write_json_output(json_out, summary.to_dict())
 
 
+def prepared_table(summary: "PreparedSummary", title: str) -> Table:
+    """One table for every converter, from its summary: per split, images (and patches) and objects."""
+    tiled = summary.tiling is not None
+    columns = ["split", "images", "objects", "clipped", "dropped degenerate"]
+    if tiled:
+        columns[2:2] = ["patches"]
+        columns += ["patch boxes", "crowd kept", "dropped iof<thr"]
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, s in summary.splits.items():
+        row = [name, str(s.images), str(s.objects) if s.labelled else "-", str(s.clipped), str(s.degenerate)]
+        if tiled:
+            row[2:2] = [str(s.patches)]
+            row += [str(s.annotations), str(s.crowd), str(s.dropped_iof)]
+        table.add_row(*row)
+    return table
+
+
+def _tiling_title(summary: "PreparedSummary") -> str:
+    t = summary.tiling
+    if t is None:
+        return "whole images"
+    return f"{t['patch_size']} px, gap {t['gap']}, scales {', '.join(f'{s:g}' for s in t['scales'])}"
+
+
+def finish_prepared(json_out: Optional[Path], summary: "PreparedSummary", title: str,
+                    input_size: Optional[int] = None) -> None:
+    """What every converter prints: its table, objects per class, bad input, a closing line; then --json."""
+    console = _console(json_out)
+    console.print(prepared_table(summary, f"{title} -> {summary.out} ({_tiling_title(summary)})"))
+    columns: dict[str, dict[str, int]] = {}
+    for name, s in summary.splits.items():
+        if s.labelled:
+            columns[f"{name} objects"] = s.objects_per_class
+            if s.annotations_per_class is not None:
+                columns[f"{name} patch boxes"] = s.annotations_per_class
+    if summary.filtered:
+        console.print(f"left out, not in --classes: {', '.join(f'{n} ({c})' for n, c in summary.filtered.items())}")
+    _finish(console, summary, columns, json_out,
+            f"done in {summary.seconds:.1f} s; wrote {', '.join(s.json for s in summary.splits.values())}")
+
+
 @app.command("dota")
 @handle_errors
 def dota_command(
@@ -114,15 +196,12 @@ def dota_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder",
                                        show_default="SRC-<split>, i.e. data/DOTA-1024 for the defaults"),
     split: int = typer.Option(1024, "--split", help="patch (window) size in pixels"),
-    gap: int = typer.Option(200, "--gap", help="overlap between neighbouring windows in pixels"),
-    scales: List[str] = typer.Option(["1.0"], "--scales", metavar="S[,S...]",
-                                     help="resize scenes by these factors first: --scales 1.0,0.5 (or repeat)"),
-    iof_thr: float = typer.Option(0.7, "--iof-thr", help="keep a cut object when at least this fraction of its "
-                                  "area is inside the window"),
-    workers: int = typer.Option(1, "--workers", "-j", help="processes splitting scenes in parallel (0: one per CPU)"),
+    gap: int = typer.Option(200, "--gap", help=GAP_HELP),
+    scales: List[str] = typer.Option(["1.0"], "--scales", metavar="S[,S...]", help=SCALES_HELP),
+    iof_thr: float = typer.Option(0.7, "--iof-thr", help=IOF_HELP),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: str = typer.Option("dota-v1.0", "--classes", help=CLASSES_HELP),
-    partial: str = typer.Option("drop", "--partial", help="cut objects under --iof-thr: drop them, or keep them "
-                                "as crowd (iscrowd 1, ignored in training)"),
+    partial: str = typer.Option("drop", "--partial", help=PARTIAL_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -152,23 +231,7 @@ def dota_command(
     summary = prepare_dota(src, out, size=split, gap=gap, scales=_parse_scales(scales), iof_thr=iof_thr,
                            workers=workers, classes=classes, partial=partial, skip_bad=skip_bad,
                            reporter=RichReporter())
-    console = _console(json_out)
-    table = Table(title=f"DOTA -> {out} ({split} px, gap {gap}, scales "
-                        f"{', '.join(f'{s:g}' for s in summary.scales)})")
-    for column in ("split", "scenes", "patches", "objects", "patch boxes", "crowd kept", "dropped iof<thr",
-                   "dropped degenerate"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for name, s in summary.splits.items():
-        table.add_row(name, str(s.scenes), str(s.patches), str(s.objects) if s.labelled else "-",
-                      str(s.annotations), str(s.crowd), str(s.dropped_iof), str(s.degenerate))
-    console.print(table)
-    columns = {}
-    for name, s in summary.splits.items():
-        if s.labelled:
-            columns[f"{name} objects"] = s.objects_per_class
-            columns[f"{name} patch boxes"] = s.annotations_per_class
-    _finish(console, summary, columns, json_out,
-            f"done in {summary.seconds:.1f} s; wrote {', '.join(s.json for s in summary.splits.values())}")
+    finish_prepared(json_out, summary, "DOTA")
 
 
 @app.command("dior")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ds2d2_cli.data.dota import SCENES_SUFFIX
+from ds2d2_cli.data.prepared import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")

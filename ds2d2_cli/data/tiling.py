@@ -1,18 +1,69 @@
-"""Large scenes in fixed-size windows and back: the DOTA devkit's `ImgSplit` grid and the merge of window detections.
+"""Large scenes in fixed-size windows and back: the DOTA devkit's `ImgSplit` grid, the objects
+each window holds, and the merge of window detections.
 
-One definition of the window grid for `prepare-data dota` (patches) and `predict --slice`
-(tiles): windows step by `size - gap`; the last window in each direction is moved back to
-end at the scene border; a side no longer than a window gets the single origin 0 (the
-window is padded with zeros past the border). Detections made window by window are merged
-back into scene detections with class-wise NMS (`merge_order`), so an object seen by two
-overlapping windows is reported once.
+One definition of the window grid for `prepare-data --split` (patches, every format) and
+`predict --slice` (tiles): windows step by `size - gap`; the last window in each direction
+is moved back to end at the scene border; a side no longer than a window gets the single
+origin 0 (the window is padded with zeros past the border). Scaled copies (scale != 1) are
+resized first (bilinear) and the objects scaled with them. Every patch is kept, empty ones
+included (as the devkit does).
+
+Objects in a window: the polygon is clipped to the window (the window itself clipped to the
+scene); iof = clipped area / object area. Objects wholly inside are kept; partly inside ones
+with iof >= `iof_thr` are kept with the clipped polygon's extent as box; smaller pieces are
+dropped (`partial="drop"`) or kept with `iscrowd: 1` (`partial="crowd"`, the devkit's
+"difficult 2" pieces). Pieces of no size are dropped and counted.
+
+Detections made window by window are merged back into scene detections with class-wise
+NMS (`merge_order`), so an object seen by two overlapping windows is reported once.
 """
 
 from __future__ import annotations
 
+import signal
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
 import torch
 
-from ds2d2_cli.errors import InputError
+from ds2d2_cli.data.coco_writer import round2 as _r
+from ds2d2_cli.data.polygons import clip_polygon, dedupe_vertices, polygon_area
+from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
+
+PARTIAL_MODES = ("drop", "crowd")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How `prepare-data --split` cuts scenes: window size and overlap, scales, the cut-object rule."""
+
+    size: int = 1024
+    gap: int = 200
+    scales: tuple[float, ...] = (1.0,)
+    iof_thr: float = 0.7
+    partial: str = "drop"
+
+    def check(self) -> "Tiling":
+        """The options as given, or an InputError naming the option."""
+        check_window(self.size, self.gap)
+        scales = self.scales
+        if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
+            raise InputError(f"--scales must be positive numbers (got {', '.join(f'{s:g}' for s in scales) or 'none'})")
+        if len(set(scales)) != len(scales):
+            raise InputError("--scales lists a scale twice")
+        if not 0 < self.iof_thr <= 1:
+            raise InputError(f"--iof-thr must be in (0, 1] (got {self.iof_thr:g})")
+        if self.partial not in PARTIAL_MODES:
+            raise InputError(f"--partial must be one of {', '.join(PARTIAL_MODES)} (got {self.partial!r})")
+        return self
+
+    def meta(self) -> dict[str, Any]:
+        """The settings every tiled JSON records in `info.ds2d2`."""
+        return {"patch_size": self.size, "gap": self.gap, "scales": list(self.scales), "iof_thr": self.iof_thr,
+                "partial": self.partial, "padded": True}
 
 
 def check_window(size: int, gap: int, size_option: str = "--split", gap_option: str = "--gap") -> None:
@@ -80,3 +131,215 @@ def merge_order(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
 
     groups = labels.to(torch.int64) if scenes is None else scenes.to(torch.int64) * 10_000 + labels.to(torch.int64)
     return batched_nms(boxes.float(), scores.float(), groups, iou)
+
+
+# --------------------------------------------------------------------------- objects in windows
+
+
+@dataclass
+class SplitStats:
+    patches: int = 0
+    annotations: int = 0  # patch annotations kept, crowd included
+    crowd: int = 0  # partial pieces kept with iscrowd 1
+    dropped_iof: int = 0  # partial pieces dropped: iof < iof_thr
+    degenerate: int = 0  # zero-area objects (once per scene) and zero-size pieces
+    annotations_per_class: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "SplitStats") -> None:
+        for name in ("patches", "annotations", "crowd", "dropped_iof", "degenerate"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, value in other.annotations_per_class.items():
+            self.annotations_per_class[key] = self.annotations_per_class.get(key, 0) + value
+
+
+def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int], difficult: Sequence[int],
+                       window: tuple[float, float, float, float], iof_thr: float, partial: str,
+                       stats: SplitStats | None = None, class_names: Sequence[str] | None = None,
+                       outlines: Sequence[bool] | None = None,
+                       crowd: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """COCO annotations (no ids, no image_id) of the objects in one window, in patch pixels.
+
+    `window` is (x0, y0, x1, y1) in (scaled) scene pixels, already clipped to the scene.
+    Objects that do not overlap the window with positive area are simply not there;
+    pieces with 0 < iof < iof_thr are dropped or kept as crowd (see module docstring).
+    `outlines[i]` False: object i is a horizontal box, written without `segmentation`;
+    `crowd[i]` 1: the source marked it crowd, and so is every piece of it.
+    """
+    stats = stats if stats is not None else SplitStats()
+    x0, y0, x1, y1 = window
+    out: list[dict[str, Any]] = []
+    if not polys:
+        return out
+    ext = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polys])
+    candidates = np.nonzero((ext[:, 0] < x1) & (ext[:, 2] > x0) & (ext[:, 1] < y1) & (ext[:, 3] > y0))[0]
+    for i in candidates:
+        poly = polys[i]
+        area_full = polygon_area(poly)
+        if area_full <= 0:
+            continue  # counted once per scene by the caller
+        inside = ext[i, 0] >= x0 and ext[i, 2] <= x1 and ext[i, 1] >= y0 and ext[i, 3] <= y1
+        iscrowd = int(crowd[i]) if crowd is not None else 0
+        if inside:
+            piece, area = poly, area_full
+        else:
+            piece = dedupe_vertices(clip_polygon(poly, window))
+            area = polygon_area(piece)
+            if area <= 0:
+                continue  # only touches the window
+            if min(area / area_full, 1.0) < iof_thr:
+                if partial == "drop":
+                    stats.dropped_iof += 1
+                    continue
+                iscrowd = 1
+        local = piece - np.array([x0, y0])
+        bx0, by0 = _r(local[:, 0].min()), _r(local[:, 1].min())
+        bx1, by1 = _r(local[:, 0].max()), _r(local[:, 1].max())
+        w, h = _r(bx1 - bx0), _r(by1 - by0)
+        if w <= 0 or h <= 0 or _r(area) <= 0:
+            stats.degenerate += 1
+            continue
+        ann: dict[str, Any] = {"category_id": int(category_ids[i]), "bbox": [bx0, by0, w, h], "area": _r(area),
+                               "iscrowd": iscrowd}
+        if outlines is None or outlines[i]:
+            ann["segmentation"] = [[_r(v) for v in local.reshape(-1)]]
+        ann["difficult"] = int(difficult[i])
+        out.append(ann)
+        stats.annotations += 1
+        stats.crowd += iscrowd
+        if class_names is not None:
+            name = class_names[int(category_ids[i]) - 1]
+            stats.annotations_per_class[name] = stats.annotations_per_class.get(name, 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------- one scene (worker)
+
+
+@dataclass(frozen=True)
+class SceneJob:
+    """One scene to cut, as plain picklable data (worker processes receive it)."""
+
+    image_path: Path
+    stem: str
+    polys: tuple[np.ndarray, ...]
+    category_ids: tuple[int, ...]
+    difficult: tuple[int, ...]
+    out_dir: Path  # the split's staging folder: patches go to out_dir/images/
+    split: str
+    tiling: Tiling
+    class_names: tuple[str, ...]
+    outlines: tuple[bool, ...] = ()
+    crowd: tuple[int, ...] = ()
+    declared_size: tuple[int, int] | None = None
+    label_path: Path | None = None
+
+
+def cut_scene(job: SceneJob) -> dict[str, Any]:
+    """Cut one scene into patches (written as PNG) and return their records and counts.
+
+    Raises BadItem (before writing anything) when the image cannot be read or is not the
+    size its labels declare. Objects are placed in the image first
+    (`scenes.place_in_image`): those with no area inside are returned under "outside"
+    and left out of the patches; the caller decides whether that stops the run.
+    """
+    from PIL import Image
+
+    from ds2d2_cli.data.scenes import place_in_image
+    from ds2d2_cli.data.validate import BadItem, open_rgb
+
+    image = open_rgb(job.image_path)
+    width, height = image.size
+    if job.declared_size is not None and tuple(job.declared_size) != (width, height):
+        raise BadItem(f"the labels say {job.declared_size[0]}x{job.declared_size[1]} but {job.image_path.name} is "
+                      f"{width}x{height}", job.label_path or job.image_path, reason="size mismatch")
+    placed = place_in_image(list(job.polys), width, height)
+    kept = placed.kept
+    stats = SplitStats()
+    patches: list[dict[str, Any]] = []
+    images_dir = job.out_dir / "images"
+    try:
+        images_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Ds2d2Error(f"cannot write patches: {one_line(exc.strerror or exc)}", job.out_dir.parent) from None
+    category_ids = [job.category_ids[i] for i in kept]
+    difficult = [job.difficult[i] for i in kept]
+    outlines = [job.outlines[i] for i in kept] if job.outlines else None
+    crowd = [job.crowd[i] for i in kept] if job.crowd else None
+    tiling = job.tiling
+    for scale in tiling.scales:
+        if scale == 1:
+            scaled, polys = image, [job.polys[i] for i in kept]
+        else:
+            new_size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+            scaled = image.resize(new_size, Image.BILINEAR)
+            polys = [job.polys[i] * scale for i in kept]
+        sw, sh = scaled.size
+        for left, top in window_origins(sw, sh, tiling.size, tiling.gap):
+            window = (left, top, min(left + tiling.size, sw), min(top + tiling.size, sh))
+            anns = window_annotations(polys, category_ids, difficult, window, tiling.iof_thr, tiling.partial,
+                                      stats, job.class_names, outlines, crowd)
+            name = f"{job.stem}__{scale:g}__{left}___{top}.png"
+            # crop() beyond the scene border fills with zeros: the devkit's padding.
+            patch = scaled.crop((left, top, left + tiling.size, top + tiling.size))
+            try:
+                patch.save(images_dir / name, format="PNG", compress_level=1)
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot write patch {name}: {one_line(exc.strerror or exc)}",
+                                 job.out_dir.parent) from None
+            patches.append({"file_name": f"{job.split}/images/{name}", "width": tiling.size, "height": tiling.size,
+                            "window": [left, top], "scale": scale, "annotations": anns})
+            stats.patches += 1
+    return {"stem": job.stem, "width": width, "height": height, "patches": patches, "stats": stats,
+            "placed": placed}
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _cut_scene_safe(job: SceneJob) -> tuple[str, Any]:
+    """Worker entry: library errors come back as plain tuples (they pickle reliably)."""
+    from ds2d2_cli.data.validate import BadItem
+
+    try:
+        return "ok", cut_scene(job)
+    except BadItem as exc:
+        return "bad", (exc.message, str(exc.path) if exc.path else None, exc.line, exc.reason)
+    except Ds2d2Error as exc:
+        return "error", (isinstance(exc, InputError), exc.message, str(exc.path) if exc.path else None, exc.line)
+
+
+def _unwrap(outcome: tuple[str, Any]) -> Any:
+    from ds2d2_cli.data.validate import BadItem
+
+    kind, payload = outcome
+    if kind == "ok":
+        return payload
+    if kind == "bad":
+        message, path, line, reason = payload
+        return BadItem(message, path, line, reason=reason)
+    is_input, message, path, line = payload
+    raise (InputError if is_input else Ds2d2Error)(message, path, line)
+
+
+def cut_scenes(jobs: list[SceneJob], workers: int, receive: Any) -> None:
+    """Cut every scene, in `workers` processes when > 1; `receive(i, result or BadItem)` as each finishes.
+
+    `receive` may raise (a bad image without --skip-bad): the remaining work is cancelled.
+    """
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+            futures = {pool.submit(_cut_scene_safe, job): i for i, job in enumerate(jobs)}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.5)
+                    for fut in done:
+                        receive(futures[fut], _unwrap(fut.result()))
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+    else:
+        for i, job in enumerate(jobs):
+            receive(i, _unwrap(_cut_scene_safe(job)))

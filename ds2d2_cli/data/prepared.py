@@ -1,0 +1,298 @@
+"""Scenes -> a prepared data folder: the one writer behind every `prepare-data` converter.
+
+A converter reads its format into `SplitPlan`s of `Scene`s (`ds2d2_cli.data.scenes`) and
+calls `write_prepared`, which applies the shared object policy, then either
+
+* keeps images whole (no tiling): `OUT/<split>.json` whose `file_name`s point at the
+  original images, relative to OUT; or
+* cuts them with `Tiling` (the DOTA devkit's ImgSplit, `ds2d2_cli.data.tiling`):
+  `OUT/<split>/images/<scene>__<scale>__<left>___<top>.png`, `OUT/<split>.json` (the
+  patches, each with its scene and window) and `OUT/<split>_scenes.json` (the whole
+  scenes, for scoring merged patch detections: `eval --merge-patches`).
+
+Everything is checked before anything is written; patches go to hidden staging folders and
+the JSON files are renamed into place last, so a failed run leaves no JSON and no partial
+patches. Bad input stops the run with one line naming the file, or with `skip_bad` is
+skipped, reported and listed in each JSON's `info.skipped` (see `ds2d2_cli.data.validate`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, relpath
+from ds2d2_cli.data.coco_writer import round2 as _r
+from ds2d2_cli.data.scenes import (
+    Placed, Scene, SceneObject, SplitPlan, clipped_message, outside_message, place_in_image, usable_objects,
+)
+from ds2d2_cli.data.tiling import SceneJob, SplitStats, Tiling, cut_scenes
+from ds2d2_cli.data.validate import BadItem, Problems, check_image, one_line, writable_folder
+from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.fileio import staging
+from ds2d2_cli.progress import Reporter
+
+SCENES_SUFFIX = "_scenes"  # OUT/<split>_scenes.json: the whole scenes behind the patch split <split>
+WIDE_FACTOR = 2.0  # whole images whose median side is more than this many input sizes get a warning
+
+
+@dataclass
+class SplitSummary:
+    """One split as written. Patch figures (`patches` ...) are None when images stay whole."""
+
+    images: int
+    objects: int  # objects kept in the whole images
+    clipped: int  # ... of which reached past their image
+    degenerate: int  # zero-area objects, and (tiled) zero-size pieces
+    skipped: int
+    repaired: int
+    labelled: bool
+    objects_per_class: dict[str, int]
+    json: str
+    median_side: float = 0.0  # the median of the images' longer sides, px
+    patches: int | None = None
+    annotations: int | None = None  # patch annotations, crowd included
+    crowd: int | None = None
+    dropped_iof: int | None = None
+    annotations_per_class: dict[str, int] | None = None
+
+    @property
+    def scenes(self) -> int:
+        return self.images
+
+
+@dataclass
+class PreparedSummary(PrepareSummary):
+    """What a converter wrote: its format, the tiling (None: whole images) and each split's figures."""
+
+    format: str
+    tiling: dict[str, Any] | None
+    splits: dict[str, SplitSummary]
+    filtered: dict[str, int] = field(default_factory=dict)  # objects of classes outside a --classes list
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = super().to_dict()
+        for name, split in self.splits.items():
+            figures["splits"][name]["scenes"] = split.images
+        return figures
+
+
+@dataclass
+class _Checked:
+    """One scene after the object policy (and, for whole images, its image check and placement)."""
+
+    scene: Scene
+    objects: list[SceneObject]
+    category_ids: list[int]
+    degenerate: int
+    size: tuple[int, int] | None = None
+    placed: Placed | None = None
+    reported: bool = False  # its border problems were reported (a scene may belong to two splits)
+
+
+def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_names: Sequence[str],
+                   classes_label: str | None, tiling: Tiling | None, problems: Problems, reporter: Reporter,
+                   workers: int = 1, meta: dict[str, Any] | None = None, json_names: dict[str, str] | None = None,
+                   report_splits: dict[str, Sequence[str]] | None = None) -> dict[str, SplitSummary]:
+    """Write every plan's split into `out` (see the module docstring); the figures of each split.
+
+    `json_names` renames a split's JSON (`prepare-data coco --name`); `report_splits` says
+    whose reports a split's JSON lists besides its own (DIOR's trainval: train and val).
+    """
+    if tiling is not None:
+        tiling.check()
+    if workers == 0:
+        workers = os.cpu_count() or 1
+    if workers < 0:
+        raise InputError(f"--workers must be 0 (one per CPU) or more (got {workers})")
+    category_id = {name: i + 1 for i, name in enumerate(class_names)}
+    checked: dict[int, _Checked] = {}
+    for plan in plans:
+        for scene in plan.scenes:
+            if id(scene) not in checked:
+                objects, zero = usable_objects(scene, problems)
+                checked[id(scene)] = _Checked(scene, objects, [category_id[o.name] for o in objects], zero)
+    if tiling is None:
+        _check_whole_images(checked, problems, reporter)
+    writable_folder(out)
+    names = {plan.name: (json_names or {}).get(plan.name, plan.name) for plan in plans}
+    for name in names.values():  # a stale JSON must not describe what this run rewrites
+        for stale in (out / f"{name}.json", out / f"{name}{SCENES_SUFFIX}.json"):
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as exc:
+                raise Ds2d2Error(f"cannot replace: {one_line(exc.strerror or exc)}", stale) from None
+
+    outputs: list[tuple[Path, dict[str, Any]]] = []
+    summaries: dict[str, SplitSummary] = {}
+    with staging(out) as stage:
+        for plan in plans:
+            name = names[plan.name]
+            shares = tuple(report_splits.get(plan.name, ())) if report_splits else ()
+            own = [plan.name, *shares]
+            settings = {"source": source, "classes": classes_label, "split": name,
+                        **(tiling.meta() if tiling is not None else {}), "labelled": plan.labelled, **(meta or {})}
+            if tiling is None:
+                scenes_writer, stats = _whole_split(plan, out, checked, class_names)
+                patches_writer = None
+            else:
+                staged = stage.folder(f".{name}.", ".tmp")
+                stage.publish_contents(staged / "images", out / name / "images", "patches")
+                scenes_writer, patches_writer, stats = _tiled_split(plan, name, staged, out, checked, class_names,
+                                                                     tiling, workers, problems, reporter)
+            if not scenes_writer.images:
+                raise InputError(f"no usable image left in split {plan.name!r}: every one was skipped as bad",
+                                 plan.folder)
+            skipped = [e for e in problems.skipped if e.get("split") in own]
+            repaired = [e for e in problems.repaired if e.get("split") in own]
+            if patches_writer is None:
+                outputs.append((out / f"{name}.json", scenes_writer.document(settings, skipped, repaired)))
+            else:
+                outputs.append((out / f"{name}{SCENES_SUFFIX}.json",
+                                scenes_writer.document({**settings, "scenes": True}, skipped, repaired)))
+                outputs.append((out / f"{name}.json", patches_writer.document(settings, skipped, repaired)))
+            summaries[plan.name] = SplitSummary(
+                images=len(scenes_writer.images), objects=len(scenes_writer.annotations),
+                clipped=sum(1 for e in repaired if e["reason"] == "object partly outside image"),
+                degenerate=stats.degenerate, skipped=len(skipped), repaired=len(repaired), labelled=plan.labelled,
+                objects_per_class=scenes_writer.per_class, json=str(out / f"{name}.json"),
+                median_side=float(statistics.median(max(i["width"], i["height"]) for i in scenes_writer.images)),
+                **({} if tiling is None else {
+                    "patches": stats.patches, "annotations": stats.annotations, "crowd": stats.crowd,
+                    "dropped_iof": stats.dropped_iof,
+                    "annotations_per_class": {n: stats.annotations_per_class.get(n, 0) for n in class_names}}))
+            problems.note_repairs(f"{plan.name}: ", [e for e in repaired if e.get("split") == plan.name])
+        for path, document in outputs:
+            stage.write_json(path, document)
+    return summaries
+
+
+# --------------------------------------------------------------------------- whole images
+
+
+def _check_whole_images(checked: dict[int, _Checked], problems: Problems,
+                        reporter: Reporter) -> None:
+    """Decode-check every image and place its objects; bad ones are raised or (skip_bad) reported."""
+    task = reporter.task("check images", total=len(checked))
+    for item in checked.values():
+        scene = item.scene
+        try:
+            size = check_image(scene.image)
+            if scene.size is not None and tuple(scene.size) != size:
+                raise BadItem(f"the labels say {scene.size[0]}x{scene.size[1]} but {scene.image.name} is "
+                              f"{size[0]}x{size[1]}", scene.label_path or scene.image, reason="size mismatch")
+        except BadItem as exc:
+            problems.bad(exc, "image", **scene.where)
+            task.update(1)
+            continue
+        item.size = size
+        item.placed = place_in_image([o.poly for o in item.objects], *size)
+        _report_border(item, problems)
+        task.update(1)
+
+
+def _report_border(item: _Checked, problems: Problems) -> None:
+    """Objects wholly outside their image are bad; partly outside ones were clipped (reported once)."""
+    if item.reported or item.placed is None or item.size is None:
+        return
+    item.reported = True
+    scene, placed = item.scene, item.placed
+    for index in placed.outside:
+        problems.bad(outside_message(scene, item.objects[index], *item.size), "object", **scene.where)
+    for index in placed.clipped:
+        problems.repair(clipped_message(scene, item.objects[index], *item.size), "object", **scene.where)
+
+
+def _scene_annotations(writer: CocoWriter, image_id: int, item: _Checked) -> None:
+    placed = item.placed
+    assert placed is not None
+    for index, piece, box, area in zip(placed.kept, placed.pieces, placed.boxes, placed.areas):
+        obj = item.objects[index]
+        fields: dict[str, Any] = {
+            "bbox": box,
+            "area": _r(obj.area) if obj.area is not None and index not in placed.clipped else _r(area),
+            "iscrowd": obj.iscrowd,
+        }
+        if obj.polygon:
+            fields["segmentation"] = [[_r(v) for v in piece.reshape(-1)]]
+        fields.update(obj.keep)
+        fields["difficult"] = obj.difficult
+        writer.add_annotation(image_id, item.category_ids[index], fields)
+
+
+def _image_fields(scene: Scene, out: Path, size: tuple[int, int]) -> dict[str, Any]:
+    return {"file_name": relpath(scene.image, out), "width": size[0], "height": size[1], **scene.fields}
+
+
+def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class_names: Sequence[str]
+                 ) -> tuple[CocoWriter, SplitStats]:
+    writer = CocoWriter(class_names)
+    stats = SplitStats()
+    for scene in plan.scenes:
+        item = checked[id(scene)]
+        stats.degenerate += item.degenerate
+        if item.size is None:
+            continue  # skipped as bad
+        image_id = writer.add_image(_image_fields(scene, out, item.size), scene.image_id)
+        _scene_annotations(writer, image_id, item)
+    return writer, stats
+
+
+# --------------------------------------------------------------------------- tiled
+
+
+def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: dict[int, _Checked],
+                 class_names: Sequence[str], tiling: Tiling, workers: int, problems: Problems, reporter: Reporter
+                 ) -> tuple[CocoWriter, CocoWriter, SplitStats]:
+    """Cut one split's scenes into patches in `staged`; its two COCO files (scenes, patches) and figures."""
+    items = [checked[id(scene)] for scene in plan.scenes]
+    jobs = [SceneJob(
+        image_path=item.scene.image, stem=item.scene.name, polys=tuple(o.poly for o in item.objects),
+        category_ids=tuple(item.category_ids), difficult=tuple(o.difficult for o in item.objects), out_dir=staged,
+        split=name, tiling=tiling, class_names=tuple(class_names), outlines=tuple(o.polygon for o in item.objects),
+        crowd=tuple(o.iscrowd for o in item.objects), declared_size=item.scene.size,
+        label_path=item.scene.label_path,
+    ) for item in items]
+    results: list[dict[str, Any] | BadItem | None] = [None] * len(jobs)
+    task = reporter.task(f"split {plan.name}", total=len(jobs))
+
+    def receive(i: int, outcome: dict[str, Any] | BadItem) -> None:
+        if not problems.skip_bad:
+            if isinstance(outcome, BadItem):
+                raise outcome
+            if outcome["placed"].outside:
+                index = outcome["placed"].outside[0]
+                raise outside_message(items[i].scene, items[i].objects[index], outcome["width"], outcome["height"])
+        results[i] = outcome
+        task.update(1, patches=0 if isinstance(outcome, BadItem) else outcome["stats"].patches)
+
+    cut_scenes(jobs, workers, receive)
+    # Assemble in plan order: ids and reports do not depend on which worker finished first.
+    scenes, patches = CocoWriter(class_names), CocoWriter(class_names)
+    stats = SplitStats()
+    for item, result in zip(items, results):
+        scene = item.scene
+        stats.degenerate += item.degenerate
+        if isinstance(result, BadItem):
+            if not item.reported:
+                item.reported = True
+                problems.bad(result, "image", **scene.where)
+            continue
+        assert result is not None
+        item.size, item.placed = (result["width"], result["height"]), result["placed"]
+        _report_border(item, problems)
+        stats.add(result["stats"])
+        scene_id = scenes.add_image(_image_fields(scene, out, item.size), scene.image_id)
+        _scene_annotations(scenes, scene_id, item)
+        for patch in result["patches"]:
+            image_id = patches.add_image({
+                "file_name": patch["file_name"], "width": patch["width"], "height": patch["height"],
+                "scene": scene.name, "scene_width": item.size[0], "scene_height": item.size[1],
+                "window": patch["window"], "scale": patch["scale"], "scene_id": scene_id,
+            })
+            for ann in patch["annotations"]:
+                patches.add_annotation(image_id, ann["category_id"], ann)
+    return scenes, patches, stats
