@@ -221,7 +221,7 @@ def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou
 
     by_id = {img["id"]: img for img in split.images}
     if results and any("scene_id" not in by_id[r["image_id"]] for r in results):
-        raise InputError("these patches carry no scene offsets (prepare the data with `ds2d2 prepare-data dota`)", split.path)
+        raise InputError("these images carry no scene offsets: cut the scenes into patches with `ds2d2 prepare-data ... --split SIZE`", split.path)
     if not results:
         return []
     offsets = np.array([

@@ -271,30 +271,38 @@ def coco_command(
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     name: Optional[str] = typer.Option(None, "--name", help="split name: writes OUT/NAME.json "
                                        "[default: the annotation file's stem]"),
-    classes: Optional[str] = typer.Option(None, "--classes", help=f"order and name categories as this {CLASSES_HELP} "
-                                          "[default: the file's own, by original id]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP.replace(
+        "the data's own classes", "the file's own, by original id")),
+    split: Optional[int] = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]", show_default=False),
+    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP,
+                                               show_default=False),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]",
+                                            show_default=False),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]",
+                                          show_default=False),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines and objects",
                                                                                   "image entries and annotations")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """Validate a COCO detection file and write it with category ids 1..K.
+    """Validate a COCO detection file and write it with category ids 1..K; --split cuts large images.
 
     Checks ids, image files and sizes, and boxes (small overflows are clipped, boxes
-    with no area dropped and reported). Images are not copied: file_name points at them
-    relative to OUT. A bad entry stops the run with one line naming the file and the id
-    (nothing is written); --skip-bad skips and reports it.
+    with no area dropped and reported). Without --split images are not copied: file_name
+    points at them relative to OUT. With --split SIZE they are cut into patches as
+    prepare-data dota cuts scenes (OUT/NAME/images/, OUT/NAME.json, OUT/NAME_scenes.json).
+    A bad entry stops the run with one line naming the file and the id (nothing is
+    written); --skip-bad skips and reports it.
+
+    Example: ds2d2 prepare-data coco trees.json --images imgs --out data/trees --name train --split 512 --gap 128
     """
     from ds2d2_cli.data.coco import ingest_coco
 
-    summary = ingest_coco(annotations, images, out, name=name, classes=classes, skip_bad=skip_bad,
+    summary = ingest_coco(annotations, images, out, name=name, classes=class_option(classes), skip_bad=skip_bad,
+                          tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
                           reporter=RichReporter())
-    console = _console(json_out)
-    table = Table(title=f"COCO -> {summary.out}")
-    for column in ("images", "objects", "clipped", "dropped degenerate"):
-        table.add_column(column, justify="right")
-    table.add_row(str(summary.images), str(summary.objects), str(summary.clipped), str(summary.degenerate))
-    console.print(table)
-    _finish(console, summary, {"objects": summary.objects_per_class}, json_out)
+    finish_prepared(json_out, summary, "COCO")
 
 
 @app.command("synthetic")

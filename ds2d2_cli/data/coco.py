@@ -9,9 +9,13 @@ with no area are dropped and reported. Image files are decoded (cheaply) to catc
 truncated and corrupt ones. Bad entries stop the run, or are skipped and reported with
 `skip_bad` (see `ds2d2_cli.data.validate`).
 
-Output: `OUT/<name>.json` with images renumbered 1..N (the original id kept as
-`source_id`), annotations 1..M, categories 1..K (in the order of the original ids, or
-of a ds2d2 class set), `file_name` relative to OUT pointing at the original images.
+Output (through the writer every converter shares, `ds2d2_cli.data.prepared`):
+`OUT/<name>.json` with images renumbered 1..N (the original id kept as `source_id`),
+annotations 1..M, categories 1..K (in the order of the original ids, of a ds2d2 class set,
+or of a `--classes` list, which also leaves other classes out), `file_name` relative to
+OUT pointing at the original images. With a `Tiling` (`--split`) the images are cut into
+patches as `prepare-data dota` cuts scenes; polygons and RLE masks then stay in the
+whole-scene file only as boxes (a box is what ds2d2 trains on).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ds2d2_cli.classes import canonical_name, get_class_set
-from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, clip_boxes, relpath
+from ds2d2_cli.classes import ClassChoice, canonical_name, class_choice
 from ds2d2_cli.data.coco_writer import round2 as _r
-from ds2d2_cli.data.validate import BadItem, Problems, check_image, held_progress, one_line
+from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
+from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, box_corners
+from ds2d2_cli.data.tiling import Tiling
+from ds2d2_cli.data.validate import BadItem, Problems, held_progress, image_size, one_line
 from ds2d2_cli.errors import InputError
-from ds2d2_cli.fileio import staging
 from ds2d2_cli.progress import NullReporter, Reporter
 
 OVERFLOW_TOLERANCE = 0.02  # fraction of the image side a box may overflow before it is an error
@@ -51,11 +56,12 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _clip_box(bbox: Any, width: int, height: int, ann_path: Path, what: str) -> tuple[list[float] | None, bool]:
-    """(clipped [x, y, w, h] or None when the box has no area, whether it was clipped).
+def _check_box(bbox: Any, width: int, height: int, ann_path: Path, what: str) -> tuple[float, float, float, float] | None:
+    """The box as x0, y0, x1, y1, or None when it has no area (the caller drops it).
 
     Raises BadItem for a box that is not 4 finite numbers, has a negative side, or lies
-    outside its image by more than the tolerance (or wholly).
+    outside its image by more than the tolerance (a broken file, not a slip of the
+    labelling tool). Boxes within the tolerance are clipped by the shared policy.
     """
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise BadItem(f"{what}: bbox must be 4 numbers [x, y, w, h], got {_short(bbox)}", ann_path,
@@ -70,19 +76,14 @@ def _clip_box(bbox: Any, width: int, height: int, ann_path: Path, what: str) -> 
         raise BadItem(f"{what}: bbox width and height must not be negative: {_short(bbox)}", ann_path,
                       reason="bad box")
     if _r(w) <= 0 or _r(h) <= 0:
-        return None, False
+        return None
     tol_x = max(OVERFLOW_PIXELS, OVERFLOW_TOLERANCE * width)
     tol_y = max(OVERFLOW_PIXELS, OVERFLOW_TOLERANCE * height)
-    if x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
+    outside = x >= width or y >= height or x + w <= 0 or y + h <= 0
+    if outside or x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
         raise BadItem(f"{what}: bbox {_short(bbox)} lies outside its {width}x{height} image", ann_path,
                       reason="object outside image")
-    (given,), (inside,), ((x0, y0, cw, ch),) = clip_boxes([(x, y, w, h)], width, height, "xywh")
-    clipped = inside != given
-    cw, ch = _r(cw), _r(ch)
-    if cw <= 0 or ch <= 0:
-        raise BadItem(f"{what}: bbox {_short(bbox)} lies outside its {width}x{height} image", ann_path,
-                      reason="object outside image")
-    return [_r(x0), _r(y0), cw, ch], clipped
+    return x, y, x + w, y + h
 
 
 def _segmentation(seg: Any) -> list[list[float]] | None:
@@ -120,8 +121,10 @@ def _load(ann_path: Path) -> dict[str, Any]:
     return data
 
 
-def _categories(data: dict[str, Any], classes: str | None, ann_path: Path) -> tuple[list[str], dict[int, int]]:
-    """(class names in output order, original category id -> output id 1..K); problems here stop the run."""
+def _categories(data: dict[str, Any], classes: ClassChoice | None, ann_path: Path
+                ) -> tuple[list[str], dict[int, int | None]]:
+    """(class names in output order, original category id -> output id 1..K, or None for a category a
+    `--classes` list leaves out); problems here stop the run."""
     source_cats: dict[int, str] = {}
     for cat in data["categories"]:
         if not isinstance(cat, dict):
@@ -136,15 +139,16 @@ def _categories(data: dict[str, Any], classes: str | None, ann_path: Path) -> tu
     if not source_cats:
         raise InputError("no categories", ann_path)
     if classes is not None:
-        class_names = list(get_class_set(classes))
-        remap = {}
+        class_names = list(classes.names)
+        remap: dict[int, int | None] = {}
         for cid, cname in source_cats.items():
             canonical = canonical_name(cname, class_names)
-            if canonical is None:
-                raise InputError(f"category {cid} {_short(cname)} is not a class of {classes}", ann_path)
-            remap[cid] = class_names.index(canonical) + 1
-        if len(set(remap.values())) != len(remap):
-            raise InputError(f"two categories map to the same {classes} class", ann_path)
+            if canonical is None and classes.strict:
+                raise InputError(f"category {cid} {_short(cname)} is not a class of {classes.label}", ann_path)
+            remap[cid] = None if canonical is None else class_names.index(canonical) + 1
+        chosen = [v for v in remap.values() if v is not None]
+        if len(set(chosen)) != len(chosen):
+            raise InputError(f"two categories map to the same {classes.label} class", ann_path)
     else:
         class_names = [source_cats[cid] for cid in sorted(source_cats)]
         if len(set(class_names)) != len(class_names):
@@ -154,118 +158,153 @@ def _categories(data: dict[str, Any], classes: str | None, ann_path: Path) -> tu
 
 
 @dataclass
-class CocoSummary(PrepareSummary):
+class CocoSummary(PreparedSummary):
     """What `ingest_coco` did (`out`: the file written; `to_dict()`: the --json summary)."""
 
-    images: int
-    objects: int
-    clipped: int
-    degenerate: int
-    objects_per_class: dict[str, int]
+    @property
+    def _split(self):
+        return next(iter(self.splits.values()))
+
+    @property
+    def images(self) -> int:
+        return self._split.images
+
+    @property
+    def objects(self) -> int:
+        return self._split.objects
+
+    @property
+    def clipped(self) -> int:
+        return self._split.clipped
+
+    @property
+    def degenerate(self) -> int:
+        return self._split.degenerate
+
+    @property
+    def objects_per_class(self) -> dict[str, int]:
+        return self._split.objects_per_class
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = super().to_dict()
+        return {**figures, "images": self.images, "objects": self.objects, "clipped": self.clipped,
+                "degenerate": self.degenerate, "objects_per_class": self.objects_per_class}
 
 
 def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path, *, name: str | None = None,
-                classes: str | None = None, skip_bad: bool = False,
-                reporter: Reporter | None = None) -> CocoSummary:
+                classes: str | ClassChoice | None = None, skip_bad: bool = False, tiling: Tiling | None = None,
+                workers: int = 1, reporter: Reporter | None = None) -> CocoSummary:
     """Validate `annotations` against the images in `images_dir`; write `OUT/<name>.json`.
 
-    `classes` (a ds2d2 class-set name, e.g. `dior`) fixes the category order and names
-    (every category of the file must match one, spelling-insensitively); without it the
-    categories keep their names, ordered by their original ids. A problem with the file
-    as a whole (not JSON, no categories, a broken category list) stops the run; a bad
-    image entry (duplicate id, missing, unreadable or mis-sized file) or annotation
-    (duplicate id, unknown image or category, bad box) stops it too, or with `skip_bad`
-    is skipped (an image with its annotations) and reported. Zero-size boxes are always
-    dropped and reported; boxes overflowing a little are clipped and counted. The output's
-    `info.skipped` lists everything left out.
+    `classes` (a ds2d2 class-set name such as `dior`, or a `ClassChoice`) fixes the category
+    order and names: a set must hold every category of the file (spelling-insensitively); a
+    list keeps and orders its classes and leaves the others out (counted in `filtered`).
+    Without it the categories keep their names, ordered by their original ids. A problem
+    with the file as a whole (not JSON, no categories, a broken category list) stops the
+    run; a bad image entry (duplicate id, missing, unreadable or mis-sized file) or
+    annotation (duplicate id, unknown image or category, bad box) stops it too, or with
+    `skip_bad` is skipped (an image with its annotations) and reported. Zero-size boxes are
+    always dropped and reported; boxes overflowing a little are clipped and counted. With
+    `tiling` the images are cut into patches (`OUT/<name>/images/`, `OUT/<name>_scenes.json`).
     """
+    choice = class_choice(classes) if isinstance(classes, str) else classes
     with held_progress(reporter if reporter is not None else NullReporter()) as held:
-        return _ingest_coco(Path(annotations), Path(images_dir), Path(out), name, classes, skip_bad, held)
+        return _ingest_coco(Path(annotations), Path(images_dir), Path(out), name, choice, skip_bad, tiling,
+                            workers, held)
 
 
-def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, classes: str | None,
-                 skip_bad: bool, reporter: Reporter) -> CocoSummary:
+def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, classes: ClassChoice | None,
+                 skip_bad: bool, tiling: Tiling | None, workers: int, reporter: Reporter) -> CocoSummary:
     problems = Problems(skip_bad, reporter)
     name = name or ann_path.stem
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise InputError(f"--name must be a plain file name (got {name!r})")
+    if tiling is not None:
+        tiling.check()
     started = time.perf_counter()
     data = _load(ann_path)
     raw_anns = data.get("annotations", [])
     if not images_dir.is_dir():
         raise InputError("image folder not found", images_dir)
     class_names, remap = _categories(data, classes, ann_path)
-    coco = CocoWriter(class_names, annotation_id_last=True)
 
-    # Images.
+    # Images: ids, files and sizes (the pixels are decoded once, by the writer).
     id_count = Counter(img.get("id") for img in data["images"] if isinstance(img, dict) and _is_int(img.get("id")))
     anns_per_image = Counter(a.get("image_id") for a in raw_anns if isinstance(a, dict) and _is_int(a.get("image_id")))
-    new_image_id: dict[int, int] = {}
-    sizes: dict[int, tuple[int, int]] = {}
+    scenes: dict[int, Scene] = {}
     skipped_images: set[int] = set()
-    task = reporter.task("check images", total=len(data["images"]))
+    task = reporter.task("read images", total=len(data["images"]))
     try:
         for position, img in enumerate(data["images"], start=1):
             iid = img.get("id") if isinstance(img, dict) else None
             try:
-                entry = _check_image_entry(img, position, id_count, images_dir, out, ann_path, anns_per_image)
+                scene = _image_scene(img, position, id_count, images_dir, ann_path, anns_per_image, name)
             except BadItem as exc:
-                problems.bad(exc, "image", image=iid if _is_int(iid) else None)
+                problems.bad(exc, "image", split=name, image=iid if _is_int(iid) else None)
                 if _is_int(iid):
                     skipped_images.add(iid)
                 task.update(1)
                 continue
-            new_image_id[entry["source_id"]] = coco.add_image(entry)
-            sizes[entry["source_id"]] = (entry["width"], entry["height"])
+            scenes[scene.fields["source_id"]] = scene
             task.update(1)
     finally:
         task.close()
-    if not coco.images:
+    if not scenes:
         raise InputError("no usable image: every image entry was skipped as bad" if data["images"] else "no images",
                          ann_path)
+    _unique_names(list(scenes.values()))
 
     # Annotations.
     seen_ann: set[int] = set()
-    clipped = degenerate = 0
+    filtered: dict[str, int] = {}
     for position, ann in enumerate(raw_anns, start=1):
         if isinstance(ann, dict) and _is_int(ann.get("image_id")) and ann["image_id"] in skipped_images:
             continue  # reported with its image
         try:
-            entry, was_clipped = _check_annotation(ann, position, seen_ann, new_image_id, remap, sizes, ann_path)
+            obj, iid = _annotation_object(ann, position, seen_ann, scenes, remap, class_names, ann_path)
         except BadItem as exc:
             if exc.reason == "zero-area object":
-                degenerate += 1
-                problems.drop(exc, "annotation")
+                problems.drop(exc, "annotation", split=name)
             else:
-                problems.bad(exc, "annotation")
+                problems.bad(exc, "annotation", split=name)
             continue
-        if was_clipped:
-            clipped += 1
-            problems.repair(BadItem(f"annotation {ann['id']}: bbox extends past its image: clipped to it", ann_path,
-                                    reason="object partly outside image"), "annotation")
-        if "segmentation" not in entry and ann.get("segmentation") not in (None, [], {}):
+        if obj is None:
+            category = next(c["name"] for c in data["categories"] if c.get("id") == ann["category_id"])
+            filtered[category] = filtered.get(category, 0) + 1
+            continue
+        if "segmentation" not in obj.keep and ann.get("segmentation") not in (None, [], {}):
             # boxes are what ds2d2 trains on; polygons are kept, anything else (RLE masks, junk) is not
             problems.repair(BadItem(f"annotation {ann['id']}: segmentation is not a list of polygons (RLE or "
                                     "malformed): left out, the box is kept", ann_path,
-                                    reason="segmentation left out"), "annotation")
-        coco.add_annotation(entry.pop("image_id"), entry.pop("category_id"), entry)
-    problems.note_repairs("")
+                                    reason="segmentation left out"), "annotation", split=name)
+        scenes[iid].objects.append(obj)
+    if tiling is not None and any("segmentation" in o.keep for s in scenes.values() for o in s.objects):
+        problems.note("--split: polygons (segmentation) are not cut with the patches; the patches carry boxes")
 
-    out_path = out / f"{name}.json"
-    with staging(out) as stage:
-        stage.write_json(out_path, coco.document(
-            {"source": "coco", "classes": classes, "split": name, "source_file": str(ann_path)},
-            problems.skipped, problems.repaired))
+    plan = SplitPlan(name, ann_path, list(scenes.values()))
+    figures = write_prepared([plan], out, source="coco", class_names=class_names,
+                             classes_label=classes.label if classes is not None else None, tiling=tiling,
+                             problems=problems, reporter=reporter, workers=workers,
+                             meta={"source_file": str(ann_path)})
     problems.flush()
-    return CocoSummary(source=str(ann_path), out=str(out_path), classes=classes, images=len(coco.images),
-                       objects=len(coco.annotations), clipped=clipped, degenerate=degenerate,
-                       objects_per_class=coco.per_class, problems=problems.report(),
-                       seconds=round(time.perf_counter() - started, 3))
+    return CocoSummary(source=str(ann_path), out=str(out / f"{name}.json"),
+                       classes=classes.label if classes is not None else None, problems=problems.report(),
+                       seconds=round(time.perf_counter() - started, 3), format="coco",
+                       tiling=tiling.meta() if tiling is not None else None, splits=figures,
+                       filtered=dict(sorted(filtered.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
-def _check_image_entry(img: Any, position: int, id_count: Counter, images_dir: Path, out: Path, ann_path: Path,
-                       anns_per_image: Counter) -> dict[str, Any]:
-    """The output entry (without its new id) of one 'images' entry, or BadItem."""
+def _unique_names(scenes: list[Scene]) -> None:
+    """Patch names come from scene names: two files of one stem (a/1.png, b/1.png) get their id added."""
+    stems = Counter(scene.name for scene in scenes)
+    for scene in scenes:
+        if stems[scene.name] > 1:
+            scene.name = f"{scene.name}_{scene.fields['source_id']}"
+
+
+def _image_scene(img: Any, position: int, id_count: Counter, images_dir: Path, ann_path: Path,
+                 anns_per_image: Counter, split: str) -> Scene:
+    """The scene (no objects yet) of one 'images' entry, or BadItem."""
     if not isinstance(img, dict):
         raise BadItem(f"image entry {position} is not an object: {_short(img)}", ann_path, reason="malformed entry")
     iid = img.get("id")
@@ -285,19 +324,22 @@ def _check_image_entry(img: Any, position: int, id_count: Counter, images_dir: P
         raise BadItem(f"image {iid}: file {file_name!r} not found in {images_dir}{along}", ann_path,
                       reason="missing image")
     try:
-        width, height = check_image(path)
+        width, height = image_size(path)
     except BadItem as exc:
         raise BadItem(f"image {iid}: {file_name}: {exc.message}{along}", ann_path, reason=exc.reason) from None
     declared = (img.get("width"), img.get("height"))
     if declared != (None, None) and declared != (width, height):
         raise BadItem(f"image {iid}: the JSON says {_short(declared[0], 20)}x{_short(declared[1], 20)} but "
                       f"{file_name} is {width}x{height}{along}", ann_path, reason="size mismatch")
-    return {"file_name": relpath(path, out), "width": width, "height": height, "source_id": iid}
+    return Scene(path, Path(file_name).stem, [], label_path=ann_path, size=(width, height),
+                 fields={"source_id": iid}, where={"split": split, "image": iid},
+                 item=f"image {iid}: {file_name}", dropped_with=along)
 
 
-def _check_annotation(ann: Any, position: int, seen: set[int], new_image_id: dict[int, int], remap: dict[int, int],
-                      sizes: dict[int, tuple[int, int]], ann_path: Path) -> tuple[dict[str, Any], bool]:
-    """(output entry without its id, whether its box was clipped), or BadItem."""
+def _annotation_object(ann: Any, position: int, seen: set[int], scenes: dict[int, Scene],
+                       remap: dict[int, int | None], class_names: list[str], ann_path: Path
+                       ) -> tuple[SceneObject | None, int]:
+    """(the object, or None when --classes leaves its category out; its image's source id), or BadItem."""
     if not isinstance(ann, dict):
         raise BadItem(f"annotation entry {position} is not an object: {_short(ann)}", ann_path,
                       reason="malformed entry")
@@ -311,25 +353,22 @@ def _check_annotation(ann: Any, position: int, seen: set[int], new_image_id: dic
                       reason="duplicate id")
     seen.add(aid)
     iid = ann.get("image_id")
-    if not _is_int(iid) or iid not in new_image_id:
+    if not _is_int(iid) or iid not in scenes:
         raise BadItem(f"{what} refers to image {_short(iid)}, which is not in 'images'", ann_path,
                       reason="unknown image id")
     cid = ann.get("category_id")
     if not _is_int(cid) or cid not in remap:
         raise BadItem(f"{what} refers to category {_short(cid)}, which is not in 'categories'", ann_path,
                       reason="unknown category")
-    box, was_clipped = _clip_box(ann.get("bbox"), *sizes[iid], ann_path, what)
+    box = _check_box(ann.get("bbox"), *scenes[iid].size, ann_path, what)  # type: ignore[misc]
     if box is None:
         raise BadItem(f"{what}: zero-size bbox {_short(ann.get('bbox'))}", ann_path, reason="zero-area object")
+    if remap[cid] is None:
+        return None, iid
     area = ann.get("area")
     given_area = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area > 0
-    entry: dict[str, Any] = {
-        "image_id": new_image_id[iid], "category_id": remap[cid], "bbox": box,
-        "area": _r(area) if given_area and not was_clipped else _r(box[2] * box[3]),
-        "iscrowd": 1 if ann.get("iscrowd") else 0,
-        "difficult": 1 if ann.get("difficult") else 0,
-    }
     seg = _segmentation(ann.get("segmentation"))
-    if seg is not None:
-        entry["segmentation"] = seg
-    return entry, was_clipped
+    return SceneObject(box_corners(*box), class_names[remap[cid] - 1], 1 if ann.get("difficult") else 0,
+                       item=what, polygon=False, iscrowd=1 if ann.get("iscrowd") else 0,
+                       area=float(area) if given_area else None,
+                       keep={"segmentation": seg} if seg is not None else {}), iid

@@ -46,7 +46,7 @@ class SplitSummary:
     images: int
     objects: int  # objects kept in the whole images
     clipped: int  # ... of which reached past their image
-    degenerate: int  # zero-area objects, and (tiled) zero-size pieces
+    degenerate: int  # zero-area objects dropped, and (tiled) pieces of no size
     skipped: int
     repaired: int
     labelled: bool
@@ -157,7 +157,8 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
             summaries[plan.name] = SplitSummary(
                 images=len(scenes_writer.images), objects=len(scenes_writer.annotations),
                 clipped=sum(1 for e in repaired if e["reason"] == "object partly outside image"),
-                degenerate=stats.degenerate, skipped=len(skipped), repaired=len(repaired), labelled=plan.labelled,
+                degenerate=stats.degenerate + sum(1 for e in skipped if e["reason"] == "zero-area object"),
+                skipped=len(skipped), repaired=len(repaired), labelled=plan.labelled,
                 objects_per_class=scenes_writer.per_class, json=str(out / f"{name}.json"),
                 median_side=float(statistics.median(max(i["width"], i["height"]) for i in scenes_writer.images)),
                 **({} if tiling is None else {
@@ -185,13 +186,20 @@ def _check_whole_images(checked: dict[int, _Checked], problems: Problems,
                 raise BadItem(f"the labels say {scene.size[0]}x{scene.size[1]} but {scene.image.name} is "
                               f"{size[0]}x{size[1]}", scene.label_path or scene.image, reason="size mismatch")
         except BadItem as exc:
-            problems.bad(exc, "image", **scene.where)
+            problems.bad(_image_problem(scene, exc), "image", **scene.where)
             task.update(1)
             continue
         item.size = size
         item.placed = place_in_image([o.poly for o in item.objects], *size)
         _report_border(item, problems)
         task.update(1)
+
+
+def _image_problem(scene: Scene, exc: BadItem) -> BadItem:
+    """An unreadable image, named as its format names it (COCO: the annotation file and the image id)."""
+    if scene.item is None:
+        return exc
+    return BadItem(f"{scene.item}: {exc.message}{scene.dropped_with}", scene.label_path, reason=exc.reason)
 
 
 def _report_border(item: _Checked, problems: Problems) -> None:
@@ -233,7 +241,6 @@ def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class
     stats = SplitStats()
     for scene in plan.scenes:
         item = checked[id(scene)]
-        stats.degenerate += item.degenerate
         if item.size is None:
             continue  # skipped as bad
         image_id = writer.add_image(_image_fields(scene, out, item.size), scene.image_id)
@@ -260,6 +267,8 @@ def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: d
     task = reporter.task(f"split {plan.name}", total=len(jobs))
 
     def receive(i: int, outcome: dict[str, Any] | BadItem) -> None:
+        if isinstance(outcome, BadItem):
+            outcome = _image_problem(items[i].scene, outcome)
         if not problems.skip_bad:
             if isinstance(outcome, BadItem):
                 raise outcome
@@ -275,7 +284,6 @@ def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: d
     stats = SplitStats()
     for item, result in zip(items, results):
         scene = item.scene
-        stats.degenerate += item.degenerate
         if isinstance(result, BadItem):
             if not item.reported:
                 item.reported = True

@@ -60,6 +60,9 @@ class Scene:
     fields: dict[str, Any] = field(default_factory=dict)  # extra image fields (imagesource, gsd, source_id ...)
     where: dict[str, Any] = field(default_factory=dict)  # how reports place it (split, image)
     image_id: int | None = None  # the COCO image id to keep (DIOR's numeric ids); None: numbered in order
+    item: str | None = None  # how messages name the image when its labels are one file for all (COCO's
+    #                          "image 7: a.png"); None: the image file itself is named
+    dropped_with: str = ""  # appended to a message that leaves the image out: what goes with it
 
 
 @dataclass
