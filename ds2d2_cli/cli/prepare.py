@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ds2d2_cli.classes import CLASS_SETS
-from ds2d2_cli.cli.common import RichReporter, handle_errors, stdout_console, write_json_output
+from ds2d2_cli.cli.common import RichReporter, handle_errors, stderr_console, stdout_console, write_json_output
 from ds2d2_cli.errors import InputError
 
 if TYPE_CHECKING:
@@ -35,6 +35,8 @@ GAP_HELP = "overlap between neighbouring windows in pixels"
 SCALES_HELP = "resize scenes by these factors first: --scales 1.0,0.5 (or repeat)"
 IOF_HELP = "keep a cut object when at least this fraction of its area is inside the window"
 WORKERS_HELP = "processes cutting scenes in parallel (0: one per CPU)"
+PRESET_SIZE_HELP = ("the preset you will train with: images kept whole (no --split) are checked against its "
+                    "input size")
 SPLIT_HELP = ("cut images into SIZE x SIZE patches, as prepare-data dota does (writes OUT/<split>/images/ and "
               "OUT/<split>_scenes.json) [default: images stay whole]")
 OWN_CLASSES_HELP = (f"a class set ({', '.join(CLASS_SETS)}: names outside it are bad input) or your own list "
@@ -68,7 +70,8 @@ def tiling_options(split: Optional[int], gap: Optional[int], scales: Optional[Li
         given = [name for name, value in (("--gap", gap), ("--scales", scales), ("--iof-thr", iof_thr),
                                           ("--partial", partial)) if value]
         if given:
-            raise InputError(f"{', '.join(given)} only apply when cutting scenes into patches: add --split SIZE")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise InputError(f"{', '.join(given)} only {verb} when cutting scenes into patches: add --split SIZE")
         return None
     defaults = Tiling()
     return Tiling(split, defaults.gap if gap is None else gap, tuple(_parse_scales(scales or [])),
@@ -171,10 +174,25 @@ def _tiling_title(summary: "PreparedSummary") -> str:
     return f"{t['patch_size']} px, gap {t['gap']}, scales {', '.join(f'{s:g}' for s in t['scales'])}"
 
 
+def preset_input(preset: str) -> tuple[str, int]:
+    """(preset, its input size) for the whole-image size check; read before any work, so a typo fails at once."""
+    from ds2d2_cli.config import load_config
+
+    return preset, load_config(preset).input.size
+
+
 def finish_prepared(json_out: Optional[Path], summary: "PreparedSummary", title: str,
-                    input_size: Optional[int] = None) -> None:
-    """What every converter prints: its table, objects per class, bad input, a closing line; then --json."""
+                    size_check: Optional[tuple[str, int]] = None) -> None:
+    """What every converter prints: its table, objects per class, bad input, a closing line; then --json.
+
+    With `size_check` (`preset_input`), whole images far larger than that preset's input are warned about.
+    """
+    from ds2d2_cli.data.prepared import whole_image_warning
+
     console = _console(json_out)
+    warning = whole_image_warning(summary, size_check[1], size_check[0]) if size_check else None
+    if warning:
+        stderr_console().print(f"[yellow]warning:[/] {warning}", soft_wrap=True, markup=True, highlight=False)
     console.print(prepared_table(summary, f"{title} -> {summary.out} ({_tiling_title(summary)})"))
     columns: dict[str, dict[str, int]] = {}
     for name, s in summary.splits.items():
@@ -282,6 +300,7 @@ def coco_command(
     partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]",
                                           show_default=False),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines and objects",
                                                                                   "image entries and annotations")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -299,10 +318,11 @@ def coco_command(
     """
     from ds2d2_cli.data.coco import ingest_coco
 
+    size_check = preset_input(preset)
     summary = ingest_coco(annotations, images, out, name=name, classes=class_option(classes), skip_bad=skip_bad,
                           tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
                           reporter=RichReporter())
-    finish_prepared(json_out, summary, "COCO")
+    finish_prepared(json_out, summary, "COCO", size_check)
 
 
 @app.command("synthetic")

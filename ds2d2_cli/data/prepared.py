@@ -304,3 +304,16 @@ def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: d
             for ann in patch["annotations"]:
                 patches.add_annotation(image_id, ann["category_id"], ann)
     return scenes, patches, stats
+
+
+def whole_image_warning(summary: PreparedSummary, input_size: int, preset: str) -> str | None:
+    """A warning when whole images are far larger than the network input: resizing shrinks small objects."""
+    if summary.tiling is not None:
+        return None
+    sides = {name: s.median_side for name, s in summary.splits.items() if s.median_side > WIDE_FACTOR * input_size}
+    if not sides:
+        return None
+    name, side = max(sides.items(), key=lambda kv: kv[1])
+    return (f"the median {name} image is {side:g} px on its longer side, more than {WIDE_FACTOR:g}x the "
+            f"{input_size} px input of preset {preset}: resized whole, its objects shrink {side / input_size:.1f}x; "
+            f"cut the images with --split {input_size} --gap {input_size // 4}")
