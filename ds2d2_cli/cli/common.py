@@ -29,11 +29,11 @@ state = State()
 
 def stdout_console() -> Console:
     """Tables and summaries; plain text (no colour codes) when stdout is not a terminal."""
-    return Console(quiet=state.quiet, highlight=False)
+    return Console(quiet=state.quiet, highlight=False, emoji=False)  # "file:100:" is no emoji code
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, emoji=False)
 
 
 def fail(message: str, exit_code: int) -> None:

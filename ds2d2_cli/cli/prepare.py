@@ -356,3 +356,90 @@ def synthetic_command(
     console.print(f"next (the tiny-synthetic preset's patches): "
                   f"ds2d2 prepare-data dota {out} --split 128 --gap 32 --classes synthetic", soft_wrap=True)
     write_json_output(json_out, summary)
+
+
+@app.command("hrsc2016")
+@handle_errors
+def hrsc2016_command(
+    root: Path = typer.Argument(..., help="HRSC2016 folder (FullDataSet/AllImages/, FullDataSet/Annotations/, "
+                                "ImageSets/trainval.txt, test.txt)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    task: str = typer.Option("ship", "--task", help="ship: one class (HRSC2016 level 1); class: Class_ID through "
+                             "the 31-name level-3 table"),
+    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
+                                               help=SCALES_HELP + " [default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
+                                                                                  "annotation files, list entries")),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Convert HRSC2016 (ships, rotated boxes in XML) into COCO JSON, one file per ImageSets list.
+
+    Writes OUT/<list>.json for each of ImageSets/train, val, trainval, test.txt that exists
+    (MMRotate trains on trainval and tests on test: --set data.train_split=trainval
+    --set data.eval_split=test). Each rotated box (mbox_cx, mbox_cy, mbox_w, mbox_h,
+    mbox_ang in radians) is kept as its four corners in segmentation, with their envelope
+    as bbox. Images stay whole unless --split cuts them into patches.
+
+    Bad input (a missing image or annotation, a field that is not a number, an unknown
+    Class_ID, an object outside its image, a truncated image, malformed XML) stops the
+    run with one line naming the file and line, and nothing is written; --skip-bad skips
+    and reports it.
+
+    Example: ds2d2 prepare-data hrsc2016 data/HRSC2016 --out data/hrsc-ship --task ship
+    """
+    from ds2d2_cli.data.hrsc import TASKS, prepare_hrsc2016
+
+    if task not in TASKS:
+        raise InputError(f"--task must be one of {', '.join(TASKS)} (got {task!r})")
+    summary = prepare_hrsc2016(root, out, task=task, classes=class_option(classes),
+                               tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
+                               skip_bad=skip_bad, reporter=RichReporter())
+    finish_prepared(json_out, summary, f"HRSC2016 ({task} task)")
+
+
+@app.command("ucas-aod")
+@handle_errors
+def ucas_aod_command(
+    root: Path = typer.Argument(..., help="UCAS-AOD folder (CAR/, PLANE/, Neg/: each image beside its .txt labels)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of each folder's images that goes to val "
+                                       "(UCAS-AOD has no official split)"),
+    seed: int = typer.Option(0, "--seed", help="which images go to val: the same seed gives the same split"),
+    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
+                                               help=SCALES_HELP + " [default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Convert UCAS-AOD (cars and airplanes, rotated boxes) into train and val COCO JSON.
+
+    Classes car (CAR/) and airplane (PLANE/); Neg/ images have no objects. Image numbers
+    restart in each folder, so scenes are named FOLDER_STEM (CAR_P0001, PLANE_P0001,
+    Neg_N0001). There is no official split: --val-fraction of each folder's images go to
+    val, chosen by --seed alone (stratified by folder, the same on every machine). Each
+    label line's polygon (x1 y1 ... x4 y4) is kept in segmentation, with its envelope as
+    bbox. Images stay whole unless --split cuts them into patches.
+
+    Bad input (a line without 13 numbers, a number that does not parse, an image without
+    its label file, an object outside its image, a truncated image) stops the run with one
+    line naming the file and line, and nothing is written; --skip-bad skips and reports it.
+
+    Example: ds2d2 prepare-data ucas-aod data/UCAS_AOD --out data/ucas --val-fraction 0.2 --seed 0
+    """
+    from ds2d2_cli.data.ucas import prepare_ucas_aod
+
+    summary = prepare_ucas_aod(root, out, val_fraction=val_fraction, seed=seed, classes=class_option(classes),
+                               tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
+                               skip_bad=skip_bad, reporter=RichReporter())
+    finish_prepared(json_out, summary, f"UCAS-AOD (val {val_fraction:g}, seed {seed})")
