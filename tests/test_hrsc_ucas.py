@@ -362,7 +362,7 @@ def test_hrsc_layout_errors(tmp_path):
     _one_line(_invoke(["prepare-data", "hrsc2016", root, "--out", root / "FullDataSet" / "x"]),
               "--out must be a folder of its own")
     _one_line(_invoke(["prepare-data", "hrsc2016", root, "--out", tmp_path / "o", "--gap", "8"]),
-              "--gap only apply when cutting scenes into patches")
+              "--gap only applies when cutting scenes into patches")
 
 
 # --------------------------------------------------------------------------- UCAS-AOD fixtures
