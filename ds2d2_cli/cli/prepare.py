@@ -443,3 +443,45 @@ def ucas_aod_command(
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
                                skip_bad=skip_bad, reporter=RichReporter())
     finish_prepared(json_out, summary, f"UCAS-AOD (val {val_fraction:g}, seed {seed})")
+
+
+@app.command("voc")
+@handle_errors
+def voc_command(
+    root: Path = typer.Argument(..., help="split folders (train/, val/ ...) of NAME.xml beside NAME.jpg, as LabelImg "
+                                "saves them, or a VOC folder (Annotations/, JPEGImages/, ImageSets/Main/)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
+                                               help=SCALES_HELP + " [default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
+                                                                                  "XML files")),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Convert Pascal VOC XML (LabelImg, CVAT, Label Studio, the VOC devkit) into COCO JSON per split.
+
+    Without --split images stay whole (file_name points at them relative to OUT); with
+    --split SIZE they are cut into patches as prepare-data dota does. Class names are
+    taken as the XMLs write them (all of them, sorted, unless --classes). An image
+    without an XML beside it has no objects (LabelImg saves none for an unlabelled
+    image). <difficult> is kept; boxes (xmin, ymin, xmax, ymax, taken as given) reaching
+    past the image are clipped and counted; a missing or 0 <size> is read from the image.
+
+    Bad input (an XML without its image, malformed XML, a bad number, an unknown class
+    under a class set, a box outside its image, an unreadable image ...) stops the run
+    with one line naming the file and object, and nothing is written; --skip-bad skips
+    and reports it.
+
+    Example: ds2d2 prepare-data voc my/labels --out prepared --split 1024 --gap 200
+    """
+    from ds2d2_cli.data.voc import prepare_voc
+
+    tiling = tiling_options(split, gap, scales, iof_thr, partial)
+    summary = prepare_voc(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
+                          skip_bad=skip_bad, reporter=RichReporter())
+    finish_prepared(json_out, summary, "VOC")
