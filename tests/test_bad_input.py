@@ -358,7 +358,7 @@ DIOR_CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "unknown class": (_edit_xml("00001", "<name>airplane</name>", "<name>zeppelin</name>"),
                       ("00001.xml", "object 2", "unknown class 'zeppelin'")),
     "size disagrees with the image": (lambda r: Image.new("RGB", (81, 60)).save(r / "JPEGImages-trainval" / "00001.jpg"),
-                                      ("00001.xml", "<size> says 80x60 but 00001.jpg is 81x60")),
+                                      ("00001.xml", "the labels say 80x60 but 00001.jpg is 81x60")),
     "listed image without XML": (lambda r: _xml_path(r, "00002").unlink(),
                                  ("00002.xml", "no annotation for image 00002")),
     "XML without its image": (lambda r: (r / "JPEGImages-test" / "00003.jpg").unlink(),

@@ -129,3 +129,39 @@ def test_missing_pieces(tmp_path):
     (root2 / "Annotations" / "Horizontal Bounding Boxes" / "00002.xml").unlink()
     with pytest.raises(InputError, match="no annotation for image 00002"):
         prepare_dior(root2, tmp_path / "out")
+
+
+def test_prepare_dior_tiled_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from ds2d2_cli.cli.app import app
+
+    root = make_dior(tmp_path / "DIOR")
+    out = tmp_path / "DIOR-64"
+    result = CliRunner().invoke(app, ["prepare-data", "dior", str(root), "--out", str(out), "--split", "64", "--gap",
+                                      "16", "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["format"] == "dior" and summary["tiling"]["patch_size"] == 64
+    assert {s: v["patches"] for s, v in summary["splits"].items()} == {"train": 2, "val": 1, "trainval": 3, "test": 1}
+    train = json.loads((out / "train.json").read_text())
+    # 00001 is 80x60: windows at x 0 and 16 (80 - 64); the service area (10..30) keeps 14 of its 20 px in the
+    # second: iof 0.7, kept (the threshold is inclusive)
+    assert [(i["scene"], i["window"]) for i in train["images"]] == [("00001", [0, 0]), ("00001", [16, 0])]
+    esa = DIOR.index("expressway-service-area") + 1
+    assert [(a["image_id"], a["category_id"], a["bbox"], a["difficult"]) for a in train["annotations"]] == [
+        (1, esa, [10.0, 5.0, 20.0, 20.0], 0), (1, DIOR.index("airplane") + 1, [0.0, 0.0, 8.0, 8.0], 1),
+        (2, esa, [0.0, 5.0, 14.0, 20.0], 0)]
+    scenes = json.loads((out / "trainval_scenes.json").read_text())
+    assert [i["id"] for i in scenes["images"]] == [1, 2]  # DIOR's own numbers
+
+
+def test_prepare_dior_class_list(tmp_path):
+    from ds2d2_cli.classes import class_choice
+
+    root = make_dior(tmp_path / "DIOR")
+    summary = prepare_dior(root, tmp_path / "out", classes=class_choice("[vehicle, Expressway-Service-area]"))
+    assert summary.filtered == {"airplane": 1, "expressway-toll-station": 1, "golffield": 1}
+    trainval = json.loads((tmp_path / "out" / "trainval.json").read_text())
+    assert [c["name"] for c in trainval["categories"]] == ["vehicle", "Expressway-Service-area"]
+    assert [(a["category_id"], a["bbox"]) for a in trainval["annotations"]] == [(2, [10.0, 5.0, 20.0, 20.0])]

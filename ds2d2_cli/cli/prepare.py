@@ -257,28 +257,34 @@ def dota_command(
 def dior_command(
     root: Path = typer.Argument(Path("data/DIOR"), help="DIOR folder (Annotations/, ImageSets/Main/, JPEGImages-*/)"),
     out: Path = typer.Option(Path("data/DIOR-coco"), "--out", "-o", help="output folder"),
+    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
+                                               help=SCALES_HELP + " [default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    classes: Optional[str] = typer.Option(None, "--classes", help="a list of DIOR classes to keep, in this order "
+                                          "(vehicle,ship): the others are left out [default: the 20 DIOR classes]"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Convert DIOR's VOC XML (horizontal boxes) into train/val/trainval/test COCO JSON.
 
-    Images are not copied: file_name points at them relative to OUT. Each XML's <size>
-    is checked against its image; boxes become COCO x, y, width, height (xmin, ymin, xmax - xmin, ymax - ymin).
-    Bad input stops the run with one line naming the file (nothing is written);
-    --skip-bad skips and reports it.
+    Images are not copied: file_name points at them relative to OUT; with --split SIZE
+    they are cut into patches as prepare-data dota does. Each XML's <size> is checked
+    against its image; boxes become COCO x, y, width, height (xmin, ymin, xmax - xmin,
+    ymax - ymin). Bad input stops the run with one line naming the file (nothing is
+    written); --skip-bad skips and reports it.
+
+    Example: ds2d2 prepare-data dior data/DIOR --out data/DIOR-800 --split 800 --gap 200
     """
     from ds2d2_cli.data.dior import prepare_dior
 
-    summary = prepare_dior(root, out, skip_bad=skip_bad, reporter=RichReporter())
-    console = _console(json_out)
-    table = Table(title=f"DIOR -> {out}")
-    for column in ("split", "images", "objects", "clipped", "dropped degenerate"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for name, s in summary.splits.items():
-        table.add_row(name, str(s.images), str(s.objects), str(s.clipped), str(s.degenerate))
-    console.print(table)
-    _finish(console, summary, {n: s.objects_per_class for n, s in summary.splits.items()}, json_out,
-            f"done in {summary.seconds:.1f} s")
+    tiling = tiling_options(split, gap, scales, iof_thr, partial)
+    summary = prepare_dior(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
+                           skip_bad=skip_bad, reporter=RichReporter())
+    finish_prepared(json_out, summary, "DIOR")
 
 
 @app.command("coco")
