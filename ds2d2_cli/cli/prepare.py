@@ -266,6 +266,7 @@ def dior_command(
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help="a list of DIOR classes to keep, in this order "
                                           "(vehicle,ship): the others are left out [default: the 20 DIOR classes]"),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -281,10 +282,11 @@ def dior_command(
     """
     from ds2d2_cli.data.dior import prepare_dior
 
+    size_check = preset_input(preset)
     tiling = tiling_options(split, gap, scales, iof_thr, partial)
     summary = prepare_dior(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
                            skip_bad=skip_bad, reporter=RichReporter())
-    finish_prepared(json_out, summary, "DIOR")
+    finish_prepared(json_out, summary, "DIOR", size_check)
 
 
 @app.command("coco")
@@ -465,6 +467,7 @@ def voc_command(
     partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
                                                                                   "XML files")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -487,7 +490,8 @@ def voc_command(
     """
     from ds2d2_cli.data.voc import prepare_voc
 
+    size_check = preset_input(preset)
     tiling = tiling_options(split, gap, scales, iof_thr, partial)
     summary = prepare_voc(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
                           skip_bad=skip_bad, reporter=RichReporter())
-    finish_prepared(json_out, summary, "VOC")
+    finish_prepared(json_out, summary, "VOC", size_check)
