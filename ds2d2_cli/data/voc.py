@@ -259,7 +259,7 @@ def find_voc_layout(root: str | Path) -> tuple[Path | None, list[tuple[str, Path
     return None, sorted(splits, key=lambda item: _split_key(item[0]))
 
 
-def plan_labelimg_split(split: str, folder: Path, problems: Problems) -> SplitPlan:
+def plan_labelimg_split(split: str, folder: Path, problems: Problems, reporter: Reporter | None = None) -> SplitPlan:
     """One LabelImg folder: each XML with the image of its name; lone images have no objects."""
     xmls: dict[str, Path] = {}
     images: dict[str, list[Path]] = {}
@@ -278,7 +278,10 @@ def plan_labelimg_split(split: str, folder: Path, problems: Problems) -> SplitPl
     plan = SplitPlan(split, folder, [])
     lone: list[Path] = []
     ignored = [p for stem, group in others.items() if stem not in xmls for p in group]
-    for stem in sorted(set(xmls) | set(images)):
+    stems = sorted(set(xmls) | set(images))
+    task = (reporter or NullReporter()).task(f"read {split}", total=len(stems))
+    for stem in stems:
+        task.update(1)
         where = {"split": split, "image": stem}
         xml, found = xmls.get(stem), images.get(stem, [])
         if len(found) > 1:
@@ -342,7 +345,8 @@ def _image_index(folder: Path) -> dict[str, list[Path]]:
     return index
 
 
-def plan_voc_devkit(root: Path, problems: Problems) -> tuple[list[SplitPlan], dict[str, list[str]]]:
+def plan_voc_devkit(root: Path, problems: Problems, reporter: Reporter | None = None
+                    ) -> tuple[list[SplitPlan], dict[str, list[str]]]:
     """Every split list of a devkit folder as a plan (an image in several lists is read once).
 
     Returns the plans and, per split, the other splits sharing images with it: their
@@ -359,6 +363,7 @@ def plan_voc_devkit(root: Path, problems: Problems) -> tuple[list[SplitPlan], di
     ids = {split: read_split_list(path) for split, path in lists.items()}
     scenes: dict[tuple[str, bool], Scene | None] = {}  # read once per image (and labelled or not)
     plans: list[SplitPlan] = []
+    task = (reporter or NullReporter()).task("read VOC", total=len({i for group in ids.values() for i in group}))
     for split, path in lists.items():
         labelled = any((ann_dir / f"{i}.xml").is_file() for i in ids[split])
         plan = SplitPlan(split, path, [], labelled)
@@ -371,6 +376,7 @@ def plan_voc_devkit(root: Path, problems: Problems) -> tuple[list[SplitPlan], di
                 continue
             seen.add(image_id)
             if (image_id, labelled) not in scenes:
+                task.update(1)
                 scenes[image_id, labelled] = _devkit_scene(image_id, ann_dir, images, path, labelled, problems,
                                                            where)
             scene = scenes[image_id, labelled]
@@ -446,10 +452,10 @@ def prepare_voc(root: str | Path, out: str | Path, *, classes: ClassChoice | Non
         report: dict[str, list[str]] = {}
         if devkit is not None:
             check_out(out, [root, devkit])
-            plans, report = plan_voc_devkit(devkit, problems)
+            plans, report = plan_voc_devkit(devkit, problems, held)
         else:
             check_out(out, [root, *(folder for _, folder in folders)])
-            plans = [plan_labelimg_split(split, folder, problems) for split, folder in folders]
+            plans = [plan_labelimg_split(split, folder, problems, held) for split, folder in folders]
         for plan in plans:
             if not plan.scenes:
                 raise InputError(f"no usable image left in split {plan.name!r}: every one was skipped as bad",
