@@ -137,6 +137,19 @@ def test_split_without_any_label_file_is_image_only(tmp_path):
     assert _json(tmp_path / "out" / "test.json")["info"]["ds2d2"]["labelled"] is False
 
 
+def test_train_only_and_whole_image_size_warning(tmp_path):
+    # no val: (Ultralytics needs one to train, preparing does not): noted; whole images far larger than the
+    # preset's input are warned about
+    data = make_yolo(tmp_path / "ds", {"train/a": "0 0.5 0.5 0.2 0.4\n"}, "train: images/train\n" + NAMES,
+                     size=(600, 300))
+    result = _invoke(["prepare-data", "yolo", data, "--out", tmp_path / "out", "--preset", "tiny-synthetic"])
+    assert result.exit_code == 0, result.output
+    assert "data.yaml names no val: images" in result.stderr
+    assert ("warning: the median train image is 600 px on its longer side, more than 2x the 128 px input of preset "
+            "tiny-synthetic") in " ".join(result.stderr.split())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.json"]
+
+
 def test_classes_list_filters_and_orders(tmp_path):
     yaml = "train: images/train\nval: images/val\nnames: [car, truck, bus]\n"
     data = make_yolo(tmp_path / "ds", {"train/a": "0 0.5 0.5 0.2 0.4\n1 0.2 0.2 0.1 0.1\n2 0.8 0.8 0.1 0.1\n",
@@ -327,6 +340,7 @@ YOLO_CASES = {
                     ("data.yaml:3:", "names a class twice")),
     "nc disagrees": (_yaml("train: images/train\nval: images/val\nnc: 3\n" + NAMES), ("nc is 3",)),
     "no train": (_yaml("val: images/val\n" + NAMES), ("data.yaml", "no 'train:'")),
+    "train empty": (_yaml("train:\nval: images/val\n" + NAMES), ("data.yaml:1:", "train: must be a folder")),
     "bad number": (_label("0 0.5 O.5 0.2 0.4\n"), ("a.txt:1:", "coordinates must be numbers, got 'O.5'")),
     "not finite": (_label("0 0.5 nan 0.2 0.4\n"), ("a.txt:1:", "finite")),
     "class not a number": (_label("car 0.5 0.5 0.2 0.4\n"), ("a.txt:1:", "class id must be a whole number")),

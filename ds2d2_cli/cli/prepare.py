@@ -462,6 +462,7 @@ def yolo_command(
     partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]",
                                           show_default=False),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -484,7 +485,8 @@ def yolo_command(
     """
     from ds2d2_cli.data.yolo import prepare_yolo
 
+    size_check = preset_input(preset)
     summary = prepare_yolo(data_yaml, out, classes=class_option(classes),
                            tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
                            skip_bad=skip_bad, reporter=RichReporter())
-    finish_prepared(json_out, summary, "YOLO")
+    finish_prepared(json_out, summary, "YOLO", size_check)

@@ -6,9 +6,9 @@ Read from Ultralytics' own loader and docs (ultralytics/ultralytics): `ultralyti
 (`check_class_names`), `ultralytics/cfg/datasets/{coco8,coco,dota8}.yaml` and the docs
 `docs/en/datasets/{detect,obb,segment}/index.md`. What is read, as Ultralytics reads it:
 
-* `DATA.yaml`: `train` and `val` (required; `validation` is taken for `val`), `test`
-  (optional), each a folder of images (searched recursively), a `.txt` list of image
-  paths, or a list of those; `names` as a list or an `{id: name}` map with ids 0..K-1
+* `DATA.yaml`: `train` (required), `val` (`validation` is taken for it) and `test`, each
+  a folder of images (searched recursively), a `.txt` list of image paths, or a list of
+  those (Ultralytics also requires `val` to train; preparing data, a missing one is noted); `names` as a list or an `{id: name}` map with ids 0..K-1
   (`nc` alone gives `class_0` ...; `nc` and `names` must agree).
 * `path`, the dataset root the split entries are relative to: the YAML's own folder when
   it is missing or empty; an absolute path as it is; a relative one from the current
@@ -207,14 +207,12 @@ def read_data_yaml(data_yaml: str | Path) -> YoloData:
         data["val"] = data.pop("validation")
         if "validation" in lines:
             lines["val"] = lines["validation"]
-    for key in ("train", "val"):
-        if key not in data:
-            raise InputError(f"no '{key}:' (the {key} images: a folder, a .txt list or a list of those; "
-                             "Ultralytics requires train and val)", path)
+    if "train" not in data:
+        raise InputError("no 'train:' (the training images: a folder, a .txt list or a list of those)", path)
     names = _names(data, path, lines)
     root = _root(data, path, lines)
     splits = [(key, _sources(key, data[key], root, path, lines.get(key)))
-              for key in SPLIT_KEYS if key in ("train", "val") or data.get(key)]
+              for key in SPLIT_KEYS if key == "train" or data.get(key)]
     return YoloData(path, root, names, splits)
 
 
@@ -500,6 +498,9 @@ def prepare_yolo(data_yaml: str | Path, out: str | Path, *, classes: ClassChoice
         plans = [r.plan for r in reads]
         _check_out(out, data, plans)
         class_names, filtered = resolve_classes(plans, choice, data.names, problems)
+        if all(split != "val" for split, _ in data.splits):
+            problems.note(f"{data.yaml_path.name} names no val: images (Ultralytics needs them to train): "
+                          "no val split written")
         for read in reads:
             plan, without = read.plan, read.without_labels
             if not plan.labelled:
