@@ -8,8 +8,9 @@ Read from Ultralytics' own loader and docs (ultralytics/ultralytics): `ultralyti
 
 * `DATA.yaml`: `train` (required), `val` (`validation` is taken for it) and `test`, each
   a folder of images (searched recursively), a `.txt` list of image paths, or a list of
-  those (Ultralytics also requires `val` to train; preparing data, a missing one is noted); `names` as a list or an `{id: name}` map with ids 0..K-1
-  (`nc` alone gives `class_0` ...; `nc` and `names` must agree).
+  those (Ultralytics also requires `val` to train; preparing data, a missing one is noted);
+  `names` as a list or an `{id: name}` map with ids 0..K-1 (`nc` alone gives `class_0` ...;
+  `nc` and `names` must agree).
 * `path`, the dataset root the split entries are relative to: the YAML's own folder when
   it is missing or empty; an absolute path as it is; a relative one from the current
   folder, as Ultralytics reads it, else (where Ultralytics would try its `datasets_dir`
