@@ -19,8 +19,8 @@ Read from Ultralytics' own loader and docs (ultralytics/ultralytics): `ultralyti
   folder and any other relative path to the current folder.
 * Labels: the image path with its last `/images/` replaced by `/labels/` and its suffix
   by `.txt` (beside the image when the path has no `images` folder). An image without a
-  label file, or with an empty one, has no objects (counted and noted); a split without
-  any label file is written image-only (DOTA's test split). Files Ultralytics does not
+  label file has no objects (counted and noted), as has one with an empty file; a split
+  without any label file is written image-only (DOTA's test split). Files Ultralytics does not
   take for images (`*.txt`, `*.cache` ...) are ignored.
 * Lines: `class x_center y_center width height`, normalised to 0..1. A file with any line
   of more than 6 fields is a file of polygons, `class x1 y1 x2 y2 ... xn yn` (YOLO-OBB: 4
@@ -30,7 +30,7 @@ Read from Ultralytics' own loader and docs (ultralytics/ultralytics): `ultralyti
   class and numbers) are left out and reported, as Ultralytics leaves them out.
 
 Bad input, each a one-line error naming the file (and line), or skipped and reported with
-`skip_bad`: a wrong YAML (not YAML, no `train`/`val`, no `names`, `names` neither list nor
+`skip_bad`: a wrong YAML (not YAML, no `train`, no `names`, `names` neither list nor
 map, gaps in its ids), a split path that does not exist (an error, whatever the options),
 a line with the wrong number of fields, a field that is not a number, a class id outside
 `names`, a coordinate outside Ultralytics' tolerance (-0.01 to 1.01: a box or corner
