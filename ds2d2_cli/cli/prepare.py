@@ -495,3 +495,50 @@ def voc_command(
     summary = prepare_voc(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
                           skip_bad=skip_bad, reporter=RichReporter())
     finish_prepared(json_out, summary, "VOC", size_check)
+
+
+@app.command("yolo")
+@handle_errors
+def yolo_command(
+    data_yaml: Path = typer.Argument(..., metavar="DATA.yaml", help="the dataset's YAML, as Ultralytics reads it "
+                                     "(path, train, val, test, names)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP.replace(
+        "the data's own classes", "data.yaml's names, in id order")),
+    split: Optional[int] = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]", show_default=False),
+    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP,
+                                               show_default=False),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]",
+                                            show_default=False),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]",
+                                          show_default=False),
+    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Convert a YOLO txt dataset (the Ultralytics layout) into COCO JSON; --split cuts large images.
+
+    Reads DATA.yaml as Ultralytics does: train, val (and test) are folders of images, .txt
+    lists of images or lists of those, relative to `path` (default: the YAML's folder);
+    names is a list or a map 0: name .... Each image's labels are the file with its last
+    /images/ replaced by /labels/ and its suffix by .txt: one `class x_center y_center
+    width height` line per object, normalised to 0..1, or polygon lines (YOLO-OBB,
+    segmentation), kept as `segmentation` with their envelope as the box. An image without
+    a label file has no objects.
+
+    Without --split images are not copied: OUT/<split>.json points at them. With --split
+    SIZE they are cut as prepare-data dota cuts scenes (OUT/<split>/images/,
+    OUT/<split>.json, OUT/<split>_scenes.json). A bad line or image stops the run with one
+    line naming the file and line (nothing is written); --skip-bad skips and reports it.
+
+    Example: ds2d2 prepare-data yolo trees/data.yaml --out data/trees --split 512 --gap 128
+    """
+    from ds2d2_cli.data.yolo import prepare_yolo
+
+    size_check = preset_input(preset)
+    summary = prepare_yolo(data_yaml, out, classes=class_option(classes),
+                           tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
+                           skip_bad=skip_bad, reporter=RichReporter())
+    finish_prepared(json_out, summary, "YOLO", size_check)
