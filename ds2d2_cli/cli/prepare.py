@@ -1,4 +1,4 @@
-"""`ds2d2 prepare-data`: DOTA / DIOR / COCO / synthetic data -> the COCO JSON ds2d2 trains on."""
+"""`ds2d2 prepare-data`: every format people label in -> the COCO JSON ds2d2 trains on (one command per format)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from ds2d2_cli.data.validate import ProblemReport
 
 app = typer.Typer(
-    help="Convert DOTA / DIOR / COCO / synthetic data into COCO JSON (see each command's --help).",
+    help="Convert DOTA / DIOR / COCO / VOC / YOLO / HRSC2016 / UCAS-AOD / synthetic data into the COCO JSON ds2d2 "
+         "trains on, cut into patches with --split (see each command's --help).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -38,10 +39,10 @@ WORKERS_HELP = "processes cutting scenes in parallel (0: one per CPU)"
 PRESET_SIZE_HELP = ("the preset you will train with: images kept whole (no --split) are checked against its "
                     "input size")
 SPLIT_HELP = ("cut images into SIZE x SIZE patches, as prepare-data dota does (writes OUT/<split>/images/ and "
-              "OUT/<split>_scenes.json) [default: images stay whole]")
+              "OUT/<split>_scenes.json) \\[default: images stay whole]")
 OWN_CLASSES_HELP = (f"a class set ({', '.join(CLASS_SETS)}: names outside it are bad input) or your own list "
-                    "(car,truck or [car,truck]: keeps and orders those classes, leaves the others out) "
-                    "[default: the data's own classes]")
+                    "(car,truck or \\[car,truck]: keeps and orders those classes, leaves the others out) "
+                    "\\[default: the data's own classes]")
 PARTIAL_HELP = "cut objects under --iof-thr: drop them, or keep them as crowd (iscrowd 1, ignored in training)"
 
 
@@ -258,14 +259,14 @@ def dior_command(
     root: Path = typer.Argument(Path("data/DIOR"), help="DIOR folder (Annotations/, ImageSets/Main/, JPEGImages-*/)"),
     out: Path = typer.Option(Path("data/DIOR-coco"), "--out", "-o", help="output folder"),
     split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
     scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " [default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+                                               help=SCALES_HELP + " \\[default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help="a list of DIOR classes to keep, in this order "
-                                          "(vehicle,ship): the others are left out [default: the 20 DIOR classes]"),
+                                          "(vehicle,ship): the others are left out \\[default: the 20 DIOR classes]"),
     preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -296,16 +297,16 @@ def coco_command(
     images: Path = typer.Option(..., "--images", help="folder the JSON's file_name entries are relative to"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     name: Optional[str] = typer.Option(None, "--name", help="split name: writes OUT/NAME.json "
-                                       "[default: the annotation file's stem]"),
+                                       "\\[default: the annotation file's stem]"),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP.replace(
         "the data's own classes", "the file's own, by original id")),
     split: Optional[int] = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]", show_default=False),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]", show_default=False),
     scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP,
                                                show_default=False),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]",
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]",
                                             show_default=False),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]",
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]",
                                           show_default=False),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
@@ -375,12 +376,13 @@ def hrsc2016_command(
     task: str = typer.Option("ship", "--task", help="ship: one class (HRSC2016 level 1); class: Class_ID through "
                              "the 31-name level-3 table"),
     split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
     scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " [default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+                                               help=SCALES_HELP + " \\[default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
                                                                                   "annotation files, list entries")),
@@ -405,10 +407,11 @@ def hrsc2016_command(
 
     if task not in TASKS:
         raise InputError(f"--task must be one of {', '.join(TASKS)} (got {task!r})")
+    size_check = preset_input(preset)
     summary = prepare_hrsc2016(root, out, task=task, classes=class_option(classes),
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
                                skip_bad=skip_bad, reporter=RichReporter())
-    finish_prepared(json_out, summary, f"HRSC2016 ({task} task)")
+    finish_prepared(json_out, summary, f"HRSC2016 ({task} task)", size_check)
 
 
 @app.command("ucas-aod")
@@ -420,12 +423,13 @@ def ucas_aod_command(
                                        "(UCAS-AOD has no official split)"),
     seed: int = typer.Option(0, "--seed", help="which images go to val: the same seed gives the same split"),
     split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
     scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " [default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+                                               help=SCALES_HELP + " \\[default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -447,10 +451,11 @@ def ucas_aod_command(
     """
     from ds2d2_cli.data.ucas import prepare_ucas_aod
 
+    size_check = preset_input(preset)
     summary = prepare_ucas_aod(root, out, val_fraction=val_fraction, seed=seed, classes=class_option(classes),
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
                                skip_bad=skip_bad, reporter=RichReporter())
-    finish_prepared(json_out, summary, f"UCAS-AOD (val {val_fraction:g}, seed {seed})")
+    finish_prepared(json_out, summary, f"UCAS-AOD (val {val_fraction:g}, seed {seed})", size_check)
 
 
 @app.command("voc")
@@ -460,11 +465,11 @@ def voc_command(
                                 "saves them, or a VOC folder (Annotations/, JPEGImages/, ImageSets/Main/)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]"),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
     scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " [default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]"),
+                                               help=SCALES_HELP + " \\[default: 1.0]"),
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
@@ -506,12 +511,12 @@ def yolo_command(
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP.replace(
         "the data's own classes", "data.yaml's names, in id order")),
     split: Optional[int] = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " [default: 200]", show_default=False),
+    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]", show_default=False),
     scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP,
                                                show_default=False),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " [default: 0.7]",
+    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]",
                                             show_default=False),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " [default: drop]",
+    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]",
                                           show_default=False),
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
