@@ -39,6 +39,7 @@ from ds2d2_cli.data.tiling import (  # noqa: F401 - the grid and window rule: AP
     PARTIAL_MODES, SplitStats, Tiling, window_annotations, window_origins, window_starts,
 )
 from ds2d2_cli.data.validate import (
+    read_label_text,
     IMAGE_EXTS,
     BadItem,
     Problems,
@@ -95,16 +96,7 @@ def parse_dota_labels(path: str | Path, classes: Sequence[str], class_set: str =
             raise exc
         on_bad(exc)
 
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BadItem("label file not found", path, reason="image without label file") from None
-    except UnicodeDecodeError as exc:
-        raise BadItem(f"cannot read label file: not UTF-8 text (bad byte at offset {exc.start})", path,
-                      reason="unreadable label file") from None
-    except OSError as exc:
-        raise BadItem(f"cannot read label file: {one_line(exc.strerror or exc)}", path,
-                      reason="unreadable label file") from None
+    text = read_label_text(path)
     if not text.strip():
         raise BadItem("empty label file (a scene without objects keeps the imagesource:/gsd: header lines)", path,
                       reason="empty label file")

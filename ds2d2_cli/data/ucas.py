@@ -55,7 +55,9 @@ from ds2d2_cli.data.dota import MAX_COORDINATE
 from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
-from ds2d2_cli.data.validate import IMAGE_EXTS, BadItem, Problems, held_progress, one_line, unsupported_extension
+from ds2d2_cli.data.validate import (
+    IMAGE_EXTS, BadItem, Problems, held_progress, one_line, read_label_text, unsupported_extension,
+)
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter, Reporter
 
@@ -94,16 +96,7 @@ def parse_ucas_labels(path: str | Path, class_name: str,
 
 def _lines(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank line."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BadItem("label file not found", path, reason="image without label file") from None
-    except UnicodeDecodeError as exc:
-        raise BadItem(f"cannot read label file: not UTF-8 text (bad byte at offset {exc.start})", path,
-                      reason="unreadable label file") from None
-    except OSError as exc:
-        raise BadItem(f"cannot read label file: {one_line(exc.strerror or exc)}", path,
-                      reason="unreadable label file") from None
+    text = read_label_text(path)
     return [(n, raw.split()) for n, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
 
 

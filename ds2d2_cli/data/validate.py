@@ -250,6 +250,20 @@ def open_rgb(path: str | Path):
         raise _image_error(exc, path) from None
 
 
+def read_label_text(path: Path) -> str:
+    """A text label file (DOTA labelTxt, YOLO txt, UCAS-AOD txt) as text; BadItem for the whole file otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BadItem("label file not found", path, reason="image without label file") from None
+    except UnicodeDecodeError as exc:
+        raise BadItem(f"cannot read label file: not UTF-8 text (bad byte at offset {exc.start})", path,
+                      reason="unreadable label file") from None
+    except OSError as exc:
+        raise BadItem(f"cannot read label file: {one_line(exc.strerror or exc)}", path,
+                      reason="unreadable label file") from None
+
+
 def writable_folder(folder: Path) -> None:
     """Create `folder` (and parents) or fail with one line: before any work, not half-way."""
     from ds2d2_cli.errors import Ds2d2Error

@@ -58,6 +58,7 @@ from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, box_corners, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
 from ds2d2_cli.data.validate import (
+    read_label_text,
     IMAGE_EXTS, BadItem, Problems, held_progress, image_size, one_line, unsupported_extension,
 )
 from ds2d2_cli.errors import InputError
@@ -370,14 +371,7 @@ def parse_yolo_labels(path: str | Path, names: Sequence[str], width: int, height
     out; a file that cannot be read is a BadItem for the whole file (the caller's image).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise BadItem(f"cannot read label file: not UTF-8 text (bad byte at offset {exc.start})", path,
-                      reason="unreadable label file") from None
-    except OSError as exc:
-        raise BadItem(f"cannot read label file: {one_line(exc.strerror or exc)}", path,
-                      reason="unreadable label file") from None
+    text = read_label_text(path)
     rows = [(lineno, raw.split()) for lineno, raw in enumerate(text.splitlines(), start=1) if raw.split()]
     polygons = any(len(tokens) > 6 for _, tokens in rows)  # verify_image_label: the whole file is segments
     objects: list[SceneObject] = []
