@@ -3,8 +3,8 @@
 `CocoWriter` builds one file: categories 1..K from a class list, images and annotations
 numbered 1.. in the order they are added, the `info` block (`info.ds2d2` the converter's
 settings, `info.skipped` / `info.repaired` what bad input changed) and the per-class object
-counts. `PrepareSummary` is the base of the typed results `prepare_dota`, `prepare_dior`
-and `ingest_coco` return; `to_dict()` is the `--json` summary.
+counts. `PrepareSummary` is the base of the typed results every converter returns
+(`ds2d2_cli.data.prepared.PreparedSummary`); `to_dict()` is the `--json` summary.
 """
 
 from __future__ import annotations
@@ -55,14 +55,13 @@ def categories(class_names: Sequence[str]) -> list[dict[str, Any]]:
 class CocoWriter:
     """One COCO detection file being built (see the module docstring)."""
 
-    def __init__(self, class_names: Sequence[str], *, annotation_id_last: bool = False):
+    def __init__(self, class_names: Sequence[str]):
         self.class_names = list(class_names)
         self.categories = categories(self.class_names)
         self.category_id = {name: i + 1 for i, name in enumerate(self.class_names)}
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
         self.per_class = {name: 0 for name in self.class_names}
-        self._id_last = annotation_id_last  # `prepare-data coco` has always written "id" after the other fields
 
     def add_image(self, fields: dict[str, Any], image_id: int | None = None) -> int:
         """Add an image (`id` first, then `fields`); its id is the next number unless given. Returns it."""
@@ -73,8 +72,7 @@ class CocoWriter:
     def add_annotation(self, image_id: int, category_id: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Add an annotation numbered next: id, image_id, category_id, then `fields`; counted for its class."""
         ann_id = len(self.annotations) + 1
-        ann = {"image_id": image_id, "category_id": category_id, **fields}
-        ann = {**ann, "id": ann_id} if self._id_last else {"id": ann_id, **ann}
+        ann = {"id": ann_id, "image_id": image_id, "category_id": category_id, **fields}
         self.annotations.append(ann)
         self.per_class[self.class_names[category_id - 1]] += 1
         return ann
