@@ -59,6 +59,17 @@ def _parse_scales(values: List[str]) -> list[float]:
     return scales or [1.0]
 
 
+# The options every converter that can keep images whole shares (one definition, reused by each command).
+SPLIT_OPTION = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP, show_default=False)
+GAP_OPTION = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]", show_default=False)
+SCALES_OPTION = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP + " \\[default: 1.0]",
+                             show_default=False)
+IOF_OPTION = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]", show_default=False)
+PARTIAL_OPTION = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]", show_default=False)
+WORKERS_OPTION = typer.Option(1, "--workers", "-j", help=WORKERS_HELP)
+PRESET_OPTION = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP)
+
+
 def tiling_options(split: Optional[int], gap: Optional[int], scales: Optional[List[str]], iof_thr: Optional[float],
                    partial: Optional[str]) -> "Tiling | None":
     """`--split SIZE` and its companions -> a Tiling; None (images stay whole) without --split.
@@ -258,16 +269,15 @@ def dota_command(
 def dior_command(
     root: Path = typer.Argument(Path("data/DIOR"), help="DIOR folder (Annotations/, ImageSets/Main/, JPEGImages-*/)"),
     out: Path = typer.Option(Path("data/DIOR-coco"), "--out", "-o", help="output folder"),
-    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
-    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " \\[default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
-    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    split: Optional[int] = SPLIT_OPTION,
+    gap: Optional[int] = GAP_OPTION,
+    scales: Optional[List[str]] = SCALES_OPTION,
+    iof_thr: Optional[float] = IOF_OPTION,
+    partial: Optional[str] = PARTIAL_OPTION,
+    workers: int = WORKERS_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help="a list of DIOR classes to keep, in this order "
                                           "(vehicle,ship): the others are left out \\[default: the 20 DIOR classes]"),
-    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    preset: str = PRESET_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -300,16 +310,13 @@ def coco_command(
                                        "\\[default: the annotation file's stem]"),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP.replace(
         "the data's own classes", "the file's own, by original id")),
-    split: Optional[int] = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]", show_default=False),
-    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP,
-                                               show_default=False),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]",
-                                            show_default=False),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]",
-                                          show_default=False),
-    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
-    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    split: Optional[int] = SPLIT_OPTION,
+    gap: Optional[int] = GAP_OPTION,
+    scales: Optional[List[str]] = SCALES_OPTION,
+    iof_thr: Optional[float] = IOF_OPTION,
+    partial: Optional[str] = PARTIAL_OPTION,
+    workers: int = WORKERS_OPTION,
+    preset: str = PRESET_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines and objects",
                                                                                   "image entries and annotations")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -375,14 +382,13 @@ def hrsc2016_command(
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     task: str = typer.Option("ship", "--task", help="ship: one class (HRSC2016 level 1); class: Class_ID through "
                              "the 31-name level-3 table"),
-    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
-    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " \\[default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
-    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
-    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    split: Optional[int] = SPLIT_OPTION,
+    gap: Optional[int] = GAP_OPTION,
+    scales: Optional[List[str]] = SCALES_OPTION,
+    iof_thr: Optional[float] = IOF_OPTION,
+    partial: Optional[str] = PARTIAL_OPTION,
+    workers: int = WORKERS_OPTION,
+    preset: str = PRESET_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
                                                                                   "annotation files, list entries")),
@@ -422,14 +428,13 @@ def ucas_aod_command(
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of each folder's images that goes to val "
                                        "(UCAS-AOD has no official split)"),
     seed: int = typer.Option(0, "--seed", help="which images go to val: the same seed gives the same split"),
-    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
-    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " \\[default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
-    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
-    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    split: Optional[int] = SPLIT_OPTION,
+    gap: Optional[int] = GAP_OPTION,
+    scales: Optional[List[str]] = SCALES_OPTION,
+    iof_thr: Optional[float] = IOF_OPTION,
+    partial: Optional[str] = PARTIAL_OPTION,
+    workers: int = WORKERS_OPTION,
+    preset: str = PRESET_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -464,15 +469,14 @@ def voc_command(
     root: Path = typer.Argument(..., help="split folders (train/, val/ ...) of NAME.xml beside NAME.jpg, as LabelImg "
                                 "saves them, or a VOC folder (Annotations/, JPEGImages/, ImageSets/Main/)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
-    split: Optional[int] = typer.Option(None, "--split", metavar="SIZE", help=SPLIT_HELP),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]"),
-    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]",
-                                               help=SCALES_HELP + " \\[default: 1.0]"),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]"),
-    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
+    split: Optional[int] = SPLIT_OPTION,
+    gap: Optional[int] = GAP_OPTION,
+    scales: Optional[List[str]] = SCALES_OPTION,
+    iof_thr: Optional[float] = IOF_OPTION,
+    partial: Optional[str] = PARTIAL_OPTION,
+    workers: int = WORKERS_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
-    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    preset: str = PRESET_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
                                                                                   "XML files")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -510,16 +514,13 @@ def yolo_command(
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP.replace(
         "the data's own classes", "data.yaml's names, in id order")),
-    split: Optional[int] = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False),
-    gap: Optional[int] = typer.Option(None, "--gap", help=GAP_HELP + " \\[default: 200]", show_default=False),
-    scales: Optional[List[str]] = typer.Option(None, "--scales", metavar="S[,S...]", help=SCALES_HELP,
-                                               show_default=False),
-    iof_thr: Optional[float] = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]",
-                                            show_default=False),
-    partial: Optional[str] = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]",
-                                          show_default=False),
-    workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
-    preset: str = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP),
+    split: Optional[int] = SPLIT_OPTION,
+    gap: Optional[int] = GAP_OPTION,
+    scales: Optional[List[str]] = SCALES_OPTION,
+    iof_thr: Optional[float] = IOF_OPTION,
+    partial: Optional[str] = PARTIAL_OPTION,
+    workers: int = WORKERS_OPTION,
+    preset: str = PRESET_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
