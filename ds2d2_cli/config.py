@@ -350,6 +350,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def check_overrides_read(config: RunConfig, stage: Stage, overrides: list[str], *, command: str,
+                         preset: str) -> None:
+    """Refuse a `--set` of a schedule setting `stage` does not read, which would otherwise be
+    dropped without a word (a preset's own teacher_train leaves train.* unread by the teacher).
+    Whole-section assignments (`teacher_train=null`) choose the schedule and stay allowed."""
+    read = config.schedule_key(stage)
+    for item in overrides:
+        keys, _ = _parse_override(item)
+        if len(keys) < 2 or keys[0] not in SCHEDULE_FIELDS.values() or keys[0] == read:
+            continue
+        if read != "train":
+            why = f"preset {preset} trains the {stage} with its own {read} section"
+        elif stage == "student":
+            why = "the student trains with the train section"
+        else:
+            why = f"the {stage} trains with the train section (no {SCHEDULE_FIELDS[stage]} section is set)"
+        raw_value = item.split("=", 1)[1].strip()
+        raise InputError(f"--set {item} is not read by {command}: {why}; "
+                         f"use --set {read}.{'.'.join(keys[1:])}={raw_value}")
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line (errors are one line): `SOURCE: invalid config: a.b: problem; c: problem`."""
     problems = []
