@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds2d2_cli.classes import CLASS_SETS
+from ds2d2_cli.classes import AUTO, CLASS_SETS, class_choice, split_class_text
 from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, REFERENCE_SETTINGS, TERMS
 from ds2d2_cli.errors import Ds2d2Error, InputError
 
@@ -35,17 +35,35 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    classes: str = Field(description="class set name, see ds2d2_cli.classes.CLASS_SETS")
+    classes: str | list[str] = Field(
+        description="a shipped class set by name (ds2d2_cli.classes.CLASS_SETS), your own list ([car,truck]), or "
+        "auto: the training split's categories in id order; a stage records the resolved list in its run")
     root: Path = Field(description="prepared COCO folder (what `prepare-data` writes by default)")
     train_split: str = "train"
     eval_split: str = "val"
 
-    @field_validator("classes")
+    @field_validator("classes", mode="before")
     @classmethod
-    def _known_classes(cls, value: str) -> str:
-        if value not in CLASS_SETS:
-            raise ValueError(f"unknown class set {value!r}; available: {', '.join(CLASS_SETS)}")
-        return value
+    def _known_classes(cls, value: Any) -> str | list[str]:
+        """`auto`, a set name, or a usable list (`car,truck` as text is a list too)."""
+        if isinstance(value, str) and value.strip() in (AUTO, *CLASS_SETS):
+            return value.strip()
+        if isinstance(value, str) and split_class_text(value) is None:
+            raise ValueError(f"unknown class set {value!r}; available: {', '.join(CLASS_SETS)}; or your own list, "
+                             f"e.g. [{value.strip()},other]; or {AUTO} (the training split's own classes)")
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError(f"expected a class set name, a list of class names or {AUTO} (got {value!r})")
+        try:
+            return list(class_choice(value, "data.classes").names)
+        except InputError as exc:
+            raise ValueError(exc.message) from None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The names a set or list stands for; None for `auto` (the training split decides)."""
+        if self.classes == AUTO:
+            return None
+        return CLASS_SETS[self.classes] if isinstance(self.classes, str) else tuple(self.classes)
 
 
 class InputConfig(_Strict):
@@ -260,6 +278,10 @@ class RunConfig(_Strict):
                     setattr(target, key, value)
         return self
 
+    def with_classes(self, names: list[str] | tuple[str, ...]) -> "RunConfig":
+        """This config with `data.classes` the explicit list a stage resolved (what its run records)."""
+        return self.model_copy(update={"data": self.data.model_copy(update={"classes": list(names)})})
+
     def schedule_key(self, stage: Stage) -> str:
         """The config key holding `stage`'s schedule: its own when the preset sets one, else `train`."""
         key = SCHEDULE_FIELDS[stage]
@@ -272,7 +294,8 @@ class RunConfig(_Strict):
         """The settings that decide what `stage` trains (JSON), so a finished stage can be reused
         when only another stage's settings changed. Checkpoints handed over from earlier stages
         are their own stages' business; the data folder's path is not a setting (its class set is)."""
-        inputs: dict[str, Any] = {"data": {"classes": self.data.classes}, "input": self.input.model_dump(mode="json"),
+        inputs: dict[str, Any] = {"data": {"classes": comparable_classes(self.data)},
+                                  "input": self.input.model_dump(mode="json"),
                                   "teacher": self.teacher.model_dump(mode="json"),
                                   self.schedule_key(stage): self.schedule(stage).model_dump(mode="json")}
         if stage == "amplifier":
@@ -284,6 +307,13 @@ class RunConfig(_Strict):
             # how the amplifier was trained is the amplifier stage's business
             inputs["distill"] = self.distill.model_dump(mode="json", exclude={"amplifier_rpn"})
         return inputs
+
+
+def comparable_classes(data: DataConfig) -> str | list[str]:
+    """`data.classes` as runs are compared: a set by its names, so a run that recorded the
+    resolved list matches the set it was started with (`auto` stays: resolve it first)."""
+    names = data.class_names
+    return AUTO if names is None else list(names)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -412,10 +442,16 @@ def config_differences(stored_path: Path, config_json: str) -> list[str]:
     compared as validated configs, so a run started before a new option existed still matches
     when it behaved as the option's value says (`stored_config`)."""
     try:
-        stored = stored_config(json.loads(stored_path.read_text())).model_dump(mode="json")
+        stored = _comparable_dump(stored_config(json.loads(stored_path.read_text())))
     except (OSError, ValueError, InputError):
         return [UNREADABLE_CONFIG]
-    return value_differences(stored, config_from_dict(json.loads(config_json)).model_dump(mode="json"))
+    return value_differences(stored, _comparable_dump(config_from_dict(json.loads(config_json))))
+
+
+def _comparable_dump(config: RunConfig) -> dict[str, Any]:
+    dumped = config.model_dump(mode="json")
+    dumped["data"]["classes"] = comparable_classes(config.data)
+    return dumped
 
 
 def value_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
