@@ -3,12 +3,14 @@
 A preset is the single source of truth for a run: dataset, input size, teacher and
 student detectors, each stage's schedule and the distillation weights. The CLI loads a
 preset by name (the repository's top-level `presets/`, installed as `ds2d2_cli/presets/`) or by path, applies `--set a.b=value`
-overrides, and writes the resolved config into every run directory.
+overrides, and writes the resolved config into every run directory. A preset file may
+start from another (`base: retina-dior` or a path) and say only what differs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -334,20 +336,67 @@ def available_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _preset_text(preset: str) -> tuple[str, str]:
-    """(yaml text, where it came from) for a preset name or a path."""
+def _preset_file(preset: str, inherited_by: Path | None = None) -> tuple[Path, str]:
+    """(file, how messages name it) for a preset name or path; in a `base:` of file
+    `inherited_by`, a relative path starts in that file's folder."""
     path = Path(preset)
+    if inherited_by is not None and not path.is_absolute():
+        path = Path(os.path.normpath(inherited_by.parent / path))
     if preset.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise InputError("preset file not found", path)
-        try:
-            return path.read_text(encoding="utf-8"), str(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read preset: {exc}", path) from None
+        return path, str(path)
     resource = presets_folder() / f"{preset}.yaml"
     if not resource.is_file():
-        raise InputError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} (or a path to a .yaml file)")
-    return resource.read_text(encoding="utf-8"), preset
+        raise InputError(f"{'base: ' if inherited_by else ''}unknown preset {preset!r}; available: "
+                         f"{', '.join(available_presets())} (or a path to a .yaml file)", inherited_by)
+    return resource, preset
+
+
+def _read_preset(path: Path, source: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read preset: {exc}", path) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source, line) from None
+    if not isinstance(raw, dict):
+        raise InputError("a preset must be a YAML mapping", source)
+    return raw
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        merged[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def _preset_mapping(preset: str, inherited_by: Path | None = None,
+                    chain: tuple[tuple[Path, str], ...] = ()) -> tuple[dict[str, Any], str]:
+    """(raw mapping, source) of a preset with its `base:` chain merged in, base first."""
+    path, source = _preset_file(preset, inherited_by)
+    seen = [p for p, _ in chain]
+    if path.resolve() in seen:
+        loop = [s for _, s in chain[seen.index(path.resolve()):]] + [source]
+        raise InputError(f"preset bases form a cycle: {' -> '.join(loop)}")
+    raw = _read_preset(path, source)
+    if "base" not in raw:
+        return raw, source
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise InputError(f"base: expected a preset name or a path to a .yaml file (got {base!r})", source)
+    inherited, base_source = _preset_mapping(base.strip(), path, (*chain, (path.resolve(), source)))
+    raw.setdefault("name", path.stem)  # not the base's name: this file is another preset
+    if "description" not in raw and inherited.get("description"):
+        raw["description"] = f"based on {base_source}: {inherited['description']}"
+    return deep_merge(inherited, raw), source
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -470,16 +519,8 @@ def _short_json(value: Any) -> str:
 
 
 def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset (name or path), apply `--set` overrides and validate."""
-    text, source = _preset_text(preset)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source, line) from None
-    if not isinstance(raw, dict):
-        raise InputError("a preset must be a YAML mapping", source)
+    """Load a preset (name or path; `base:` inherits another), apply `--set` overrides and validate."""
+    raw, source = _preset_mapping(preset)
     return config_from_dict(apply_overrides(raw, overrides or []), source)
 
 
