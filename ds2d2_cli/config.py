@@ -3,12 +3,14 @@
 A preset is the single source of truth for a run: dataset, input size, teacher and
 student detectors, each stage's schedule and the distillation weights. The CLI loads a
 preset by name (the repository's top-level `presets/`, installed as `ds2d2_cli/presets/`) or by path, applies `--set a.b=value`
-overrides, and writes the resolved config into every run directory.
+overrides, and writes the resolved config into every run directory. A preset file may
+start from another (`base: retina-dior` or a path) and say only what differs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds2d2_cli.classes import CLASS_SETS
+from ds2d2_cli.classes import AUTO, CLASS_SETS, class_choice, split_class_text
 from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, REFERENCE_SETTINGS, TERMS
 from ds2d2_cli.errors import Ds2d2Error, InputError
 
@@ -35,17 +37,35 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    classes: str = Field(description="class set name, see ds2d2_cli.classes.CLASS_SETS")
+    classes: str | list[str] = Field(
+        description="a shipped class set by name (ds2d2_cli.classes.CLASS_SETS), your own list ([car,truck]), or "
+        "auto: the training split's categories in id order; a stage records the resolved list in its run")
     root: Path = Field(description="prepared COCO folder (what `prepare-data` writes by default)")
     train_split: str = "train"
     eval_split: str = "val"
 
-    @field_validator("classes")
+    @field_validator("classes", mode="before")
     @classmethod
-    def _known_classes(cls, value: str) -> str:
-        if value not in CLASS_SETS:
-            raise ValueError(f"unknown class set {value!r}; available: {', '.join(CLASS_SETS)}")
-        return value
+    def _known_classes(cls, value: Any) -> str | list[str]:
+        """`auto`, a set name, or a usable list (`car,truck` as text is a list too)."""
+        if isinstance(value, str) and value.strip() in (AUTO, *CLASS_SETS):
+            return value.strip()
+        if isinstance(value, str) and split_class_text(value) is None:
+            raise ValueError(f"unknown class set {value!r}; available: {', '.join(CLASS_SETS)}; or your own list, "
+                             f"e.g. [{value.strip()},other]; or {AUTO} (the training split's own classes)")
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError(f"expected a class set name, a list of class names or {AUTO} (got {value!r})")
+        try:
+            return list(class_choice(value, "data.classes").names)
+        except InputError as exc:
+            raise ValueError(exc.message) from None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The names a set or list stands for; None for `auto` (the training split decides)."""
+        if self.classes == AUTO:
+            return None
+        return CLASS_SETS[self.classes] if isinstance(self.classes, str) else tuple(self.classes)
 
 
 class InputConfig(_Strict):
@@ -260,6 +280,10 @@ class RunConfig(_Strict):
                     setattr(target, key, value)
         return self
 
+    def with_classes(self, names: list[str] | tuple[str, ...]) -> "RunConfig":
+        """This config with `data.classes` the explicit list a stage resolved (what its run records)."""
+        return self.model_copy(update={"data": self.data.model_copy(update={"classes": list(names)})})
+
     def schedule_key(self, stage: Stage) -> str:
         """The config key holding `stage`'s schedule: its own when the preset sets one, else `train`."""
         key = SCHEDULE_FIELDS[stage]
@@ -272,7 +296,8 @@ class RunConfig(_Strict):
         """The settings that decide what `stage` trains (JSON), so a finished stage can be reused
         when only another stage's settings changed. Checkpoints handed over from earlier stages
         are their own stages' business; the data folder's path is not a setting (its class set is)."""
-        inputs: dict[str, Any] = {"data": {"classes": self.data.classes}, "input": self.input.model_dump(mode="json"),
+        inputs: dict[str, Any] = {"data": {"classes": comparable_classes(self.data)},
+                                  "input": self.input.model_dump(mode="json"),
                                   "teacher": self.teacher.model_dump(mode="json"),
                                   self.schedule_key(stage): self.schedule(stage).model_dump(mode="json")}
         if stage == "amplifier":
@@ -284,6 +309,13 @@ class RunConfig(_Strict):
             # how the amplifier was trained is the amplifier stage's business
             inputs["distill"] = self.distill.model_dump(mode="json", exclude={"amplifier_rpn"})
         return inputs
+
+
+def comparable_classes(data: DataConfig) -> str | list[str]:
+    """`data.classes` as runs are compared: a set by its names, so a run that recorded the
+    resolved list matches the set it was started with (`auto` stays: resolve it first)."""
+    names = data.class_names
+    return AUTO if names is None else list(names)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -304,20 +336,67 @@ def available_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _preset_text(preset: str) -> tuple[str, str]:
-    """(yaml text, where it came from) for a preset name or a path."""
+def _preset_file(preset: str, inherited_by: Path | None = None) -> tuple[Path, str]:
+    """(file, how messages name it) for a preset name or path; in a `base:` of file
+    `inherited_by`, a relative path starts in that file's folder."""
     path = Path(preset)
+    if inherited_by is not None and not path.is_absolute():
+        path = Path(os.path.normpath(inherited_by.parent / path))
     if preset.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise InputError("preset file not found", path)
-        try:
-            return path.read_text(encoding="utf-8"), str(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read preset: {exc}", path) from None
+        return path, str(path)
     resource = presets_folder() / f"{preset}.yaml"
     if not resource.is_file():
-        raise InputError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} (or a path to a .yaml file)")
-    return resource.read_text(encoding="utf-8"), preset
+        raise InputError(f"{'base: ' if inherited_by else ''}unknown preset {preset!r}; available: "
+                         f"{', '.join(available_presets())} (or a path to a .yaml file)", inherited_by)
+    return resource, preset
+
+
+def _read_preset(path: Path, source: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read preset: {exc}", path) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source, line) from None
+    if not isinstance(raw, dict):
+        raise InputError("a preset must be a YAML mapping", source)
+    return raw
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        merged[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def _preset_mapping(preset: str, inherited_by: Path | None = None,
+                    chain: tuple[tuple[Path, str], ...] = ()) -> tuple[dict[str, Any], str]:
+    """(raw mapping, source) of a preset with its `base:` chain merged in, base first."""
+    path, source = _preset_file(preset, inherited_by)
+    seen = [p for p, _ in chain]
+    if path.resolve() in seen:
+        loop = [s for _, s in chain[seen.index(path.resolve()):]] + [source]
+        raise InputError(f"preset bases form a cycle: {' -> '.join(loop)}")
+    raw = _read_preset(path, source)
+    if "base" not in raw:
+        return raw, source
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise InputError(f"base: expected a preset name or a path to a .yaml file (got {base!r})", source)
+    inherited, base_source = _preset_mapping(base.strip(), path, (*chain, (path.resolve(), source)))
+    raw.setdefault("name", path.stem)  # not the base's name: this file is another preset
+    if "description" not in raw and inherited.get("description"):
+        raw["description"] = f"based on {base_source}: {inherited['description']}"
+    return deep_merge(inherited, raw), source
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -348,6 +427,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[keys[-1]] = value
     return raw
+
+
+def check_overrides_read(config: RunConfig, stage: Stage, overrides: list[str], *, command: str,
+                         preset: str) -> None:
+    """Refuse a `--set` of a schedule setting `stage` does not read, which would otherwise be
+    dropped without a word (a preset's own teacher_train leaves train.* unread by the teacher).
+    Whole-section assignments (`teacher_train=null`) choose the schedule and stay allowed."""
+    read = config.schedule_key(stage)
+    for item in overrides:
+        keys, _ = _parse_override(item)
+        if len(keys) < 2 or keys[0] not in SCHEDULE_FIELDS.values() or keys[0] == read:
+            continue
+        if read != "train":
+            why = f"preset {preset} trains the {stage} with its own {read} section"
+        elif stage == "student":
+            why = "the student trains with the train section"
+        else:
+            why = f"the {stage} trains with the train section (no {SCHEDULE_FIELDS[stage]} section is set)"
+        raw_value = item.split("=", 1)[1].strip()
+        raise InputError(f"--set {item} is not read by {command}: {why}; "
+                         f"use --set {read}.{'.'.join(keys[1:])}={raw_value}")
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -391,10 +491,16 @@ def config_differences(stored_path: Path, config_json: str) -> list[str]:
     compared as validated configs, so a run started before a new option existed still matches
     when it behaved as the option's value says (`stored_config`)."""
     try:
-        stored = stored_config(json.loads(stored_path.read_text())).model_dump(mode="json")
+        stored = _comparable_dump(stored_config(json.loads(stored_path.read_text())))
     except (OSError, ValueError, InputError):
         return [UNREADABLE_CONFIG]
-    return value_differences(stored, config_from_dict(json.loads(config_json)).model_dump(mode="json"))
+    return value_differences(stored, _comparable_dump(config_from_dict(json.loads(config_json))))
+
+
+def _comparable_dump(config: RunConfig) -> dict[str, Any]:
+    dumped = config.model_dump(mode="json")
+    dumped["data"]["classes"] = comparable_classes(config.data)
+    return dumped
 
 
 def value_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -413,16 +519,8 @@ def _short_json(value: Any) -> str:
 
 
 def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load a preset (name or path), apply `--set` overrides and validate."""
-    text, source = _preset_text(preset)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source, line) from None
-    if not isinstance(raw, dict):
-        raise InputError("a preset must be a YAML mapping", source)
+    """Load a preset (name or path; `base:` inherits another), apply `--set` overrides and validate."""
+    raw, source = _preset_mapping(preset)
     return config_from_dict(apply_overrides(raw, overrides or []), source)
 
 

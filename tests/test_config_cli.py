@@ -175,3 +175,56 @@ def test_a_run_written_before_the_fidelity_settings_is_read_as_it_behaved(tmp_pa
         # a config.json that has the settings is read as written
         path.write_text(config_to_json(new))
         assert config_differences(path, config_to_json(new)) == []
+
+
+def test_a_set_the_stage_does_not_read_is_refused(tmp_path):
+    """tiny-synthetic trains its teacher with teacher_train: a train.* override would be dropped."""
+    out = tmp_path / "teacher"
+    result = runner.invoke(app, ["train-teacher", "--preset", "tiny-synthetic", "--data", str(tmp_path),
+                                 "--out", str(out), "--set", "train.tensorboard=true"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        "error: --set train.tensorboard=true is not read by train-teacher: preset tiny-synthetic trains the teacher "
+        "with its own teacher_train section; use --set teacher_train.tensorboard=true"]
+    assert not out.exists()
+
+
+def test_a_set_the_stage_reads_is_kept():
+    from ds2d2_cli.cli.stages import resolve_config
+
+    config = resolve_config("tiny-synthetic", ["teacher_train.tensorboard=true"], stage="teacher",
+                            command="train-teacher", max_iters=2)
+    assert config.schedule_key("teacher") == "teacher_train"
+    assert (config.teacher_train.tensorboard, config.teacher_train.max_iters, config.train.tensorboard) == (
+        True, 2, False)
+    # without its own section the teacher reads train: `--max-iters` copies it, overrides included
+    plain = resolve_config("tiny-synthetic", ["teacher_train=null", "train.tensorboard=true"], stage="teacher",
+                           command="train-teacher", max_iters=2)
+    assert (plain.teacher_train.tensorboard, plain.teacher_train.max_iters) == (True, 2)
+
+
+@pytest.mark.parametrize("stage, command, overrides, message", [
+    ("amplifier", "train-amplifier", ["train.lr=0.5"],
+     "--set train.lr=0.5 is not read by train-amplifier: preset tiny-synthetic trains the amplifier with its own "
+     "amplifier_train section; use --set amplifier_train.lr=0.5"),
+    ("student", "distill", ["teacher_train.eval_every=5"],
+     "--set teacher_train.eval_every=5 is not read by distill: the student trains with the train section; use "
+     "--set train.eval_every=5"),
+    ("teacher", "train-teacher", ["teacher_train=null", "amplifier_train.lr=0.5"],
+     "--set amplifier_train.lr=0.5 is not read by train-teacher: the teacher trains with the train section (no "
+     "teacher_train section is set); use --set train.lr=0.5"),
+    ("teacher", "train-teacher", ["teacher_train=null", "amplifier_train=null", "train.lr=0.5", "distill.disw=false"],
+     None),
+    ("student", "distill", ["train.augment=[hflip]", "teacher_train={max_iters: 3}"], None),
+])
+def test_unread_schedule_overrides(stage, command, overrides, message):
+    from ds2d2_cli.config import check_overrides_read
+
+    config = load_config("tiny-synthetic", overrides)
+    if message is None:
+        check_overrides_read(config, stage, overrides, command=command, preset="tiny-synthetic")
+        return
+    with pytest.raises(InputError) as caught:
+        check_overrides_read(config, stage, overrides, command=command, preset="tiny-synthetic")
+    assert str(caught.value) == message

@@ -36,17 +36,19 @@ def register(app: typer.Typer) -> None:
 # ----------------------------------------------------------------------------- shared
 
 
-def resolve_config(preset: str, overrides: list[str], *, stage: str, max_iters: Optional[int] = None,
-                   weights: dict[str, Optional[Path]] | None = None):
-    """The preset with `--set` overrides and the command's own options folded in."""
-    from ds2d2_cli.config import SCHEDULE_FIELDS, load_config
+def resolve_config(preset: str, overrides: list[str], *, stage: str, command: str, options: list[str] | None = None,
+                   max_iters: Optional[int] = None, weights: dict[str, Optional[Path]] | None = None):
+    """The preset with the user's `--set` overrides (refused when `stage` would not read them)
+    and the command's own options (`options`, `--max-iters`, backbone weights) folded in."""
+    from ds2d2_cli.config import SCHEDULE_FIELDS, check_overrides_read, load_config
 
-    extra = list(overrides)
+    extra = [*overrides, *(options or [])]
+    config = load_config(preset, extra)
+    check_overrides_read(config, stage, overrides, command=command, preset=preset)  # type: ignore[arg-type]
     if max_iters is not None:
         if max_iters <= 0:
             raise InputError("--max-iters must be positive")
         field = SCHEDULE_FIELDS[stage]
-        config = load_config(preset, extra)
         if getattr(config, field) is None:
             extra.append(f"{field}={config.train.model_dump_json()}")
         extra.append(f"{field}.max_iters={max_iters}")
@@ -137,7 +139,7 @@ def train_teacher_command(
     """
     from ds2d2_cli.stages.teacher import train_teacher
 
-    config = resolve_config(preset, overrides, stage="teacher", max_iters=max_iters,
+    config = resolve_config(preset, overrides, stage="teacher", command="train-teacher", max_iters=max_iters,
                             weights={"teacher": backbone_weights})
     result = train_teacher(config, out=out, data_dir=data, preset=preset, device=_device(device),
                            resume=resume, reporter=RichReporter())
@@ -166,8 +168,8 @@ def train_amplifier_command(
     """
     from ds2d2_cli.stages.amplifier import train_amplifier
 
-    extra = [*overrides, *([f"distill.wavelet={wavelet}"] if wavelet else [])]
-    config = resolve_config(preset, extra, stage="amplifier", max_iters=max_iters)
+    config = resolve_config(preset, overrides, stage="amplifier", command="train-amplifier",
+                            options=[f"distill.wavelet={wavelet}"] if wavelet else [], max_iters=max_iters)
     result = train_amplifier(config, teacher=teacher, out=out, data_dir=data, preset=preset,
                              device=_device(device), resume=resume, reporter=RichReporter())
     if not _json_to_stdout(json_out):
@@ -219,17 +221,18 @@ def distill_command(
     """
     from ds2d2_cli.stages.distill import distill
 
-    extra = list(overrides)
+    options: list[str] = []
     if method is not None:
         if method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
-        extra.append(f"distill.method={method}")
-    extra += _streams(streams)
+        options.append(f"distill.method={method}")
+    options += _streams(streams)
     if no_disw:
-        extra.append("distill.disw=false")
+        options.append("distill.disw=false")
     if wavelet:
-        extra.append(f"distill.wavelet={wavelet}")
-    config = resolve_config(preset, extra, stage="student", max_iters=max_iters, weights={"student": backbone_weights})
+        options.append(f"distill.wavelet={wavelet}")
+    config = resolve_config(preset, overrides, stage="student", command="distill", options=options, max_iters=max_iters,
+                            weights={"student": backbone_weights})
     result = distill(config, out=out, teacher=teacher, amplifier=amplifier, data_dir=data, preset=preset,
                      device=_device(device), resume=resume, reporter=RichReporter())
     if not _json_to_stdout(json_out):

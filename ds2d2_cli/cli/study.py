@@ -101,7 +101,7 @@ def study_command(
         raise InputError(f"--methods: unknown {', '.join(unknown)}; available: {', '.join(study_methods())}")
     if BASELINE not in names:
         names.insert(0, BASELINE)
-    config = resolve_config(preset, list(overrides), stage="student", max_iters=max_iters)
+    config = resolve_config(preset, list(overrides), stage="student", command="study", max_iters=max_iters)
     data_dir = Path(data) if data is not None else Path(config.data.root)
     runs = plan_study(config, names, _seeds(seeds), out, teacher=teacher, amplifier=amplifier)
     reporter = RichReporter()

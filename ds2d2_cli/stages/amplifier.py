@@ -14,7 +14,7 @@ from ds2d2_cli.models.detectors import model_from_checkpoint
 from ds2d2_cli.models.families import family_of
 from ds2d2_cli.models.families._base import AmplifierRPN
 from ds2d2_cli.progress import Reporter
-from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything, with_data_root
+from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 
 
@@ -49,8 +49,8 @@ def train_amplifier(
     reporter: Reporter | None = None,
 ) -> StageResult:
     device = torch.device(device)
-    config = with_data_root(config, data_dir)
-    data = load_stage_data(config)
+    data = load_stage_data(config, data_dir)
+    config = data.config  # classes resolved: the run records the list
     teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path)
     prepare_stage(config, out, resume)
     seed_everything(config.schedule("amplifier").seed)

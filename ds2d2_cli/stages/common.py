@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ds2d2_cli.checkpoint import Checkpoint, check_classes, load_checkpoint
-from ds2d2_cli.classes import get_class_set
+from ds2d2_cli.classes import AUTO, check_class_list
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.data.dataset import CocoSplit, load_coco_split, split_json_path
 from ds2d2_cli.errors import InputError
@@ -30,16 +30,46 @@ class StageData:
     train: CocoSplit
     eval: CocoSplit | None
     classes: list[str]
+    config: RunConfig  # data.classes resolved to `classes`: what the run records and later runs compare
 
 
 def load_split(root: Path, split: str, expected_classes: list[str] | None = None) -> CocoSplit:
+    """A prepared split; with `expected_classes` (the training split's) its categories must be those."""
     coco = load_coco_split(split_json_path(root, split))
     if expected_classes is not None and coco.class_names != list(expected_classes):
         raise InputError(
-            f"the split's classes ({', '.join(coco.class_names)}) are not the preset's "
-            f"({', '.join(expected_classes)})", coco.path,
+            f"the split's classes ({', '.join(coco.class_names)}) are not the training split's "
+            f"({', '.join(expected_classes)}); prepare both splits with the same classes", coco.path,
         )
     return coco
+
+
+def stage_classes(config: RunConfig, train: CocoSplit) -> list[str]:
+    """`data.classes` resolved against the training split: `auto` takes its categories (in id
+    order); a set or list must be exactly them, in that order."""
+    wanted = config.data.class_names
+    if wanted is None:
+        try:
+            return list(check_class_list(train.class_names, "the split"))
+        except InputError as exc:
+            raise InputError(exc.message, train.path) from None
+    if train.class_names != list(wanted):
+        chosen = (f"{config.data.classes} ({', '.join(wanted)})" if isinstance(config.data.classes, str)
+                  else f"[{', '.join(wanted)}]")
+        raise InputError(
+            f"the split's classes ({', '.join(train.class_names)}) are not data.classes {chosen}; "
+            f"to train on the data's own classes use --set data.classes={AUTO}", train.path,
+        )
+    return list(wanted)
+
+
+def resolve_classes(config: RunConfig) -> RunConfig:
+    """`config` with `data.classes` the explicit list it stands for (`auto`: the training
+    split's categories), so a re-run compares with what a run recorded; checks nothing else."""
+    names = config.data.class_names
+    if names is None:
+        names = tuple(load_split(Path(config.data.root), config.data.train_split).class_names)
+    return config.with_classes(names)
 
 
 def with_data_root(config: RunConfig, data_dir: Path | None) -> RunConfig:
@@ -51,15 +81,17 @@ def with_data_root(config: RunConfig, data_dir: Path | None) -> RunConfig:
 
 
 def load_stage_data(config: RunConfig, data_dir: Path | None = None) -> StageData:
-    root = Path(data_dir) if data_dir is not None else Path(config.data.root)
-    classes = list(get_class_set(config.data.classes))
-    train = load_split(root, config.data.train_split, classes)
+    """The splits a stage trains and scores on, and `config` with its classes resolved on them."""
+    config = with_data_root(config, data_dir)
+    root = Path(config.data.root)
+    train = load_split(root, config.data.train_split)
+    classes = stage_classes(config, train)
     eval_split = None
     if (root / f"{config.data.eval_split}.json").is_file():
         eval_split = load_split(root, config.data.eval_split, classes)
         if not any(eval_split.annotations_by_image.values()):
             eval_split = None  # an image-only split (DOTA test) cannot be scored
-    return StageData(root, train, eval_split, classes)
+    return StageData(root, train, eval_split, classes, config.with_classes(classes))
 
 
 def load_teacher(path: Path, config: RunConfig, classes: list[str], data_path: Path) -> Checkpoint:

@@ -26,7 +26,7 @@ from ds2d2_cli.models.amplifier import load_head
 from ds2d2_cli.models.detectors import build_detector, model_from_checkpoint
 from ds2d2_cli.models.families import family_of
 from ds2d2_cli.progress import NullReporter, Reporter
-from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything, with_data_root
+from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 from ds2d2_cli.tasks import DetectorTask
 
@@ -196,8 +196,8 @@ def distill(
     device = torch.device(device)
     method = config.distill.method
     chosen = get_method(method)
-    config = with_data_root(config, data_dir)
-    data = load_stage_data(config)
+    data = load_stage_data(config, data_dir)
+    config = data.config  # classes resolved: the run records the list
     if chosen.needs_teacher and teacher is None:
         raise InputError(f"--method {method} needs --teacher T.safetensors (or use --method none for the baseline)")
     teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path) if chosen.needs_teacher else None

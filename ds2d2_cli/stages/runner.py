@@ -26,7 +26,7 @@ from ds2d2_cli.fileio import read_json, write_json
 from ds2d2_cli.metrics_log import MetricsLog
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.evaluation import evaluate_on_split
-from ds2d2_cli.stages.common import StageData
+from ds2d2_cli.stages.common import StageData, resolve_classes
 
 
 DISTILL_PARTS = "distill_parts.safetensors"
@@ -68,6 +68,7 @@ def prior_run(stage: str, out: Path, config: RunConfig) -> PriorRun | None:
     stored_path = out / "config.json"
     if not stored_path.is_file():
         return PriorRun(finished, [NO_CONFIG])
+    config = resolve_classes(config)  # the run recorded `auto` as the list it stood for
     if not finished:
         return PriorRun(False, config_differences(stored_path, config_to_json(config)))
     try:

@@ -10,7 +10,7 @@ from ds2d2_cli.checkpoint import meta_for
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.models.detectors import build_detector
 from ds2d2_cli.progress import Reporter
-from ds2d2_cli.stages.common import load_stage_data, seed_everything, with_data_root
+from ds2d2_cli.stages.common import load_stage_data, seed_everything
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 from ds2d2_cli.tasks import DetectorTask
 
@@ -29,8 +29,8 @@ def train_detector(
     """Train `config.teacher` (stage teacher) or `config.student` without distillation (stage student)."""
     device = torch.device(device)
     stage = "teacher" if role == "teacher" else "student"
-    config = with_data_root(config, data_dir)
-    data = load_stage_data(config)
+    data = load_stage_data(config, data_dir)
+    config = data.config  # classes resolved: the run records the list
     prepare_stage(config, out, resume)
     seed_everything(config.schedule(stage).seed)
     model = build_detector(getattr(config, role), len(data.classes), config.input).to(device)
