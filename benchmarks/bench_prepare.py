@@ -64,7 +64,10 @@ def _objects(label: Path) -> list[tuple[list[float], str]]:
 
 
 def write_doors(scenes: Path, root: Path) -> dict[str, list[str]]:
-    """The DOTA scenes under `scenes/train` as VOC and YOLO too; {door: its prepare-data arguments}."""
+    """The DOTA scenes under `scenes/train` as VOC and YOLO too; {door: its prepare-data arguments}.
+
+    Every door reads the train split alone (the generator always holds one scene back in val/).
+    """
     from PIL import Image
 
     voc, yolo = root / "voc" / "train", root / "yolo"
@@ -85,7 +88,7 @@ def write_doors(scenes: Path, root: Path) -> dict[str, list[str]]:
             f"{SYNTHETIC.index(name)} " + " ".join(f"{v / (width if i % 2 == 0 else height):.8f}"
                                                    for i, v in enumerate(p)) + "\n" for p, name in objects))
     (yolo / "data.yaml").write_text(f"path: {yolo}\ntrain: images/train\nnames: {list(SYNTHETIC)}\n")
-    return {"dota": ["dota", str(scenes)], "voc": ["voc", str(root / "voc")], "yolo": ["yolo", str(yolo / "data.yaml")]}
+    return {"dota": ["dota", str(scenes / "train")], "voc": ["voc", str(root / "voc")], "yolo": ["yolo", str(yolo / "data.yaml")]}
 
 
 def _one(door_args: list[str], out: Path, size: int, gap: int) -> dict:
