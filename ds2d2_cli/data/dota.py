@@ -39,6 +39,7 @@ from ds2d2_cli.data.tiling import (  # noqa: F401 - the grid and window rule: AP
     PARTIAL_MODES, SplitStats, Tiling, window_annotations, window_origins, window_starts,
 )
 from ds2d2_cli.data.validate import (
+    one_image_per_stem,
     read_label_text,
     IMAGE_EXTS,
     BadItem,
@@ -191,19 +192,7 @@ def list_images(folder: Path, problems: Problems | None = None, split: str = "")
             images.append(p)
         else:
             problems.bad(unsupported_extension(p), "image", split=split, image=p.stem)
-    by_stem: dict[str, list[Path]] = {}
-    for p in images:
-        by_stem.setdefault(p.stem, []).append(p)
-    unique: list[Path] = []
-    for stem, group in by_stem.items():
-        if len(group) == 1:
-            unique.append(group[0])
-            continue
-        names = ", ".join(p.name for p in group)
-        for p in group:
-            problems.bad(BadItem(f"two images share the name {stem!r} ({names}): which label file is whose is "
-                                 "ambiguous", p, reason="duplicate image name"), "image", split=split, image=stem)
-    return sorted(unique)
+    return one_image_per_stem(images, problems, lambda stem: {"split": split, "image": stem})
 
 
 # --------------------------------------------------------------------------- the whole job

@@ -56,7 +56,8 @@ from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
 from ds2d2_cli.data.validate import (
-    IMAGE_EXTS, BadItem, Problems, held_progress, one_line, read_label_text, unsupported_extension,
+    IMAGE_EXTS, BadItem, Problems, held_progress, one_image_per_stem, one_line, read_label_text,
+    unsupported_extension,
 )
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter, Reporter
@@ -159,17 +160,9 @@ def _folder_files(folder: Path, problems: Problems) -> tuple[list[Path], dict[st
             images.setdefault(p.stem, []).append(p)
         else:
             problems.bad(unsupported_extension(p), "image", **where)
-    unique: list[Path] = []
-    for stem, group in images.items():
-        if len(group) == 1:
-            unique.append(group[0])
-            continue
-        names = ", ".join(p.name for p in group)
-        for p in group:
-            problems.bad(BadItem(f"two images share the name {stem!r} ({names}): which label file is whose is "
-                                 "ambiguous", p, reason="duplicate image name"), "image",
-                         split=NO_SPLIT, image=f"{folder.name}_{stem}")
-    return sorted(unique), labels, set(images)
+    unique = one_image_per_stem([p for group in images.values() for p in group], problems,
+                                lambda stem: {"split": NO_SPLIT, "image": f"{folder.name}_{stem}"})
+    return unique, labels, set(images)
 
 
 def split_of(names: list[str], val_fraction: float, seed: int) -> set[str]:

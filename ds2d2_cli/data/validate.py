@@ -21,7 +21,7 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ds2d2_cli.errors import InputError, one_line  # noqa: F401 - one_line: shared by the converters
 from ds2d2_cli.progress import NullReporter, Reporter
@@ -248,6 +248,24 @@ def open_rgb(path: str | Path):
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise _image_error(exc, path) from None
+
+
+def one_image_per_stem(images: Iterable[Path], problems: Problems, where: Callable[[str], dict[str, Any]]
+                       ) -> list[Path]:
+    """The images whose stem no other image shares, sorted; the others are bad items (which label file is whose?)."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in images:
+        by_stem.setdefault(path.stem, []).append(path)
+    unique: list[Path] = []
+    for stem, group in by_stem.items():
+        if len(group) == 1:
+            unique.append(group[0])
+            continue
+        names = ", ".join(p.name for p in group)
+        for path in group:
+            problems.bad(BadItem(f"two images share the name {stem!r} ({names}): which label file is whose is "
+                                 "ambiguous", path, reason="duplicate image name"), "image", **where(stem))
+    return sorted(unique)
 
 
 def read_label_text(path: Path) -> str:
