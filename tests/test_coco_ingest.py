@@ -110,3 +110,13 @@ def test_ingest_unreadable_json(tmp_path):
     with pytest.raises(InputError, match="image folder not found"):
         ann, _, _ = make_coco(tmp_path)
         ingest_coco(ann, tmp_path / "nope", tmp_path / "out")
+
+
+def test_a_given_area_that_rounds_to_zero_is_replaced_by_the_box_area(tmp_path):
+    """Found by the fuzz test: a 1 x 1 box whose file says area 0.0039 must not be written with area 0."""
+    ann, images, data = make_coco(tmp_path)
+    data["annotations"] = [{"id": 1, "image_id": 7, "category_id": 5, "bbox": [0, 0, 1, 1.0], "area": 0.00390625}]
+    ann.write_text(json.dumps(data), encoding="utf-8")
+    ingest_coco(ann, images, tmp_path / "out")
+    (written,) = json.loads((tmp_path / "out" / "instances.json").read_text())["annotations"]
+    assert written["bbox"] == [0.0, 0.0, 1.0, 1.0] and written["area"] == 1.0

@@ -221,7 +221,9 @@ def _scene_annotations(writer: CocoWriter, image_id: int, item: _Checked) -> Non
         obj = item.objects[index]
         fields: dict[str, Any] = {
             "bbox": box,
-            "area": _r(obj.area) if obj.area is not None and index not in placed.clipped else _r(area),
+            # the source's own area (a mask's) while the object is whole, unless it rounds to nothing
+            "area": _r(obj.area) if obj.area is not None and index not in placed.clipped and _r(obj.area) > 0
+            else _r(area),
             "iscrowd": obj.iscrowd,
         }
         if obj.polygon:
