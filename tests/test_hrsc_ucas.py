@@ -15,39 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from test_bad_input import _invoke, _nothing_written, _one_line  # the CLI checks every converter's tests share
 
-from ds2d2_cli.cli.app import app
 from ds2d2_cli.data.hrsc import CLASS_BY_ID, HRSC_CLASSES, rotated_box_corners
 from ds2d2_cli.data.tiling import window_origins
 from ds2d2_cli.data.ucas import split_of
 
-runner = CliRunner()
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _invoke(args: list) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_line(result, *needles: str, code: int = 2) -> str:
-    """Exit `code`, exactly one line on stderr ("error: FILE...: problem"), no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def _nothing_written(out: Path) -> None:
-    if out.exists():
-        left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() or p.name.endswith(".tmp"))
-        assert left == [], left
 
 
 def _image(path: Path, size=(80, 60)) -> None:

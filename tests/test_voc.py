@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from test_bad_input import _invoke, _nothing_written, _one_line  # the CLI checks every converter's tests share
 
 from ds2d2_cli.classes import class_choice
-from ds2d2_cli.cli.app import app
 from ds2d2_cli.data.tiling import Tiling
 from ds2d2_cli.data.voc import find_voc_layout, parse_voc_xml, prepare_voc, split_lists
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter
 
-runner = CliRunner()
 
 # A VOC2007 annotation as the devkit ships it (tabs, <source>, <owner>, <segmented>).
 VOC2007_XML = """<annotation>
@@ -271,26 +269,6 @@ def test_devkit_reports_follow_the_shared_images(tmp_path):
 
 
 # --------------------------------------------------------------------------- the CLI and bad input
-
-
-def _invoke(args: list) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_line(result, *needles: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def _nothing_written(out: Path) -> None:
-    if out.exists():
-        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == []
 
 
 def test_cli_prepares_and_summarises(tmp_path):
