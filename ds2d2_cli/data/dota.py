@@ -39,6 +39,7 @@ from ds2d2_cli.data.tiling import (  # noqa: F401 - the grid and window rule: AP
     PARTIAL_MODES, SplitStats, Tiling, window_annotations, window_origins, window_starts,
 )
 from ds2d2_cli.data.validate import (
+    difficult_flag,
     one_image_per_stem,
     read_label_text,
     IMAGE_EXTS,
@@ -142,16 +143,10 @@ def parse_dota_labels(path: str | Path, classes: Sequence[str], class_set: str =
             bad(f"unknown class {tokens[8]!r} (not one of the {len(classes)} classes{where}; "
                 "pick another with --classes)", lineno, "unknown class")
             continue
-        difficult = 0
-        if len(tokens) == 10:
-            try:
-                flag = float(tokens[9])
-            except ValueError:
-                flag = float("nan")
-            if not np.isfinite(flag):
-                bad(f"difficult flag must be 0 or 1, got {tokens[9]!r}", lineno, "malformed line")
-                continue
-            difficult = 1 if int(flag) != 0 else 0
+        difficult = difficult_flag(tokens[9]) if len(tokens) == 10 else 0
+        if difficult is None:
+            bad(f"difficult flag must be 0 or 1, got {tokens[9]!r}", lineno, "malformed line")
+            continue
         labels.objects.append(DotaObject(coords.reshape(4, 2), name, difficult, lineno))
     return labels
 

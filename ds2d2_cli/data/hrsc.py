@@ -59,7 +59,7 @@ from ds2d2_cli.data.dota import MAX_COORDINATE
 from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
-from ds2d2_cli.data.validate import IMAGE_EXTS, BadItem, Problems, held_progress, one_line
+from ds2d2_cli.data.validate import IMAGE_EXTS, BadItem, Problems, difficult_flag, finite, held_progress, one_line
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter, Reporter
 
@@ -160,11 +160,8 @@ def parse_hrsc_xml(path: str | Path, task: str = "ship",
             if node is None or not text:
                 bad(f"{item}: <{tag}> is missing or empty", obj if node is None else node, "malformed object")
                 break
-            try:
-                value = float(text)
-            except ValueError:
-                value = float("nan")
-            if not np.isfinite(value):
+            value = finite(text)
+            if value is None:
                 bad(f"{item}: <{tag}> must be a finite number (got {text[:40]!r})", node, "malformed object")
                 break
             if tag != "mbox_ang" and abs(value) > MAX_COORDINATE:
@@ -188,18 +185,12 @@ def parse_hrsc_xml(path: str | Path, task: str = "ship",
                     "--task ship ignores Class_ID)", obj if node is None else node, "unknown class")
                 continue
             name = CLASS_BY_ID[class_id]
-        difficult = 0
         node = obj.find("difficult")
         flag_text = (node.text or "").strip() if node is not None else ""
-        if flag_text:
-            try:
-                flag = float(flag_text)
-            except ValueError:
-                flag = float("nan")
-            if not np.isfinite(flag):
-                bad(f"{item}: <difficult> must be 0 or 1 (got {flag_text[:40]!r})", node, "malformed object")
-                continue
-            difficult = 1 if int(flag) != 0 else 0
+        difficult = difficult_flag(flag_text)
+        if difficult is None:
+            bad(f"{item}: <difficult> must be 0 or 1 (got {flag_text[:40]!r})", node, "malformed object")
+            continue
         labels.objects.append(SceneObject(rotated_box_corners(*values), name, difficult, line=lines.get(obj),
                                           item=item))
     return labels
@@ -213,11 +204,8 @@ def _declared_size(root: ET.Element, lines: dict[ET.Element, int], path: Path) -
         text = (node.text or "").strip() if node is not None else ""
         if not text:
             return None
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not np.isfinite(value) or value < 0 or value != int(value):
+        value = finite(text)
+        if value is None or value < 0 or value != int(value):
             raise BadItem(f"<{tag}> must be a whole number of pixels (got {text[:40]!r})", path, lines.get(node),
                           reason="malformed XML")
         size.append(int(value))

@@ -56,7 +56,7 @@ from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
 from ds2d2_cli.data.validate import (
-    IMAGE_EXTS, BadItem, Problems, held_progress, one_image_per_stem, one_line, read_label_text,
+    IMAGE_EXTS, BadItem, Problems, finite, held_progress, one_image_per_stem, one_line, read_label_text,
     unsupported_extension,
 )
 from ds2d2_cli.errors import InputError
@@ -105,11 +105,8 @@ def _line_problem(tokens: list[str]) -> tuple[str, str] | None:
     if len(tokens) != FIELDS:
         return f"expected {FIELDS} numbers ({COLUMNS}), got {len(tokens)} fields", "malformed line"
     for i, token in enumerate(tokens, start=1):
-        try:
-            value = float(token)
-        except ValueError:
-            value = float("nan")
-        if not np.isfinite(value):
+        value = finite(token)
+        if value is None:
             return f"field {i} ({COLUMNS.split()[i - 1]}) must be a finite number, got {token[:40]!r}", \
                 "malformed line"
         if i <= 8 and abs(value) > MAX_COORDINATE:

@@ -18,6 +18,7 @@ Reporter); the CLI prints.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,23 @@ def one_image_per_stem(images: Iterable[Path], problems: Problems, where: Callab
             problems.bad(BadItem(f"two images share the name {stem!r} ({names}): which label file is whose is "
                                  "ambiguous", path, reason="duplicate image name"), "image", **where(stem))
     return sorted(unique)
+
+
+def finite(text: str) -> float | None:
+    """`text` as a finite number, or None (not a number, nan, inf): every label format's number check."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def difficult_flag(text: str) -> int | None:
+    """DOTA's and VOC's difficult flag: 0 when empty, 1 for any non-zero number, None when not a number."""
+    if not text:
+        return 0
+    value = finite(text)
+    return None if value is None else (1 if int(value) != 0 else 0)
 
 
 def read_label_text(path: Path) -> str:

@@ -64,6 +64,7 @@ from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, box_corners, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
 from ds2d2_cli.data.validate import (
+    difficult_flag,
     IMAGE_EXTS,
     BadItem,
     Problems,
@@ -119,13 +120,10 @@ def _object(obj: ET.Element, i: int, path: Path, classes: Sequence[str] | None, 
                       f"ymax {box[3]:g})", path, reason="bad box")
     difficult_node = obj.find("difficult")
     text = difficult_node.text.strip() if difficult_node is not None and difficult_node.text else ""
-    try:
-        flag = float(text) if text else 0.0
-    except ValueError:
-        flag = math.nan
-    if not math.isfinite(flag):
+    difficult = difficult_flag(text)
+    if difficult is None:
         raise BadItem(f"{what}: <difficult> must be 0 or 1, got {text[:20]!r}", path, reason="malformed field")
-    return {"name": name, "box": box, "difficult": 1 if flag else 0, "index": i}
+    return {"name": name, "box": box, "difficult": difficult, "index": i}
 
 
 def _size(root: ET.Element, path: Path, require: bool) -> tuple[int | None, int | None]:
