@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from ds2d2_cli.cli.app import app
 
 from conftest import TINY
+from test_prepare_cli import _sample  # the real DOTA sample, or a skip
 
 runner = CliRunner()
 CLASSES = ("tree", "car")  # in the order the labelling tool numbers them
@@ -163,16 +164,6 @@ def test_own_data_every_stage(tmp_path, fmt):
 # --------------------------------------------------------------------------- one tiling, three doors
 
 
-def _dota_sample() -> Path:
-    import os
-
-    env = os.environ.get("DS2D2_DOTA_SAMPLE")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/dota-devkit-example"
-    if not (path / "train" / "images").is_dir():
-        pytest.skip(f"real DOTA sample not found at {path} (set DS2D2_DOTA_SAMPLE)")
-    return path
-
-
 def _dota_objects(label: Path) -> list[tuple[list[float], str, int]]:
     rows = []
     for line in label.read_text().splitlines():
@@ -209,7 +200,7 @@ def test_one_tiling_three_doors(tmp_path):
     windows and boxes as `prepare-data dota` (to 0.01 px)."""
     from ds2d2_cli.classes import DOTA_V1_0
 
-    sample = _dota_sample()
+    sample = _sample()
     cut = ["--split", "1024", "--gap", "200", "--classes", "dota-v1.0"]
     _run(["prepare-data", "dota", sample, "--out", tmp_path / "dota", *cut])
 

@@ -87,7 +87,6 @@ class _Checked:
     scene: Scene
     objects: list[SceneObject]
     category_ids: list[int]
-    degenerate: int
     size: tuple[int, int] | None = None
     placed: Placed | None = None
     reported: bool = False  # its border problems were reported (a scene may belong to two splits)
@@ -95,12 +94,12 @@ class _Checked:
 
 def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_names: Sequence[str],
                    classes_label: str | None, tiling: Tiling | None, problems: Problems, reporter: Reporter,
-                   workers: int = 1, meta: dict[str, Any] | None = None, json_names: dict[str, str] | None = None,
+                   workers: int = 1, meta: dict[str, Any] | None = None,
                    report_splits: dict[str, Sequence[str]] | None = None) -> dict[str, SplitSummary]:
     """Write every plan's split into `out` (see the module docstring); the figures of each split.
 
-    `json_names` renames a split's JSON (`prepare-data coco --name`); `report_splits` says
-    whose reports a split's JSON lists besides its own (DIOR's trainval: train and val).
+    `report_splits` says whose reports a split's JSON lists besides its own (DIOR's trainval:
+    train and val).
     """
     if tiling is not None:
         tiling.check()
@@ -113,13 +112,12 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
     for plan in plans:
         for scene in plan.scenes:
             if id(scene) not in checked:
-                objects, zero = usable_objects(scene, problems)
-                checked[id(scene)] = _Checked(scene, objects, [category_id[o.name] for o in objects], zero)
+                objects = usable_objects(scene, problems)
+                checked[id(scene)] = _Checked(scene, objects, [category_id[o.name] for o in objects])
     if tiling is None:
         _check_whole_images(checked, problems, reporter)
     writable_folder(out)
-    names = {plan.name: (json_names or {}).get(plan.name, plan.name) for plan in plans}
-    for name in names.values():  # a stale JSON must not describe what this run rewrites
+    for name in (plan.name for plan in plans):  # a stale JSON must not describe what this run rewrites
         for stale in (out / f"{name}.json", out / f"{name}{SCENES_SUFFIX}.json"):
             try:
                 stale.unlink(missing_ok=True)
@@ -130,7 +128,7 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
     summaries: dict[str, SplitSummary] = {}
     with staging(out) as stage:
         for plan in plans:
-            name = names[plan.name]
+            name = plan.name
             shares = tuple(report_splits.get(plan.name, ())) if report_splits else ()
             own = [plan.name, *shares]
             settings = {"source": source, "classes": classes_label, "split": name,

@@ -81,14 +81,13 @@ def object_message(scene: Scene, obj: SceneObject, text: str, reason: str) -> Ba
     return BadItem(f"{lead}{text}", scene.label_path, obj.line, reason=reason)
 
 
-def usable_objects(scene: Scene, problems: Problems) -> tuple[list[SceneObject], int]:
+def usable_objects(scene: Scene, problems: Problems) -> list[SceneObject]:
     """The scene's objects after the repairs and drops every format shares (not the image border).
 
-    Returns (objects, zero-area objects dropped). Bow-ties become their hull (repaired);
-    zero-area objects are dropped and reported.
+    Bow-ties become their hull (repaired); zero-area objects are dropped and reported (the
+    summaries count them from the report).
     """
     kept: list[SceneObject] = []
-    zero = 0
     for obj in scene.objects:
         poly = obj.poly
         if obj.polygon and len(poly) == 4:
@@ -102,10 +101,9 @@ def usable_objects(scene: Scene, problems: Problems) -> tuple[list[SceneObject],
             what = "zero-area polygon (its corners lie on one line or point)" if obj.polygon else \
                 f"zero-area box ({', '.join(f'{v:g}' for v in _extent(obj.poly))})"
             problems.drop(object_message(scene, obj, what, "zero-area object"), "object", **scene.where)
-            zero += 1
             continue
         kept.append(obj)
-    return kept, zero
+    return kept
 
 
 def _extent(poly: np.ndarray) -> tuple[float, float, float, float]:
