@@ -24,7 +24,7 @@ from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import atomic_path
 
 FORMAT_NAME = "ds2d2-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `input` carries bands and the data's sample spec (1 is read as 8-bit RGB)
 Stage = Literal["teacher", "amplifier", "student"]
 STAGES: tuple[str, ...] = ("teacher", "amplifier", "student")
 
@@ -53,7 +53,8 @@ class CheckpointMeta:
             "fpn_channels": str(self.model.fpn_channels),
             "classes": json.dumps(self.classes),
             "input_size": str(self.input.size),
-            "normalisation": json.dumps({"mean": list(self.input.mean), "std": list(self.input.std)}),
+            "normalisation": json.dumps({"mean": list(self.input.resolved.mean), "std": list(self.input.resolved.std)}),
+            "bands": json.dumps(list(self.input.resolved.bands)),
             "model": self.model.model_dump_json(),
             "input": self.input.model_dump_json(),
             "preset": self.preset,

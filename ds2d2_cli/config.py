@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ds2d2_cli.classes import AUTO, CLASS_SETS, class_choice, split_class_text
 from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, REFERENCE_SETTINGS, TERMS
 from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.sample import IMAGENET_MEAN, IMAGENET_STD, SampleSpec
 
 Detector = Literal["retinanet", "faster_rcnn"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d",
@@ -69,9 +70,86 @@ class DataConfig(_Strict):
 
 
 class InputConfig(_Strict):
+    """What the models read: input size, bands and their normalisation, and (once resolved
+    against prepared data by `resolve`) the data's `SampleSpec`, which checkpoints carry."""
+
     size: int = Field(gt=0, description="long side of the network input in pixels")
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    bands: Literal["auto"] | tuple[str, ...] = Field(
+        AUTO, description="bands the models read, in order; auto: all of the prepared data's bands")
+    mean: Literal["auto"] | tuple[float, ...] = Field(
+        AUTO, description="per-band mean of the scaled values; auto: ImageNet's for red/green/blue, "
+                          "the training split's for other bands")
+    std: Literal["auto"] | tuple[float, ...] = Field(AUTO, description="per-band std; auto as for mean")
+    sample: SampleSpec | None = Field(
+        None, description="how the data's stored pixels are read (set from the prepared data, not by hand)")
+
+    @field_validator("bands", mode="before")
+    @classmethod
+    def _bands_text(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != AUTO:
+            return tuple(split_class_text(value) or [value.strip()])  # `--set input.bands=red,green,blue,nir`
+        return value
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "InputConfig":
+        if self.bands != AUTO:
+            if not self.bands or len(set(self.bands)) != len(self.bands):
+                raise ValueError("input.bands must name at least one band, each once")
+            for name in ("mean", "std"):
+                value = getattr(self, name)
+                if value != AUTO and len(value) != len(self.bands):
+                    raise ValueError(f"input.{name} has {len(value)} values for {len(self.bands)} bands")
+        if self.std != AUTO and any(v <= 0 for v in self.std):
+            raise ValueError("input.std values must be positive")
+        return self
+
+    @property
+    def resolved(self) -> "InputConfig":
+        """Concrete bands, mean and std: resolved on the data when `sample` is known, else
+        as 8-bit RGB (data prepared, and checkpoints written, before bands existed)."""
+        return self.resolve(self.sample or SampleSpec())
+
+    def resolve(self, data: SampleSpec, where: str | Path | None = None) -> "InputConfig":
+        """This input made concrete on prepared data described by `data`."""
+        bands = data.bands if self.bands == AUTO else tuple(self.bands)
+        missing = [b for b in bands if b not in data.bands]
+        if missing:
+            raise InputError(f"input.bands asks for {', '.join(missing)}, which the data does not have "
+                             f"(its bands: {', '.join(data.bands)}); use --set input.bands=auto or name "
+                             f"some of {', '.join(data.bands)}", where)
+
+        def auto(values: Any, imagenet: dict[str, float], measured: tuple[float, ...] | None,
+                 name: str) -> tuple[float, ...]:
+            if values != AUTO:
+                if len(values) != len(bands):
+                    raise InputError(f"input.{name} has {len(values)} values for {len(bands)} bands "
+                                     f"({', '.join(bands)})", where)
+                return tuple(values)
+            out = []
+            for band in bands:
+                if band in imagenet:
+                    out.append(imagenet[band])
+                elif measured is not None:
+                    out.append(measured[data.bands.index(band)])
+                else:
+                    raise InputError(f"no statistics for band {band!r} in the prepared data; prepare it "
+                                     f"again or set input.{name}", where)
+            return tuple(out)
+
+        mean = auto(self.mean, IMAGENET_MEAN, data.mean, "mean")
+        std = auto(self.std, IMAGENET_STD, data.std, "std")
+        return InputConfig(size=self.size, bands=bands, mean=mean, std=std, sample=data)
+
+    @property
+    def channels(self) -> int:
+        return len(self.resolved.bands)
+
+    def comparable(self) -> dict[str, Any]:
+        """What decides a model's input, for comparing runs and checkpoints (not the statistics
+        of the data beyond the mean and std in use)."""
+        r = self.resolved
+        return {"size": r.size, "bands": list(r.bands), "mean": list(r.mean), "std": list(r.std),
+                "reading": json.loads(json.dumps(r.sample.reading()))}
 
 
 class ModelConfig(_Strict):
@@ -297,7 +375,7 @@ class RunConfig(_Strict):
         when only another stage's settings changed. Checkpoints handed over from earlier stages
         are their own stages' business; the data folder's path is not a setting (its class set is)."""
         inputs: dict[str, Any] = {"data": {"classes": comparable_classes(self.data)},
-                                  "input": self.input.model_dump(mode="json"),
+                                  "input": self.input.comparable(),
                                   "teacher": self.teacher.model_dump(mode="json"),
                                   self.schedule_key(stage): self.schedule(stage).model_dump(mode="json")}
         if stage == "amplifier":

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ds2d2_cli.data.prepared import SCENES_SUFFIX
-from ds2d2_cli.errors import InputError
+from ds2d2_cli.errors import InputError, one_line
+from ds2d2_cli.sample import SampleSpec
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
 
@@ -40,6 +41,17 @@ class CocoSplit:
 
     def image_path(self, image: dict[str, Any]) -> Path:
         return (self.path.parent / image["file_name"]).resolve()
+
+    @property
+    def sample(self) -> SampleSpec:
+        """How this split's pixels are stored (`info["sample"]`; 8-bit RGB for data prepared before bands)."""
+        recorded = self.info.get("sample")
+        if recorded is None:
+            return SampleSpec()
+        try:
+            return SampleSpec.model_validate(recorded)
+        except ValueError as exc:
+            raise InputError(f"info.sample is damaged ({one_line(exc)})", self.path) from None
 
 
 def split_json_path(data_dir: str | Path, split: str) -> Path:

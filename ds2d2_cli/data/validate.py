@@ -174,6 +174,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the file header only; BadItem for a missing or unreadable file."""
     Image, _ = _pil()
     path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):  # GeoTIFF: any bands and types, through rasterio
+        from ds2d2_cli.data.raster import probe
+
+        info = probe(path)
+        return info.width, info.height
     try:
         with no_pixel_limit(), Image.open(path) as img:
             _check_format(img, path)
@@ -214,6 +219,12 @@ def check_image(path: str | Path) -> tuple[int, int]:
     """
     Image, _ = _pil()
     path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        from ds2d2_cli.data.raster import probe, read_raster
+
+        info = probe(path)
+        read_raster(path, (0, info.height - 1, info.width, 1))  # the last row: a truncated file fails here
+        return info.width, info.height
     try:
         with no_pixel_limit(), Image.open(path) as img:
             _check_format(img, path)

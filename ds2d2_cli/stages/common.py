@@ -63,13 +63,33 @@ def stage_classes(config: RunConfig, train: CocoSplit) -> list[str]:
     return list(wanted)
 
 
+def check_same_sample(split: CocoSplit, train: CocoSplit) -> None:
+    """A split scored with a model trained on `train` must store its pixels the same way."""
+    if split.sample.reading() != train.sample.reading():
+        raise InputError(
+            f"the split's images are {split.sample.describe()}, the training split's {train.sample.describe()}; "
+            "prepare both splits from the same kind of imagery", split.path,
+        )
+
+
 def resolve_classes(config: RunConfig) -> RunConfig:
     """`config` with `data.classes` the explicit list it stands for (`auto`: the training
-    split's categories), so a re-run compares with what a run recorded; checks nothing else."""
+    split's categories) and its input resolved on the training split's sample, so a re-run
+    compares with what a run recorded; checks nothing else."""
+    train = None
     names = config.data.class_names
+    if names is None or config.input.sample is None:
+        train = load_split(Path(config.data.root), config.data.train_split)
     if names is None:
-        names = tuple(load_split(Path(config.data.root), config.data.train_split).class_names)
+        names = tuple(train.class_names)
+    if train is not None:
+        config = with_input(config, train)
     return config.with_classes(names)
+
+
+def with_input(config: RunConfig, train: CocoSplit) -> RunConfig:
+    """`config` with `input` resolved on the training split's sample spec (bands, scaling, statistics)."""
+    return config.model_copy(update={"input": config.input.resolve(train.sample, train.path)})
 
 
 def with_data_root(config: RunConfig, data_dir: Path | None) -> RunConfig:
@@ -86,9 +106,11 @@ def load_stage_data(config: RunConfig, data_dir: Path | None = None) -> StageDat
     root = Path(config.data.root)
     train = load_split(root, config.data.train_split)
     classes = stage_classes(config, train)
+    config = with_input(config, train)
     eval_split = None
     if (root / f"{config.data.eval_split}.json").is_file():
         eval_split = load_split(root, config.data.eval_split, classes)
+        check_same_sample(eval_split, train)
         if not any(eval_split.annotations_by_image.values()):
             eval_split = None  # an image-only split (DOTA test) cannot be scored
     return StageData(root, train, eval_split, classes, config.with_classes(classes))
@@ -103,7 +125,7 @@ def load_teacher(path: Path, config: RunConfig, classes: list[str], data_path: P
             f"the teacher is a {checkpoint.meta.model.detector}, the preset's student a {config.student.detector}; "
             "teacher and student must be the same detector family", path,
         )
-    if checkpoint.meta.input != config.input:
+    if checkpoint.meta.input.comparable() != config.input.comparable():
         raise InputError(
             f"the teacher was trained at input {checkpoint.meta.input.size} px with its own normalisation; "
             f"the preset says {config.input.size} px (use the teacher's preset or --set input...)", path,
