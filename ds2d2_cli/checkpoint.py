@@ -22,6 +22,7 @@ from ds2d2_cli import __version__
 from ds2d2_cli.config import InputConfig, ModelConfig, RunConfig
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import atomic_path
+from ds2d2_cli.sample import SampleSpec
 
 FORMAT_NAME = "ds2d2-checkpoint"
 FORMAT_VERSION = 2  # 2: `input` carries bands and the data's sample spec (1 is read as 8-bit RGB)
@@ -201,4 +202,16 @@ def check_classes(checkpoint: Checkpoint, classes: Sequence[str], data_path: Pat
         raise InputError(
             f"classes of {checkpoint.path.name} ({', '.join(checkpoint.meta.classes)}) do not match the "
             f"dataset's ({', '.join(classes)})", data_path,
+        )
+
+
+def check_bands(checkpoint: Checkpoint, data: SampleSpec, data_path: Path) -> None:
+    """Data scored or read by a checkpoint must store the bands its model read in training, the same way."""
+    model = checkpoint.meta.input.resolved
+    stored = model.sample
+    if data.bands != stored.bands or data.dtype != stored.dtype:
+        raise InputError(
+            f"{checkpoint.path.name} reads {len(model.bands)} band{'s' if len(model.bands) > 1 else ''} "
+            f"({', '.join(model.bands)}) of data stored as {stored.describe()}; these images are "
+            f"{data.describe()}", data_path,
         )

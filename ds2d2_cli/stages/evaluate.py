@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ds2d2_cli import distributed
-from ds2d2_cli.checkpoint import check_classes, load_checkpoint
+from ds2d2_cli.checkpoint import check_bands, check_classes, load_checkpoint
 from ds2d2_cli.evaluation import evaluate_on_split, evaluate_results_file
 from ds2d2_cli.fileio import write_json
 from ds2d2_cli.progress import Reporter
@@ -40,6 +40,7 @@ def evaluate_checkpoint(
     split = split or (config.data.eval_split if config is not None else "val")
     coco = load_split(Path(data_dir), split)
     check_classes(checkpoint, coco.class_names, coco.path)
+    check_bands(checkpoint, coco.sample, coco.path)
     device = torch.device(device)
     model = model_from_checkpoint(checkpoint, device)
     metrics, results = evaluate_on_split(model, coco, device, batch_size=batch_size,
