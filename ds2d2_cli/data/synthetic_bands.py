@@ -202,7 +202,8 @@ def _scatterers(sigma: np.ndarray, objects: list, look: np.ndarray, rng: np.rand
         if o.kind == "tank":
             r = o.length / 2
             for a in math.atan2(-look[1], -look[0]) + np.linspace(-1.2, 1.2, 5):
-                points.append((o.cx + r * math.cos(a), o.cy + r * math.sin(a), float(np.exp(rng.uniform(0, math.log(6))))))
+                amp = float(np.exp(rng.uniform(0, math.log(6))))
+                points.append((o.cx + r * math.cos(a), o.cy + r * math.sin(a), amp))
             continue
         corners = syn._shrink(o.corners, 0.85)
         for x, y in corners:
