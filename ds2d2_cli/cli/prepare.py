@@ -348,16 +348,23 @@ def synthetic_command(
     images: int = typer.Option(24, "--images", help="number of scenes"),
     size: int = typer.Option(640, "--size", help="scene width and height in pixels"),
     seed: int = typer.Option(0, "--seed", help="random seed (same seed, same scenes)"),
+    bands: str = typer.Option("rgb", "--bands", help="rgb: 8-bit PNG; rgbn: 12-bit red, green, blue, nir in uint16 "
+                              "GeoTIFF; sar: float32 GeoTIFF, VV backscatter with speckle (same scenes and labels)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Generate small synthetic DOTA-like scenes (train/ and val/) for smoke tests and demos.
 
     Then cut them into patches for the tiny-synthetic preset:
     ds2d2 prepare-data dota data/synthetic --split 128 --gap 32 --classes synthetic
+
+    --bands rgbn or sar writes the same scenes and label files with P0000.tif images
+    instead: near-infrared (vegetation bright, water dark, paint dark, so green-painted
+    vehicles stand out from trees) or SAR (dark water, bright metal, speckle).
     """
     from ds2d2_cli.data.synthetic import generate_synthetic
 
-    summary: dict[str, Any] = generate_synthetic(out, images=images, size=size, seed=seed, reporter=RichReporter())
+    summary: dict[str, Any] = generate_synthetic(out, images=images, size=size, seed=seed, reporter=RichReporter(),
+                                                 bands=bands)
     console = _console(json_out)
     table = Table(title=f"synthetic scenes -> {out}")
     table.add_column("split")

@@ -17,6 +17,11 @@ per-scene sun, trees may partly hide them, and the image gets a slight blur, a c
 and sensor noise. Everything comes from `numpy.random.default_rng` seeded per image
 (`SeedSequence(seed).spawn`), and PNGs are written without metadata, so the same seed
 gives the same bytes.
+
+`bands="rgbn"` or `"sar"` renders the same scenes (same objects, same label files) and
+writes `P0000.tif` GeoTIFFs instead: 12-bit red, green, blue and near-infrared, or SAR VV
+backscatter (`synthetic_bands` says how). Their extra randomness comes from a second
+stream spawned from each scene's seed, so the scene itself does not change.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from ds2d2_cli.progress import NullReporter, Reporter
 
 IMAGESOURCE = "ds2d2-synthetic"
 PNG_COMPRESS_LEVEL = 1  # fixed: same bytes for the same seed, fast to write
-_NAME_RE = re.compile(r"^P\d{4,}\.(png|txt)$")
+_NAME_RE = re.compile(r"^P\d{4,}\.(png|tif|txt)$")
+BAND_MODES = ("rgb", "rgbn", "sar")
 
 # Surface codes of the per-pixel `surface` map, used to decide where objects may stand.
 GROUND, BUILDING, WATER, ROAD, PAD, URBAN, PIER, FOREST = range(8)
@@ -54,14 +60,21 @@ def generate_synthetic(
     seed: int = 0,
     val_fraction: float = 0.25,
     reporter: Reporter | None = None,
+    bands: str = "rgb",
 ) -> dict:
     """Write `images` synthetic scenes of `size` x `size` px under `out` in the DOTA layout.
+
+    `bands`: rgb (8-bit PNG), rgbn (uint16 GeoTIFF red, green, blue, nir) or sar (float32
+    GeoTIFF, vv); see `BAND_MODES` and `synthetic_bands`.
 
     The last `round(images * val_fraction)` scenes (at least one when `images >= 2`, and
     never all of them) go to `val/`, the others to `train/`. Returns
     `{"train": {"images": n, "objects": {class: count}}, "val": {...}, "seconds": s}`.
     """
     _check_args(images, size, seed, val_fraction)
+    if bands not in BAND_MODES:
+        raise InputError(f"--bands must be one of {', '.join(BAND_MODES)} (got {bands!r})")
+    ext = ".png" if bands == "rgb" else ".tif"
     out = Path(out)
     reporter = reporter if reporter is not None else NullReporter()
     n_val = int(round(images * val_fraction))
@@ -74,7 +87,7 @@ def generate_synthetic(
     width = max(4, len(str(images - 1)))
     names = [f"P{i:0{width}d}" for i in range(images)]
 
-    _prepare_out(out, {(s, n) for s, n in zip(splits, names)})
+    _prepare_out(out, {(s, n + e) for s, n in zip(splits, names) for e in (ext, ".txt")})
 
     summary: dict[str, Any] = {
         split: {"images": 0, "objects": {c: 0 for c in SYNTHETIC}} for split in ("train", "val")
@@ -85,8 +98,16 @@ def generate_synthetic(
     try:
         for i, (name, split, child) in enumerate(zip(names, splits, children)):
             focus = SYNTHETIC[i % len(SYNTHETIC)]
-            image, objects, gsd = render_scene(np.random.default_rng(child), size, focus)
-            _write_png(out / split / "images" / f"{name}.png", image)
+            rng = np.random.default_rng(child)
+            if bands == "rgb":
+                image, objects, gsd = render_scene(rng, size, focus)
+                _write_png(out / split / "images" / f"{name}.png", image)
+            else:
+                from ds2d2_cli.data.synthetic_bands import render_bands, write_bands
+
+                scene = render_bands(rng, np.random.default_rng(child.spawn(1)[0]), size, focus, bands)
+                write_bands(out / split / "images" / f"{name}.tif", scene, index=i)
+                objects, gsd = scene.objects, scene.gsd
             _write_labels(out / split / "labelTxt" / f"{name}.txt", objects, gsd, size)
             summary[split]["images"] += 1
             for obj in objects:
@@ -122,7 +143,11 @@ def _check_args(images: Any, size: Any, seed: Any, val_fraction: Any) -> None:
 
 
 def _prepare_out(out: Path, keep: set[tuple[str, str]]) -> None:
-    """Create the layout; refuse a folder holding someone else's data; drop stale scenes."""
+    """Create the layout; refuse a folder holding someone else's data; drop stale scenes.
+
+    `keep` holds (split, file name): a P0000.png left from an rgb run goes when the scene
+    is now P0000.tif, so no label file has two images.
+    """
     if out.exists() and not out.is_dir():
         raise InputError("output path exists and is not a folder", out)
     for split in ("train", "val"):
@@ -146,7 +171,7 @@ def _prepare_out(out: Path, keep: set[tuple[str, str]]) -> None:
                 folder = out / split / sub
                 folder.mkdir(parents=True, exist_ok=True)
                 for f in folder.iterdir():
-                    if f.is_file() and _NAME_RE.match(f.name) and (split, f.name[:-4]) not in keep:
+                    if f.is_file() and _NAME_RE.match(f.name) and (split, f.name) not in keep:
                         f.unlink()
     except OSError as exc:
         raise Ds2d2Error(f"cannot write here: {exc.strerror or exc}", out) from None
@@ -292,10 +317,21 @@ def render_scene(
     return _Scene(rng, size).render(focus)
 
 
+@dataclass(frozen=True)
+class Optics:
+    """The blur, per-channel gain, haze and noise level one scene's camera drew (for extra bands)."""
+
+    blur: float
+    gain: np.ndarray
+    haze: float
+    noise_sd: float
+
+
 class _Scene:
-    def __init__(self, rng: np.random.Generator, size: int):
+    def __init__(self, rng: np.random.Generator, size: int, keep_layers: bool = False):
         self.rng = rng
         self.size = size
+        self.keep_layers = keep_layers  # keep colour, optics, sensed: `synthetic_bands` derives NIR / SAR
         self.gsd = float(rng.uniform(0.32, 0.62))
         self.px = 1.0 / self.gsd  # pixels per metre
         ax = np.arange(size, dtype=np.float32)
@@ -1012,12 +1048,20 @@ class _Scene:
             draw.ellipse((x + h[0] - r2, y + h[1] - r2, x + h[0] + r2, y + h[1] + r2), fill=_shade(g, 1.25))
         self.mark_difficult()
         # optics and sensor
-        im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.45, 0.85))))
+        blur = float(rng.uniform(0.45, 0.85))
+        if self.keep_layers:
+            self.colour = np.asarray(im)  # what the ground looks like before optics and sensor
+        im = im.filter(ImageFilter.GaussianBlur(blur))
         arr = np.asarray(im).astype(np.float32)
         gain = rng.uniform(0.88, 1.12) * rng.uniform(0.95, 1.05, 3)
         haze = rng.uniform(0, 18)
         arr = arr * gain.astype(np.float32) + haze
-        arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(rng.uniform(1.5, 4.0))
+        noise = rng.standard_normal(arr.shape, dtype=np.float32)
+        noise_sd = np.float32(rng.uniform(1.5, 4.0))
+        arr += noise * noise_sd
+        if self.keep_layers:
+            self.optics = Optics(blur, gain, float(haze), float(noise_sd))
+            self.sensed = arr  # before 8-bit quantisation: the 12-bit bands of `--bands rgbn`
         image = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
         labelled = [o for o in self.objects if o.cls is not None]
         return image, labelled, self.gsd
