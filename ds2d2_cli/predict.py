@@ -467,6 +467,14 @@ def _decode(path: Path) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
+def load_image(path: str | Path, predictor: Predictor | None = None) -> np.ndarray:
+    """A whole image's stored pixels of `predictor`'s bands (`[C, H, W]`, in its order; RGB without
+    one), ready for `predict_scene`; an InputError naming the file when it lacks one of them."""
+    path = Path(path)
+    bands, reading = model_reading(predictor)
+    return _select(_decode(path), image_bands(raster.probe(path), bands, reading))
+
+
 def _file_scene(info: RasterInfo, index: list[int], stored: np.ndarray | None) -> _Scene:
     """The model's bands of a file: from its decoded pixels, or (`stored` None) window by window from the file."""
     if stored is not None:

@@ -22,8 +22,8 @@ from ds2d2_cli.data.raster import RasterInfo
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.export import synthetic_image
 from ds2d2_cli.models.detectors import build_detector
-from ds2d2_cli.predict import (OnnxPredictor, crs_member, detections_geojson, image_bands, map_corners, picture,
-                               predict_paths, slice_windows)
+from ds2d2_cli.predict import (OnnxPredictor, crs_member, detections_geojson, image_bands, load_image, map_corners,
+                               picture, predict_paths, predict_scene, slice_windows)
 from ds2d2_cli.progress import NullReporter
 from ds2d2_cli.sample import RGB, SampleSpec
 
@@ -262,6 +262,10 @@ def test_a_model_reads_a_subset_of_the_bands_in_its_order(geotiff, tmp_path):
 
     result = predict_paths(NirRed(), [geotiff], tmp_path / "out", draw=False)
     assert result["per_class"] == {"dark": 1, "bright": 1} and result["bands"] == ["nir", "red"]
+    pixels = load_image(geotiff, NirRed())  # the API's way: stored values of the model's bands
+    assert pixels.dtype == np.uint16 and np.array_equal(pixels, _pixels()[[3, 0]])
+    found = predict_scene(NirRed(), pixels, slice_size=128, overlap=48)
+    assert found["boxes"].tolist() == [list(box) for box in OBJECTS.values()] and found["labels"].tolist() == [1, 2]
 
 
 def _tiny_onnx(path: Path, channels: int, **meta: str) -> Path:
