@@ -3,14 +3,23 @@
 Models (`load_predictor`)
     A teacher or student ``.safetensors`` checkpoint (run by PyTorch on the chosen device,
     images batched) or an ONNX file written by ``ds2d2 export`` (run by onnxruntime on the
-    CPU; class names, input size and score threshold come from its ``metadata_props``).
-    Both are a `Predictor`: ``predictor(images)`` takes a list of ``[3, H, W]`` float
-    tensors in 0..1 and returns one dict per image with ``boxes`` ``[K, 4]`` (x1, y1, x2,
-    y2 in that image's pixels), ``scores`` ``[K]`` and ``labels`` ``[K]`` (category id 1..C:
-    class name = ``classes[label - 1]``). The checkpoint's detector resizes each image to
-    its input size itself; the ONNX graph takes one ``[3, S, S]`` image, so each image is
-    padded with zeros to a square on the right/bottom, resized to S x S and its boxes are
-    scaled back (the aspect ratio is kept, as the checkpoint's detector keeps it).
+    CPU; class names, input size, score threshold, bands and sample spec come from its
+    ``metadata_props``; an export without ``bands``/``sample`` reads 8-bit RGB).
+    Both are a `Predictor`: it names the bands it reads (``.bands``) and how stored pixels
+    become its floats (``.sample``, the training data's `SampleSpec`); ``predictor(images)``
+    takes a list of ``[C, H, W]`` float tensors (those bands, already scaled) and returns one
+    dict per image with ``boxes`` ``[K, 4]`` (x1, y1, x2, y2 in that image's pixels),
+    ``scores`` ``[K]`` and ``labels`` ``[K]`` (category id 1..C: class name =
+    ``classes[label - 1]``). The checkpoint's detector resizes each image to its input size
+    itself; the ONNX graph takes one ``[C, S, S]`` image, so each image is padded with zeros
+    to a square on the right/bottom, resized to S x S and its boxes are scaled back (the
+    aspect ratio is kept, as the checkpoint's detector keeps it).
+
+Bands (`image_bands`)
+    Files are read by `raster.read_raster` (PNG/JPEG/BMP through PIL, TIFF/GeoTIFF through
+    rasterio) and the model's bands picked from them by name; an image without one of them
+    is refused with one line naming it. Pixels are scaled exactly as in training
+    (`SampleSpec.to_float`; /255 for 8-bit RGB).
 
 Large scenes (`slice_windows`, `predict_scene`)
     Aerial scenes are far larger than the input size and their objects a few pixels wide;
@@ -20,14 +29,17 @@ Large scenes (`slice_windows`, `predict_scene`)
     border; a scene smaller than the window gets one window at 0, padded with zeros), each
     window is detected on its own, and the detections are shifted to scene coordinates,
     clipped to the scene and merged with class-wise NMS (`torchvision.ops.batched_nms`),
-    so an object seen by two overlapping windows is reported once.
+    so an object seen by two overlapping windows is reported once. A TIFF is then read
+    window by window from the file, never decoded whole, so scenes larger than memory work.
 
 Files (`predict_paths`)
     ``OUT/predictions.json``: a COCO results list ``[{image_id, category_id, bbox [x, y, w,
     h], score}]``; ``OUT/images.json``: ``{"images": [{id, file_name (absolute), width,
-    height}], "categories": [{id, name}]}``, so ``COCO("images.json").loadRes(
+    height[, crs, transform]}], "categories": [{id, name}]}``, so ``COCO("images.json").loadRes(
     "predictions.json")`` pairs them; ``OUT/<stem>.png``: each image with its detections
-    drawn. Nothing is left behind on failure: every file is written to a hidden staging folder
+    drawn (non-RGB8 images on a stretched picture, see `picture`); ``OUT/<stem>.geojson``
+    for each georeferenced image: its detections as map polygons (`detections_geojson`).
+    Nothing is left behind on failure: every file is written to a hidden staging folder
     inside OUT and moved into place (`os.replace`, predictions.json last) only once every
     image is done; a failed run removes the staging folder (and OUT, if it created it).
 """
@@ -35,24 +47,27 @@ Files (`predict_paths`)
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from ds2d2_cli.data import validate
+from ds2d2_cli.data import raster, validate
 from ds2d2_cli.data.coco_writer import categories
+from ds2d2_cli.data.raster import RasterInfo
 from ds2d2_cli.data.tiling import check_window, merge_order, slice_windows  # slice_windows: public API here too
-from ds2d2_cli.data.validate import image_size, open_rgb  # one reading of image files, shared with prepare-data
-from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
 from ds2d2_cli.evaluation import detections_to_coco
 from ds2d2_cli.fileio import staging, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
+from ds2d2_cli.sample import RGB, SampleSpec
 
-# predict reads PNG, JPEG and TIFF (what its messages name): prepare-data's formats but BMP
-IMAGE_EXTS: tuple[str, ...] = tuple(ext for ext in validate.IMAGE_EXTS if ext != ".bmp")
+IMAGE_EXTS: tuple[str, ...] = validate.IMAGE_EXTS  # what `raster.read_raster` reads
 DEFAULT_NMS_IOU = 0.5
 DEFAULT_OVERLAP = 200
 DEFAULT_BATCH_SIZE = 8
@@ -60,17 +75,25 @@ LARGE_FACTOR = 2.0  # without slicing, warn about images whose longer side excee
 PREDICTIONS_FILE = "predictions.json"
 IMAGES_FILE = "images.json"
 ONNX_META_KEYS = ("classes", "input_size", "score_thresh")
+STRETCH_PIXELS = 1 << 22  # pixels sampled for a picture's 1st..99th percentile stretch
+STRIP_ROWS = 512  # rows read at a time when a picture is made from a TIFF read window by window
 
 Detections = dict[str, torch.Tensor]
+Window = tuple[int, int, int, int]  # left, top, width, height
 
 
 class Predictor(Protocol):
-    """A detector over ``[3, H, W]`` float images in 0..1 (see the module docstring)."""
+    """A detector over the model's floats `[C, H, W]` (see the module docstring).
+
+    `bands` and `sample` may be left out: such a predictor reads 8-bit RGB (`SampleSpec()`).
+    """
 
     classes: list[str]
     input_size: int
     score_thresh: float  # the lowest score it reports
     description: str
+    bands: tuple[str, ...]  # the bands it reads, in order
+    sample: SampleSpec  # how stored pixels become its floats (the training data's spec)
 
     def __call__(self, images: list[torch.Tensor]) -> list[Detections]: ...
 
@@ -88,9 +111,12 @@ class CheckpointPredictor:
         from ds2d2_cli.models.families import family_of
 
         meta = checkpoint.meta
+        resolved = meta.input.resolved  # older checkpoints (no sample spec) read 8-bit RGB
         self.path = Path(checkpoint.path)
         self.classes = list(meta.classes)
         self.input_size = int(meta.input.size)
+        self.bands = tuple(resolved.bands)
+        self.sample = resolved.sample
         self.device = torch.device(device)
         self.score_thresh = float(meta.model.score_thresh if score_thresh is None else score_thresh)
         self.description = f"{meta.stage}: {meta.model.detector} {meta.model.backbone}"
@@ -129,13 +155,22 @@ class OnnxPredictor:
             self.classes = [str(c) for c in json.loads(meta["classes"])]
             self.input_size = int(meta["input_size"])
             self.score_thresh = float(meta["score_thresh"])
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"damaged ds2d2 metadata in this ONNX model ({exc})", self.path) from None
+            # exports written before bands existed carry neither: they read 8-bit RGB
+            self.sample = SampleSpec.model_validate_json(meta["sample"]) if "sample" in meta else SampleSpec()
+            self.bands = (tuple(str(b) for b in json.loads(meta["bands"])) if "bands" in meta
+                          else self.sample.bands)
+            reading_spec(self.sample, self.bands)
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            raise InputError(f"damaged ds2d2 metadata in this ONNX model ({one_line(exc)})", self.path) from None
         inputs = self.session.get_inputs()
         outputs = {o.name for o in self.session.get_outputs()}
         if len(inputs) != 1 or not {"boxes", "scores", "labels"} <= outputs or self.input_size <= 0:
             raise InputError("not a ds2d2 detector export (expected input `image` and outputs boxes, scores, "
                              "labels)", self.path)
+        channels = (list(inputs[0].shape) or [None])[0]
+        if isinstance(channels, int) and channels != len(self.bands):
+            raise InputError(f"damaged ds2d2 metadata in this ONNX model (its input has {channels} channels, "
+                             f"its metadata names {len(self.bands)} bands)", self.path)
         self.input_name = inputs[0].name
         self.description = f"{meta.get('stage', '?')}: {meta.get('detector', '?')} {meta.get('backbone', '?')} (ONNX)"
 
@@ -151,7 +186,9 @@ class OnnxPredictor:
             square = torch.nn.functional.pad(square, (0, side - width, 0, side - height))
         if side != size:
             square = torch.nn.functional.interpolate(square[None], size=(size, size), mode="bilinear",
-                                                     align_corners=False)[0].clamp_(0.0, 1.0)
+                                                     align_corners=False)[0]
+            if self.sample.is_rgb8:  # 0..1 values stay in 0..1; other scalings are not clipped
+                square = square.clamp_(0.0, 1.0)
         try:
             boxes, scores, labels = self.session.run(["boxes", "scores", "labels"],
                                                      {self.input_name: square.contiguous().numpy()})
@@ -194,6 +231,59 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu",
     return CheckpointPredictor(checkpoint, device, score_thresh)
 
 
+# ----------------------------------------------------------------------------- bands
+
+
+def reading_spec(sample: SampleSpec, bands: Sequence[str]) -> SampleSpec:
+    """`sample` narrowed to `bands` (in that order): how the stored values of just those bands become floats."""
+    bands = tuple(bands)
+    if bands == sample.bands:
+        return sample
+    missing = [b for b in bands if b not in sample.bands]
+    if missing:
+        raise ValueError(f"bands {', '.join(missing)} are not in the sample spec ({', '.join(sample.bands)})")
+    index = sample.band_indices(bands)
+
+    def pick(values: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        return None if values is None else tuple(values[i] for i in index)
+
+    return SampleSpec(bands=bands, dtype=sample.dtype, scaling=sample.scaling, low=pick(sample.low),
+                      high=pick(sample.high), mean=pick(sample.mean), std=pick(sample.std),
+                      box_format=sample.box_format)
+
+
+def model_reading(predictor: Predictor) -> tuple[tuple[str, ...], SampleSpec]:
+    """The bands a predictor reads and the spec that scales exactly those (8-bit RGB if it names none)."""
+    sample = getattr(predictor, "sample", None) or SampleSpec()
+    bands = tuple(getattr(predictor, "bands", None) or sample.bands)
+    return bands, reading_spec(sample, bands)
+
+
+def _bands_text(bands: Sequence[str]) -> str:
+    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)})"
+
+
+def _unnamed(bands: Sequence[str]) -> bool:
+    return tuple(bands) == tuple(f"b{i}" for i in range(1, len(bands) + 1))
+
+
+def image_bands(info: RasterInfo, bands: Sequence[str], sample: SampleSpec) -> list[int]:
+    """Where the model's `bands` are among the image's (indices into what `read_raster` returns).
+
+    Matched by name. Unnamed bands (``b1 .. bN``, on the image's side or the training
+    data's) carry no names to match, so when the image has exactly as many bands as the
+    training data (`sample.bands`) they are taken in that data's order. An image without
+    one of the model's bands is an InputError naming it.
+    """
+    names = tuple(info.bands)
+    if len(names) == len(sample.bands) and (_unnamed(names) or _unnamed(sample.bands)):
+        names = sample.bands
+    if any(b not in names for b in bands):
+        raise InputError(f"the model reads {_bands_text(bands)}; this image has {len(info.bands)} "
+                         f"({', '.join(info.bands)})", info.path)
+    return [names.index(b) for b in bands]
+
+
 # ----------------------------------------------------------------------------- tiling
 
 
@@ -206,19 +296,34 @@ def default_overlap(slice_size: int) -> int:
     return min(DEFAULT_OVERLAP, slice_size // 4)
 
 
-def _as_float(image: torch.Tensor) -> torch.Tensor:
-    return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+@dataclass(frozen=True)
+class _Scene:
+    """One image's stored values of the model's bands, read whole (`None`) or one window at a time."""
+
+    width: int
+    height: int
+    read: Callable[[Window | None], Any]  # -> [C, h, w] (numpy or torch), the window clipped to the image
 
 
-def _window(image: torch.Tensor, origin: tuple[int, int] | None, size: int | None) -> torch.Tensor:
-    """The whole image, or one `size` x `size` window of it padded with zeros past the border."""
+def _in_memory(pixels: Any) -> _Scene:
+    def read(window: Window | None) -> Any:
+        if window is None:
+            return pixels
+        left, top, width, height = window
+        return pixels[:, top:top + height, left:left + width]
+
+    return _Scene(int(pixels.shape[2]), int(pixels.shape[1]), read)
+
+
+def _window(scene: _Scene, origin: tuple[int, int] | None, size: int | None, reading: SampleSpec) -> torch.Tensor:
+    """The whole image, or one `size` x `size` window of it padded with zeros past the border, as model floats."""
     if origin is None or size is None:
-        return _as_float(image).contiguous()
+        return reading.to_float(scene.read(None)).contiguous()
     x0, y0 = origin
-    crop = _as_float(image[:, y0:y0 + size, x0:x0 + size])
+    crop = reading.to_float(scene.read((x0, y0, size, size)))
     if crop.shape[1:] == (size, size):
         return crop.contiguous()
-    tile = torch.zeros((3, size, size), dtype=torch.float32)
+    tile = torch.zeros((crop.shape[0], size, size), dtype=torch.float32)
     tile[:, :crop.shape[1], :crop.shape[2]] = crop
     return tile
 
@@ -254,38 +359,57 @@ def _merge(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, 
     return {"boxes": box[order], "scores": score[order], "labels": label[order]}
 
 
-def predict_images(predictor: Predictor, images: Sequence[torch.Tensor], *, slice_size: int | None = None,
-                   overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU,
-                   score_thresh: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Detections]:
-    """Scene detections for each `[3, H, W]` image (uint8 0..255 or float 0..1), whole or tiled.
+def _predict(predictor: Predictor, scenes: Sequence[_Scene], reading: SampleSpec, slice_size: int | None,
+             overlap: int, nms_iou: float, threshold: float, batch_size: int) -> list[Detections]:
+    """Whole scenes (or all windows of all scenes) through the predictor `batch_size` at a time;
+    windows are read and scaled only when their batch comes, so a huge scene never exists as floats."""
+    jobs: list[tuple[int, tuple[int, int] | None]] = []
+    for index, scene in enumerate(scenes):
+        if slice_size is None:
+            jobs.append((index, None))
+        else:
+            jobs.extend((index, origin) for origin in slice_windows(scene.width, scene.height, slice_size, overlap))
+    pieces: list[list[tuple[tuple[int, int] | None, Detections]]] = [[] for _ in scenes]
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        outputs = predictor([_window(scenes[i], origin, slice_size, reading) for i, origin in batch])
+        for (index, origin), det in zip(batch, outputs):
+            pieces[index].append((origin, det))
+    return [_merge(pieces[i], s.width, s.height, threshold, nms_iou) for i, s in enumerate(scenes)]
 
-    Whole images (or all windows of all images with `slice_size`) go through the predictor
-    `batch_size` at a time; windows are cut lazily, so a huge scene never exists as floats.
+
+def predict_images(predictor: Predictor, images: Sequence[torch.Tensor | np.ndarray], *,
+                   slice_size: int | None = None, overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU,
+                   score_thresh: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Detections]:
+    """Scene detections for each image, whole or tiled.
+
+    Each image is `[C, H, W]` STORED pixel values (tensor or array) of the model's bands in
+    its order (`predictor.bands`; red, green, blue for a predictor that names none): uint8,
+    uint16 or float as `raster.read_raster` returns them, scaled here by the model's
+    `SampleSpec` exactly as in training (uint8 RGB: /255). Floats already scaled to 0..1
+    are refused for a model trained on integer pixels, rather than scaled a second time.
     Returned boxes are in scene pixels, sorted by score, all scores >= `score_thresh`
     (default: the predictor's own).
     """
     _check_numbers(nms_iou, score_thresh, batch_size)
     if slice_size is not None:
         check_slice(slice_size, overlap)
+    bands, reading = model_reading(predictor)
+    integer = np.dtype(reading.dtype).kind in "ui"
+    for image in images:
+        if image.ndim != 3 or image.shape[0] != len(bands):
+            raise InputError(f"images must be [{len(bands)}, H, W]: the model reads {_bands_text(bands)} "
+                             f"(got {tuple(image.shape)})")
+        floating = image.is_floating_point() if isinstance(image, torch.Tensor) else image.dtype.kind == "f"
+        if floating and integer:
+            raise InputError(f"images are stored pixel values ({reading.dtype} for this model, as "
+                             f"raster.read_raster returns them), not floats (got {image.dtype})")
     threshold = predictor.score_thresh if score_thresh is None else float(score_thresh)
-    jobs: list[tuple[int, tuple[int, int] | None]] = []
-    for index, image in enumerate(images):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise InputError(f"images must be [3, H, W] tensors (got {tuple(image.shape)})")
-        if slice_size is None:
-            jobs.append((index, None))
-        else:
-            jobs.extend((index, origin) for origin in slice_windows(image.shape[2], image.shape[1], slice_size, overlap))
-    pieces: list[list[tuple[tuple[int, int] | None, Detections]]] = [[] for _ in images]
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        outputs = predictor([_window(images[i], origin, slice_size) for i, origin in batch])
-        for (index, origin), det in zip(batch, outputs):
-            pieces[index].append((origin, det))
-    return [_merge(pieces[i], image.shape[2], image.shape[1], threshold, nms_iou) for i, image in enumerate(images)]
+    return _predict(predictor, [_in_memory(image) for image in images], reading, slice_size, overlap, nms_iou,
+                    threshold, batch_size)
 
 
-def predict_scene(predictor: Predictor, image: torch.Tensor, *, slice_size: int | None = None,
+def predict_scene(predictor: Predictor, image: torch.Tensor | np.ndarray, *, slice_size: int | None = None,
                   overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU, score_thresh: float | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> Detections:
     """One scene's detections in scene pixels (see `predict_images`)."""
@@ -306,7 +430,7 @@ def _check_numbers(nms_iou: float, score_thresh: float | None, batch_size: int) 
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (folders: their PNG/JPEG/TIFF files, not recursive, sorted)."""
+    """Image files from files and folders (folders: their PNG/JPEG/BMP/TIFF files, not recursive, sorted)."""
     if not inputs:
         raise InputError("give at least one image file or folder")
     found: list[Path] = []
@@ -315,12 +439,12 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
             if not images:
-                raise InputError("no PNG, JPEG or TIFF images in this folder", path)
+                raise InputError("no PNG, JPEG, BMP or TIFF images in this folder", path)
             found.extend(images)
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTS:
                 raise InputError(f"unsupported image type {path.suffix or '(no extension)'!r}; "
-                                 "use PNG, JPEG or TIFF", path)
+                                 "use PNG, JPEG, BMP or TIFF", path)
             found.append(path)
         elif path.exists():
             raise InputError("not a file or folder", path)
@@ -332,10 +456,80 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def load_image(path: Path) -> tuple[Any, torch.Tensor]:
-    """The decoded RGB image (PIL, for drawing) and the same pixels as a uint8 [3, H, W] tensor."""
-    rgb = open_rgb(path)
-    return rgb, torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+def _select(array: Any, index: list[int]) -> Any:
+    return array if index == list(range(array.shape[0])) else array[index]
+
+
+def _decode(path: Path) -> np.ndarray:
+    """The whole file as `read_raster` returns it, writable (PIL's pixels are a read-only view; torch wants
+    its own)."""
+    array = raster.read_raster(path)
+    return array if array.flags.writeable else array.copy()
+
+
+def load_image(path: str | Path, predictor: Predictor | None = None) -> np.ndarray:
+    """A whole image's stored pixels of `predictor`'s bands (`[C, H, W]`, in its order; RGB without
+    one), ready for `predict_scene`; an InputError naming the file when it lacks one of them."""
+    path = Path(path)
+    bands, reading = model_reading(predictor)
+    return _select(_decode(path), image_bands(raster.probe(path), bands, reading))
+
+
+def _file_scene(info: RasterInfo, index: list[int], stored: np.ndarray | None) -> _Scene:
+    """The model's bands of a file: from its decoded pixels, or (`stored` None) window by window from the file."""
+    if stored is not None:
+        return _in_memory(_select(stored, index))
+
+    def read(window: Window | None) -> np.ndarray:
+        return _select(raster.read_raster(info.path, window=window), index)
+
+    return _Scene(info.width, info.height, read)
+
+
+def picture(info: RasterInfo, stored: np.ndarray | None = None) -> Any:
+    """An 8-bit RGB picture (PIL) of an image, to draw detections on.
+
+    8-bit red/green/blue images as they are; any other image from its red, green and blue
+    bands if it has them, else its first band as grey, each band stretched linearly from its
+    1st to its 99th percentile (measured on at most `STRETCH_PIXELS` pixels) to 0..255.
+    `stored` is the whole image as `read_raster` returns it; without it the file is read
+    `STRIP_ROWS` rows at a time, so only the 8-bit picture is ever whole in memory.
+    """
+    from PIL import Image
+
+    rgb8 = info.dtype == "uint8" and tuple(info.bands) == RGB
+    chosen = [info.bands.index(b) for b in RGB] if set(RGB) <= set(info.bands) else [0]
+    width, height = info.width, info.height
+
+    def rows(top: int, count: int) -> np.ndarray:
+        if stored is not None:
+            return stored[chosen, top:top + count]
+        return raster.read_raster(info.path, window=(0, top, width, count))[chosen]
+
+    if rgb8 and stored is not None:
+        return Image.fromarray(np.ascontiguousarray(stored.transpose(1, 2, 0)))
+    low = high = None
+    if not rgb8:
+        step = max(1, math.ceil(math.sqrt(width * height / STRETCH_PIXELS)))
+        if stored is not None:
+            sample = stored[chosen, ::step, ::step]
+        else:
+            shape = (max(1, height // step), max(1, width // step))
+            sample = raster.read_raster(info.path, out_shape=None if step == 1 else shape)[chosen]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a band of NaN only: stretched to black below
+            low, high = np.nanpercentile(sample.reshape(len(chosen), -1).astype(np.float64), (1.0, 99.0), axis=1)
+        low, high = np.nan_to_num(low), np.nan_to_num(high)
+        high = np.where(high > low, high, low + 1.0)
+    canvas = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, STRIP_ROWS):
+        strip = rows(top, min(STRIP_ROWS, height - top))
+        if low is not None:
+            scaled = (strip.astype(np.float32) - low[:, None, None].astype(np.float32)) \
+                / (high - low)[:, None, None].astype(np.float32)
+            strip = np.rint(np.nan_to_num(np.clip(scaled, 0.0, 1.0)) * 255.0).astype(np.uint8)
+        canvas[top:top + strip.shape[1]] = strip.transpose(1, 2, 0)  # a grey band fills all three
+    return Image.fromarray(canvas)
 
 
 def _font(size: int) -> Any:
@@ -432,26 +626,100 @@ def draw_detections(image: Any, detections: Detections, classes: Sequence[str]) 
     return canvas
 
 
+# ----------------------------------------------------------------------------- map coordinates
+
+
+def map_corners(boxes: np.ndarray, transform: Sequence[float]) -> np.ndarray:
+    """`[K, 4]` pixel boxes (x1, y1, x2, y2, pixel edges) -> `[K, 5, 2]` closed map rings.
+
+    Corners (x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1) through the affine transform
+    (x = a*col + b*row + c, y = d*col + e*row + f); on a north-up raster this ring runs
+    counter-clockwise on the map, as RFC 7946 asks of exterior rings.
+    """
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+    x1, y1, x2, y2 = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T
+    cols = np.stack([x1, x2, x2, x1, x1], axis=1)
+    rows = np.stack([y1, y1, y2, y2, y1], axis=1)
+    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
+
+
+def crs_member(crs: str) -> dict[str, Any]:
+    """How a GeoJSON file names `crs` for GDAL and QGIS: the pre-RFC 7946 ``crs`` member
+    (``urn:ogc:def:crs:EPSG::<code>``) when the CRS has an EPSG code, else ``crs_wkt``
+    (its WKT), a member of our own, since GeoJSON has no place for a CRS without a code."""
+    from rasterio.crs import CRS
+
+    parsed = CRS.from_user_input(crs)
+    code = parsed.to_epsg()
+    if code is not None:
+        return {"crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{code}"}}}
+    return {"crs_wkt": parsed.to_wkt()}
+
+
+def detections_geojson(detections: Detections, classes: Sequence[str], info: RasterInfo,
+                       image_id: int | None = None) -> dict[str, Any]:
+    """A georeferenced image's detections as a GeoJSON FeatureCollection in its CRS.
+
+    One Polygon per detection (`map_corners`), best score first, with properties ``class``
+    (name), ``label`` (category id, as in predictions.json), ``score``, ``image`` (file
+    name) and ``image_id`` (its id in images.json); the CRS as `crs_member` names it.
+    """
+    if not info.georeferenced:
+        raise ValueError(f"{info.path} has no georeferencing")
+    rings = map_corners(detections["boxes"].detach().cpu().double().numpy(), info.transform)
+    features = []
+    for ring, score, label in zip(rings, detections["scores"].tolist(), detections["labels"].tolist()):
+        label = int(label)
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring.tolist()]},
+            "properties": {"class": classes[label - 1] if 0 < label <= len(classes) else str(label),
+                           "label": label, "score": round(float(score), 5), "image": info.path.name,
+                           "image_id": image_id},
+        })
+    return {"type": "FeatureCollection", "name": info.path.stem, **crs_member(info.crs), "features": features}
+
+
 # ----------------------------------------------------------------------------- files
 
 
-def _check_outputs(paths: Sequence[Path], out: Path, draw: bool) -> None:
+def _per_stem_files(infos: Sequence[RasterInfo], draw: bool) -> list[tuple[RasterInfo, str]]:
+    """The files named after their image (`<stem>.png`, `<stem>.geojson`) a run writes."""
+    files = []
+    for info in infos:
+        if draw:
+            files.append((info, f"{info.path.stem}.png"))
+        if info.georeferenced:
+            files.append((info, f"{info.path.stem}.geojson"))
+    return files
+
+
+def _check_outputs(infos: Sequence[RasterInfo], out: Path, draw: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError("--out must be a folder (this is a file)", out)
-    inputs = {p.resolve() for p in paths}
+    inputs = {info.path.resolve() for info in infos}
     reserved = {out.resolve() / PREDICTIONS_FILE, out.resolve() / IMAGES_FILE}
     if reserved & inputs:
         raise InputError("an input would be overwritten by the predictions; choose another --out", out)
-    if not draw:
-        return
-    stems: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in stems:
-            raise InputError(f"two inputs share the name {path.stem!r} ({stems[path.stem]}, {path}), so their "
-                             "annotated images would collide; rename one or use --no-images", path)
-        stems[path.stem] = path
-        if (out.resolve() / f"{path.stem}.png") in inputs:
-            raise InputError("its annotated image would overwrite an input; choose another --out", path)
+    owners: dict[str, Path] = {}
+    for info, name in _per_stem_files(infos, draw):
+        path = info.path
+        what = "annotated images" if name.endswith(".png") else "GeoJSON files"
+        if name in owners:
+            hint = " or use --no-images" if name.endswith(".png") else ""
+            raise InputError(f"two inputs share the name {path.stem!r} ({owners[name]}, {path}), so their {what} "
+                             f"would collide; rename one{hint}", path)
+        owners[name] = path
+        if (out.resolve() / name) in inputs:
+            raise InputError(f"its {what[:-1]} would overwrite an input; choose another --out", path)
+
+
+def _note_images(reporter: Reporter, infos: Sequence[RasterInfo], what: str) -> None:
+    """One note for images sharing a condition: naming the image when it is one, counting them when more."""
+    if len(infos) == 1:
+        reporter.note(f"{infos[0].path} {what}")
+    elif infos:
+        reporter.note(f"{len(infos)} images (first: {infos[0].path}) {what}")
 
 
 def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], out: str | Path, *,
@@ -459,11 +727,13 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
                   nms_iou: float = DEFAULT_NMS_IOU, score_thresh: float | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, draw: bool = True,
                   reporter: Reporter | None = None) -> dict[str, Any]:
-    """Detect on image files/folders and write OUT/predictions.json, OUT/images.json, OUT/<stem>.png.
+    """Detect on image files/folders; write OUT/predictions.json, OUT/images.json, OUT/<stem>.png
+    and, for georeferenced images, OUT/<stem>.geojson.
 
     `model`: a checkpoint or ONNX path (loaded with `load_predictor`) or a `Predictor`.
-    `overlap` defaults to `default_overlap(slice_size)`. Returns the summary the CLI prints
-    (counts per class, timing, the files written).
+    `overlap` defaults to `default_overlap(slice_size)`. Every image must have the model's
+    bands (`image_bands`); that is checked on the file headers before anything is predicted.
+    Returns the summary the CLI prints (counts per class, timing, the files written).
     """
     reporter = reporter or NullReporter()
     out = Path(out)
@@ -474,8 +744,8 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         raise InputError("--overlap only applies with --slice")
     _check_numbers(nms_iou, score_thresh, batch_size)
     paths = collect_images(inputs)
-    sizes = [image_size(p) for p in paths]
-    _check_outputs(paths, out, draw)
+    infos = [raster.probe(p) for p in paths]
+    _check_outputs(infos, out, draw)
 
     from ds2d2_cli.engine import resolve_device
 
@@ -485,6 +755,8 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         source = str(model)
     else:
         predictor, source = model, getattr(model, "description", type(model).__name__)
+    bands, reading = model_reading(predictor)
+    band_index = [image_bands(info, bands, reading) for info in infos]
     kind = getattr(predictor, "kind", "custom")
     if kind == "onnx" and str(device).startswith("cuda"):
         reporter.note("ONNX models run on the CPU here (onnxruntime); --device applies to checkpoints")
@@ -494,18 +766,25 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
                       f"--score-thr {threshold:g} cannot add lower ones")
         threshold = predictor.score_thresh  # what the results really hold
     limit = LARGE_FACTOR * predictor.input_size
-    large = [(p, w, h) for p, (w, h) in zip(paths, sizes) if max(w, h) > limit]
+    large = [info for info in infos if max(info.width, info.height) > limit]
     if slice_size is None and large:
-        p, w, h = max(large, key=lambda item: max(item[1], item[2]))
+        big = max(large, key=lambda info: max(info.width, info.height))
         reporter.note(f"{len(large)} image(s) are more than {LARGE_FACTOR:g}x the model's {predictor.input_size} px "
-                      f"input (largest: {p.name}, {w}x{h} px) and are shrunk to it whole, so small objects may be "
-                      f"lost; tile them with --slice (e.g. --slice {predictor.input_size})")
+                      f"input (largest: {big.path.name}, {big.width}x{big.height} px) and are shrunk to it whole, so "
+                      f"small objects may be lost; tile them with --slice (e.g. --slice {predictor.input_size})")
+    _note_images(reporter, [i for i in infos if i.dtype != reading.dtype],
+                 f"stores {'/'.join(sorted({i.dtype for i in infos if i.dtype != reading.dtype}))} values, the model "
+                 f"was trained on {reading.dtype} ({reading.scaling}-scaled): its detections may be off")
+    # a TIFF may carry a CRS; PNG, JPEG and BMP never do, so only a TIFF without one is worth a word
+    _note_images(reporter, [i for i in infos if raster.is_tiff(i.path) and not i.georeferenced],
+                 "has no georeferencing: pixel coordinates only")
 
     classes = list(predictor.classes)
     images_meta: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     per_image: list[dict[str, Any]] = []
     annotated: list[str] = []
+    geojson: list[str] = []
     per_class = np.zeros(len(classes) + 1, dtype=np.int64)
     tiles = 0
     # sliced: one scene at a time (its windows fill the batches); whole images: batch_size files at a time
@@ -516,31 +795,43 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         start = time.perf_counter()
         try:
             for first in range(0, len(paths), chunk):
-                group = paths[first:first + chunk]
-                loaded = [load_image(p) for p in group]
-                results = predict_images(predictor, [t for _, t in loaded], slice_size=slice_size,
-                                         overlap=overlap if overlap is not None else 0, nms_iou=nms_iou,
-                                         score_thresh=threshold, batch_size=batch_size)
-                for offset, (path, (picture, tensor), det) in enumerate(zip(group, loaded, results)):
-                    image_id = first + offset + 1
-                    height, width = int(tensor.shape[1]), int(tensor.shape[2])
-                    n_tiles = len(slice_windows(width, height, slice_size, overlap or 0)) if slice_size else 1
+                group = range(first, min(first + chunk, len(paths)))
+                # PNG/JPEG/BMP are decoded once; with --slice a TIFF is read window by window instead
+                stored = [None if slice_size is not None and raster.is_tiff(paths[i]) else _decode(paths[i])
+                          for i in group]
+                scenes = [_file_scene(infos[i], band_index[i], s) for i, s in zip(group, stored)]
+                results = _predict(predictor, scenes, reading, slice_size, overlap or 0, nms_iou, threshold,
+                                   batch_size)
+                for i, pixels, det in zip(group, stored, results):
+                    path, info, image_id = paths[i], infos[i], i + 1
+                    n_tiles = len(slice_windows(info.width, info.height, slice_size, overlap or 0)) if slice_size else 1
                     tiles += n_tiles
-                    images_meta.append({"id": image_id, "file_name": str(path.resolve()), "width": width,
-                                        "height": height})
+                    entry: dict[str, Any] = {"id": image_id, "file_name": str(path.resolve()), "width": info.width,
+                                             "height": info.height}
+                    if info.georeferenced:
+                        entry.update(crs=info.crs, transform=list(info.transform))
+                    images_meta.append(entry)
                     rows.extend(detections_to_coco(image_id, det))
                     counts = np.bincount(det["labels"].numpy().clip(0, len(classes)), minlength=len(classes) + 1)
                     per_class += counts[:len(classes) + 1]
-                    record = {"id": image_id, "file": str(path), "width": width, "height": height,
+                    record = {"id": image_id, "file": str(path), "width": info.width, "height": info.height,
                               "tiles": n_tiles, "detections": int(det["scores"].numel())}
+                    if info.georeferenced:
+                        name = f"{path.stem}.geojson"
+                        write_json(folder / name, detections_geojson(det, classes, info, image_id))
+                        stage.publish(folder / name, out / name)
+                        geojson.append(name)
+                        record["geojson"] = str(out / name)
                     if draw:
                         name = f"{path.stem}.png"
-                        draw_detections(picture, det, classes).save(folder / name, format="PNG", compress_level=3)
+                        draw_detections(picture(info, pixels), det, classes).save(folder / name, format="PNG",
+                                                                                  compress_level=3)
                         stage.publish(folder / name, out / name)
                         annotated.append(name)
                         record["annotated"] = str(out / name)
                     per_image.append(record)
                     progress.update(1, detections=len(rows))
+                del stored, scenes
             seconds = time.perf_counter() - start
             write_json(folder / IMAGES_FILE, {
                 "info": {"description": f"ds2d2 predict: {source}", "model": source},
@@ -553,12 +844,14 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
             progress.close()
     return {
         "model": source, "model_format": kind, "model_description": predictor.description,
-        "classes": classes, "input_size": predictor.input_size, "device": str(getattr(predictor, "device", resolved)),
+        "classes": classes, "input_size": predictor.input_size, "bands": list(bands),
+        "device": str(getattr(predictor, "device", resolved)),
         "slice": slice_size, "overlap": overlap if slice_size is not None else None, "nms_iou": nms_iou,
         "score_thr": threshold, "batch_size": batch_size,
         "images": len(paths), "tiles": tiles, "detections": len(rows),
         "per_class": {n: int(per_class[i + 1]) for i, n in enumerate(classes)},
         "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 3) if seconds > 0 else 0.0,
         "out": str(out), "predictions": str(out / PREDICTIONS_FILE), "images_json": str(out / IMAGES_FILE),
-        "annotated": [str(out / n) for n in annotated], "per_image": per_image,
+        "annotated": [str(out / n) for n in annotated], "geojson": [str(out / n) for n in geojson],
+        "per_image": per_image,
     }

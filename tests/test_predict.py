@@ -84,11 +84,12 @@ class BrightBoxes:
 
 
 def _scene(width: int = 300, height: int = 200) -> torch.Tensor:
+    """Stored 8-bit pixels, as predict reads them (the colours are exact in 0..255: 0.2 * 255 = 51)."""
     scene = torch.rand((3, height, width), generator=torch.Generator().manual_seed(0)) * 0.4
     for colour, (x1, y1, x2, y2) in OBJECTS.items():
         if x2 <= width and y2 <= height:
             scene[:, y1:y2, x1:x2] = torch.tensor(colour)[:, None, None]
-    return scene
+    return (scene * 255).round().to(torch.uint8)
 
 
 def _check_found(det: dict[str, torch.Tensor], expected: list[tuple[int, ...]]) -> None:
@@ -100,7 +101,7 @@ def _check_found(det: dict[str, torch.Tensor], expected: list[tuple[int, ...]]) 
 
 def test_object_across_a_tile_border_is_found_once():
     fake = BrightBoxes()
-    raw = fake([_scene()[:, 0:128, 0:128], _scene()[:, 0:128, 80:208]])
+    raw = fake([_scene()[:, 0:128, 0:128] / 255, _scene()[:, 0:128, 80:208] / 255])  # the model's floats
     assert raw[0]["boxes"].tolist() == [[100, 20, 128, 50]]  # window 0 sees the first object cut
     det = predict_scene(fake, _scene(), slice_size=128, overlap=48, batch_size=3, score_thresh=0.0)
     assert [len(b) for b in fake.batches[1:]] == [3, 3, 2]  # 8 windows, 3 at a time
@@ -119,15 +120,23 @@ def test_object_across_a_tile_border_is_found_once():
 
 def test_scene_smaller_than_a_window_is_padded():
     fake = BrightBoxes()
-    small = (_scene()[:, :60, 90:190] * 255).round().to(torch.uint8)  # uint8 input works too
+    small = _scene()[:, :60, 90:190].numpy()  # a numpy array (what read_raster returns) works too
     det = predict_images(fake, [small], slice_size=128, overlap=32)[0]
     assert fake.batches == [[(3, 128, 128)]]
     _check_found(det, [(10, 20, 50, 50)])
 
 
+def test_images_are_stored_values_of_the_models_bands():
+    with pytest.raises(InputError, match=r"images must be \[3, H, W\]: the model reads 3 bands \(red, green, blue\)"):
+        predict_images(BrightBoxes(), [torch.zeros((4, 8, 8), dtype=torch.uint8)])
+    # floats already scaled to 0..1 would be scaled again by a model of 8-bit pixels: refused
+    with pytest.raises(InputError, match="stored pixel values \\(uint8 for this model"):
+        predict_images(BrightBoxes(), [torch.zeros((3, 8, 8))])
+
+
 def test_predict_paths_with_any_predictor(tmp_path):
     scene = tmp_path / "scene.png"
-    Image.fromarray((_scene().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(scene)
+    Image.fromarray(_scene().permute(1, 2, 0).numpy()).save(scene)
     reporter = NullReporter()
     result = predict_paths(BrightBoxes(), [tmp_path], tmp_path / "out", slice_size=128, overlap=48,
                            reporter=reporter)
@@ -149,6 +158,7 @@ def test_predict_paths_with_any_predictor(tmp_path):
 def ckpt(module_tmp) -> Path:
     """An untrained tiny RetinaNet student (as tests/test_export.py builds them), head widened for spread scores."""
     config = load_config("tiny-synthetic", TINY)
+    config = config.model_copy(update={"input": config.input.resolved})  # as stages record it
     torch.manual_seed(0)
     model = build_detector(config.student, len(SYNTHETIC), config.input).eval()
     for module in model.head.modules():
@@ -271,8 +281,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(ckpt, image, tmp_path):
     bad.mkdir()
     corrupt = bad / "corrupt.png"
     corrupt.write_bytes(b"definitely not a PNG file")
-    bmp = bad / "scene.bmp"
-    Image.new("RGB", (8, 8)).save(bmp)
+    gif = bad / "scene.gif"
+    Image.new("RGB", (8, 8)).save(gif)
     amplifier = bad / "amplifier.safetensors"
     config = load_config("tiny-synthetic", TINY)
     save_checkpoint(amplifier, {"w": torch.zeros(2)},
@@ -288,7 +298,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(ckpt, image, tmp_path):
     out = tmp_path / "out"
     cases = [
         ([str(ckpt), str(tmp_path / "missing.png")], ["missing.png", "no such file"]),
-        ([str(ckpt), str(bmp)], ["scene.bmp", "unsupported image type"]),
+        ([str(ckpt), str(gif)], ["scene.gif", "unsupported image type"]),
         ([str(ckpt), str(corrupt)], ["corrupt.png", "cannot read image"]),
         ([str(ckpt), str(image), "--slice", "128", "--overlap", "128"], ["--overlap must be", "smaller than --slice"]),
         ([str(ckpt), str(image), "--overlap", "32"], ["--overlap only applies with --slice"]),
@@ -305,7 +315,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(ckpt, image, tmp_path):
     (bad / "a_good.png").write_bytes(image.read_bytes())
     data = image.read_bytes()
     (bad / "b_truncated.png").write_bytes(data[: len(data) // 2])
-    for path in (corrupt, bmp):
+    for path in (corrupt, gif):
         path.unlink()
     result = runner.invoke(app, ["predict", str(ckpt), str(bad / "a_good.png"), str(bad / "b_truncated.png"),
                                  "--out", str(out)])

@@ -1,4 +1,5 @@
-"""`ds2d2 predict`: detections of a checkpoint or ONNX export on image files, whole or tiled."""
+"""`ds2d2 predict`: detections of a checkpoint or ONNX export on image files, whole or tiled, with map
+coordinates (GeoJSON) for georeferenced ones."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def print_predict_summary(result: dict[str, Any]) -> None:
     table.add_column("value")
     table.add_row("model", f"{result['model']} ({result['model_description']}, input {result['input_size']} px, "
                            f"{result['device']})")
+    table.add_row("bands", ", ".join(result["bands"]))
     tiling = (f"{result['tiles']} tiles of {result['slice']} px, overlap {result['overlap']}, "
               f"NMS IoU {result['nms_iou']:g}" if result["slice"] else "whole images")
     table.add_row("images", f"{result['images']} ({tiling})")
@@ -32,17 +34,24 @@ def print_predict_summary(result: dict[str, Any]) -> None:
         shown = result["annotated"][0] + (f" (+{len(result['annotated']) - 1} more)" if len(result["annotated"]) > 1
                                           else "")
         table.add_row("annotated", shown)
+    if result["geojson"]:
+        shown = result["geojson"][0] + (f" (+{len(result['geojson']) - 1} more)" if len(result["geojson"]) > 1
+                                        else "")
+        table.add_row("geojson", shown)
     console.print(table)
 
 
 @handle_errors
 def predict_command(
     model: Path = typer.Argument(..., help="a teacher or student .safetensors checkpoint, or an .onnx export"),
-    inputs: List[Path] = typer.Argument(..., help="image files (PNG, JPEG, TIFF) or folders of them (not recursive)"),
+    inputs: List[Path] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF/GeoTIFF) or folders "
+                                      "of them (not recursive); each must have the model's bands"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: predictions.json (COCO results), "
-                             "images.json (image ids, categories), <stem>.png annotated images"),
+                             "images.json (image ids, categories, georeferencing), <stem>.png annotated images, "
+                             "<stem>.geojson detections in map coordinates (georeferenced images)"),
     slice_size: Optional[int] = typer.Option(None, "--slice", help="tile large scenes into N px windows "
-                                             "(DOTA devkit style) and merge with class-wise NMS", show_default=False),
+                                             "(DOTA devkit style; a TIFF is read window by window) and merge "
+                                             "with class-wise NMS", show_default=False),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="overlap of neighbouring tiles in px "
                                           "(default: 200, or a quarter of a smaller --slice)", show_default=False),
     nms_iou: float = typer.Option(0.5, "--nms-iou", help="IoU above which tile detections of one class are merged"),
@@ -51,15 +60,21 @@ def predict_command(
     batch_size: int = typer.Option(8, "--batch-size", help="tiles or images per forward pass (checkpoints)"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N "
                                "(ONNX models run on the CPU)"),
-    no_images: bool = typer.Option(False, "--no-images", help="write only the JSON files, no annotated images"),
+    no_images: bool = typer.Option(False, "--no-images", help="write only the JSON (and GeoJSON) files, no "
+                                   "annotated images"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the summary as JSON to FILE "
                                             "(`-` for stdout)"),
 ) -> None:
     """Detect objects in images with a trained checkpoint or an ONNX export.
 
+    Images are read band by band as the model was trained (8-bit RGB, multispectral or SAR
+    GeoTIFFs); georeferenced ones also get their detections as map polygons (<stem>.geojson).
+
     Examples: ds2d2 predict runs/student/model.safetensors scenes/ --out preds --slice 1024 --overlap 200
 
               ds2d2 predict runs/student/model.onnx P0706.png --out preds --score-thr 0.3
+
+              ds2d2 predict runs/student/model.safetensors scene_utm.tif --out preds --slice 1024
     """
     from ds2d2_cli.predict import predict_paths
 
