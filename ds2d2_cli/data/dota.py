@@ -242,7 +242,8 @@ def plan_dota_split(split: str, folder: Path, class_names: Sequence[str], classe
 def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int = 200,
                  scales: Sequence[float] = (1.0,), iof_thr: float = 0.7, workers: int = 1,
                  classes: str = "dota-v1.0", partial: str = "drop", skip_bad: bool = False,
-                 reporter: Reporter | None = None) -> PreparedSummary:
+                 reporter: Reporter | None = None, scaling: str = "auto",
+                 band_names: Sequence[str] | None = None) -> PreparedSummary:
     """Split every DOTA split under `src` into patches under `out`; returns the summary figures.
 
     All label files are parsed (and errors raised) before any patch is written; a failed
@@ -267,7 +268,8 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
                 problems.note(f"{plan.name}: no labelTxt/ folder, "
                               "writing image-only JSON")
         figures = write_prepared(plans, out, source="dota", class_names=class_names, classes_label=classes,
-                                 tiling=tiling, problems=problems, reporter=held, workers=workers)
+                                 tiling=tiling, problems=problems, reporter=held, workers=workers,
+                                 scaling=scaling, band_names=band_names)
         problems.flush()
         return PreparedSummary(source=str(src), out=str(out), classes=classes, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="dota",
