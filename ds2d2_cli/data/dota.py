@@ -9,9 +9,10 @@ Layout read: a split folder (`images/`, `labelTxt/`) or a folder of split folder
 
 This module only reads the format; the tiling (`ds2d2_cli.data.tiling`), the object policy
 (`ds2d2_cli.data.scenes`) and the writer (`ds2d2_cli.data.prepared`) are the ones every
-converter shares. Written, for each split: `OUT/<split>/images/<scene>__<scale>__<left>___<top>.png`,
-`OUT/<split>.json` (COCO of the patches) and `OUT/<split>_scenes.json` (COCO of the
-whole, unsplit scenes, for evaluating merged patch detections).
+converter shares. Written, for each split: `OUT/<split>/images/<scene>__<scale>__<left>___<top>.png`
+(`.tif`, every band kept, for scenes other than 8-bit RGB), `OUT/<split>.json` (COCO of the
+patches) and `OUT/<split>_scenes.json` (COCO of the whole, unsplit scenes, for evaluating
+merged patch detections).
 
 Bad input (see `ds2d2_cli.data.validate`): a label line that does not parse, an unknown
 class, an image without a label file (when `labelTxt/` exists) or a label file without
