@@ -44,6 +44,12 @@ OWN_CLASSES_HELP = (f"a class set ({', '.join(CLASS_SETS)}: names outside it are
                     "(car,truck or \\[car,truck]: keeps and orders those classes, leaves the others out) "
                     "\\[default: the data's own classes]")
 PARTIAL_HELP = "cut objects under --iof-thr: drop them, or keep them as crowd (iscrowd 1, ignored in training)"
+SCALING_HELP = ("how stored pixel values become the model's floats, recorded with the data: range (the type's "
+                "range, /255 for 8-bit), percentile (the training split's 1st to 99th percentile per band), minmax "
+                "(its minimum to maximum), db (SAR: 10*log10, then percentiles); auto: range for 8-bit images, "
+                "percentile otherwise \\[default: auto]")
+BAND_NAMES_HELP = ("name the images' bands in order: --band-names red,green,blue,nir (one name per band) "
+                   "\\[default: the GeoTIFF band descriptions, red,green,blue for RGB images, else b1,b2 ...]")
 
 
 def _parse_scales(values: List[str]) -> list[float]:
@@ -68,6 +74,20 @@ IOF_OPTION = typer.Option(None, "--iof-thr", help=IOF_HELP + " \\[default: 0.7]"
 PARTIAL_OPTION = typer.Option(None, "--partial", help=PARTIAL_HELP + " \\[default: drop]", show_default=False)
 WORKERS_OPTION = typer.Option(1, "--workers", "-j", help=WORKERS_HELP)
 PRESET_OPTION = typer.Option("retina-dior", "--preset", "-p", help=PRESET_SIZE_HELP)
+# How the pixels are read: every converter records it in the prepared JSON (`info.sample`).
+SCALING_OPTION = typer.Option("auto", "--scaling", metavar="MODE", help=SCALING_HELP,
+                              show_default=False)
+BAND_NAMES_OPTION = typer.Option(None, "--band-names", metavar="NAME[,NAME...]", help=BAND_NAMES_HELP,
+                                 show_default=False)
+
+
+def sample_options(scaling: str, band_names: Optional[str]) -> dict[str, Any]:
+    """`--scaling` and `--band-names`, checked before any work: keyword arguments for the converters."""
+    from ds2d2_cli.data.prepared import sample_choice
+
+    names = None if band_names is None else band_names.split(",")
+    scaling, checked = sample_choice(scaling, names)
+    return {"scaling": scaling, "band_names": checked}
 
 
 def tiling_options(split: Optional[int], gap: Optional[int], scales: Optional[List[str]], iof_thr: Optional[float],
@@ -232,6 +252,8 @@ def dota_command(
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: str = typer.Option("dota-v1.0", "--classes", help=CLASSES_HELP),
     partial: str = typer.Option("drop", "--partial", help=PARTIAL_HELP),
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -245,6 +267,9 @@ def dota_command(
 
     Writes OUT/<split>/images/*.png, OUT/<split>.json (patches) and
     OUT/<split>_scenes.json (whole scenes, for evaluating merged detections).
+    Scenes other than 8-bit RGB (multispectral, 16-bit, SAR GeoTIFF) give GeoTIFF
+    patches (*.tif) with every band in its own type and each window's georeferencing;
+    every JSON records the bands and how they are scaled (--scaling) in info.sample.
     A split without labelTxt/ (DOTA test) gets image-only JSON.
 
     Bad input (a label line that does not parse, an unknown class, an image without
@@ -258,9 +283,10 @@ def dota_command(
     if not src.exists() and _looks_like_number(str(src)):
         raise InputError(f"source folder {str(src)!r} not found; to give several scales write --scales 1.0,0.5")
     out = out if out is not None else _default_dota_out(src, split)
+    sample = sample_options(scaling, band_names)
     summary = prepare_dota(src, out, size=split, gap=gap, scales=_parse_scales(scales), iof_thr=iof_thr,
                            workers=workers, classes=classes, partial=partial, skip_bad=skip_bad,
-                           reporter=RichReporter())
+                           reporter=RichReporter(), **sample)
     finish_prepared(json_out, summary, "DOTA")
 
 
@@ -278,6 +304,8 @@ def dior_command(
     classes: Optional[str] = typer.Option(None, "--classes", help="a list of DIOR classes to keep, in this order "
                                           "(vehicle,ship): the others are left out \\[default: the 20 DIOR classes]"),
     preset: str = PRESET_OPTION,
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -296,7 +324,7 @@ def dior_command(
     size_check = preset_input(preset)
     tiling = tiling_options(split, gap, scales, iof_thr, partial)
     summary = prepare_dior(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
-                           skip_bad=skip_bad, reporter=RichReporter())
+                           skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, "DIOR", size_check)
 
 
@@ -317,6 +345,8 @@ def coco_command(
     partial: Optional[str] = PARTIAL_OPTION,
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines and objects",
                                                                                   "image entries and annotations")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -337,7 +367,7 @@ def coco_command(
     size_check = preset_input(preset)
     summary = ingest_coco(annotations, images, out, name=name, classes=class_option(classes), skip_bad=skip_bad,
                           tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                          reporter=RichReporter())
+                          reporter=RichReporter(), **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, "COCO", size_check)
 
 
@@ -397,6 +427,8 @@ def hrsc2016_command(
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
                                                                                   "annotation files, list entries")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -423,7 +455,7 @@ def hrsc2016_command(
     size_check = preset_input(preset)
     summary = prepare_hrsc2016(root, out, task=task, classes=class_option(classes),
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                               skip_bad=skip_bad, reporter=RichReporter())
+                               skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, f"HRSC2016 ({task} task)", size_check)
 
 
@@ -443,6 +475,8 @@ def ucas_aod_command(
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -466,7 +500,7 @@ def ucas_aod_command(
     size_check = preset_input(preset)
     summary = prepare_ucas_aod(root, out, val_fraction=val_fraction, seed=seed, classes=class_option(classes),
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                               skip_bad=skip_bad, reporter=RichReporter())
+                               skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, f"UCAS-AOD (val {val_fraction:g}, seed {seed})", size_check)
 
 
@@ -484,6 +518,8 @@ def voc_command(
     workers: int = WORKERS_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     preset: str = PRESET_OPTION,
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
                                                                                   "XML files")),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
@@ -509,7 +545,7 @@ def voc_command(
     size_check = preset_input(preset)
     tiling = tiling_options(split, gap, scales, iof_thr, partial)
     summary = prepare_voc(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
-                          skip_bad=skip_bad, reporter=RichReporter())
+                          skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, "VOC", size_check)
 
 
@@ -528,6 +564,8 @@ def yolo_command(
     partial: Optional[str] = PARTIAL_OPTION,
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
+    scaling: str = SCALING_OPTION,
+    band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
@@ -553,5 +591,5 @@ def yolo_command(
     size_check = preset_input(preset)
     summary = prepare_yolo(data_yaml, out, classes=class_option(classes),
                            tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                           skip_bad=skip_bad, reporter=RichReporter())
+                           skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, "YOLO", size_check)

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ds2d2_cli.classes import ClassChoice, canonical_name, class_choice
 from ds2d2_cli.data.coco_writer import round2 as _r
@@ -193,7 +193,8 @@ class CocoSummary(PreparedSummary):
 
 def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path, *, name: str | None = None,
                 classes: str | ClassChoice | None = None, skip_bad: bool = False, tiling: Tiling | None = None,
-                workers: int = 1, reporter: Reporter | None = None) -> CocoSummary:
+                workers: int = 1, reporter: Reporter | None = None, scaling: str = "auto",
+                band_names: Sequence[str] | None = None) -> CocoSummary:
     """Validate `annotations` against the images in `images_dir`; write `OUT/<name>.json`.
 
     `classes` (a ds2d2 class-set name such as `dior`, or a `ClassChoice`) fixes the category
@@ -210,11 +211,12 @@ def ingest_coco(annotations: str | Path, images_dir: str | Path, out: str | Path
     choice = class_choice(classes) if isinstance(classes, str) else classes
     with held_progress(reporter if reporter is not None else NullReporter()) as held:
         return _ingest_coco(Path(annotations), Path(images_dir), Path(out), name, choice, skip_bad, tiling,
-                            workers, held)
+                            workers, held, scaling, band_names)
 
 
 def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, classes: ClassChoice | None,
-                 skip_bad: bool, tiling: Tiling | None, workers: int, reporter: Reporter) -> CocoSummary:
+                 skip_bad: bool, tiling: Tiling | None, workers: int, reporter: Reporter, scaling: str,
+                 band_names: Sequence[str] | None) -> CocoSummary:
     problems = Problems(skip_bad, reporter)
     name = name or ann_path.stem
     if not name or "/" in name or "\\" in name or name in (".", ".."):
@@ -285,7 +287,7 @@ def _ingest_coco(ann_path: Path, images_dir: Path, out: Path, name: str | None, 
     figures = write_prepared([plan], out, source="coco", class_names=class_names,
                              classes_label=classes.label if classes is not None else None, tiling=tiling,
                              problems=problems, reporter=reporter, workers=workers,
-                             meta={"source_file": str(ann_path)})
+                             meta={"source_file": str(ann_path)}, scaling=scaling, band_names=band_names)
     problems.flush()
     return CocoSummary(source=str(ann_path), out=str(out / f"{name}.json"),
                        classes=classes.label if classes is not None else None, problems=problems.report(),

@@ -81,7 +81,8 @@ def index_images(root: Path) -> dict[str, Path]:
 
 def prepare_dior(root: str | Path, out: str | Path, reporter: Reporter | None = None, *,
                  classes: ClassChoice | None = None, tiling: Tiling | None = None, workers: int = 1,
-                 skip_bad: bool = False) -> PreparedSummary:
+                 skip_bad: bool = False, scaling: str = "auto",
+                 band_names: Sequence[str] | None = None) -> PreparedSummary:
     """Write every DIOR split list found (plus trainval); returns the summary figures.
 
     Every listed image must have its XML and a readable image of the XML's <size>.
@@ -104,7 +105,8 @@ def prepare_dior(root: str | Path, out: str | Path, reporter: Reporter | None = 
         class_names, filtered = resolve_classes(plans, choice, None, problems)
         figures = write_prepared(plans, out, source="dior", class_names=class_names, classes_label=choice.label,
                                  tiling=tiling, problems=problems, reporter=held, workers=workers,
-                                 report_splits={"trainval": ("train", "val")})
+                                 report_splits={"trainval": ("train", "val")}, scaling=scaling,
+                                 band_names=band_names)
         problems.flush()
         return PreparedSummary(source=str(root), out=str(out), classes=choice.label, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="dior",

@@ -9,9 +9,10 @@ Layout read: a split folder (`images/`, `labelTxt/`) or a folder of split folder
 
 This module only reads the format; the tiling (`ds2d2_cli.data.tiling`), the object policy
 (`ds2d2_cli.data.scenes`) and the writer (`ds2d2_cli.data.prepared`) are the ones every
-converter shares. Written, for each split: `OUT/<split>/images/<scene>__<scale>__<left>___<top>.png`,
-`OUT/<split>.json` (COCO of the patches) and `OUT/<split>_scenes.json` (COCO of the
-whole, unsplit scenes, for evaluating merged patch detections).
+converter shares. Written, for each split: `OUT/<split>/images/<scene>__<scale>__<left>___<top>.png`
+(`.tif`, every band kept, for scenes other than 8-bit RGB), `OUT/<split>.json` (COCO of the
+patches) and `OUT/<split>_scenes.json` (COCO of the whole, unsplit scenes, for evaluating
+merged patch detections).
 
 Bad input (see `ds2d2_cli.data.validate`): a label line that does not parse, an unknown
 class, an image without a label file (when `labelTxt/` exists) or a label file without
@@ -242,7 +243,8 @@ def plan_dota_split(split: str, folder: Path, class_names: Sequence[str], classe
 def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int = 200,
                  scales: Sequence[float] = (1.0,), iof_thr: float = 0.7, workers: int = 1,
                  classes: str = "dota-v1.0", partial: str = "drop", skip_bad: bool = False,
-                 reporter: Reporter | None = None) -> PreparedSummary:
+                 reporter: Reporter | None = None, scaling: str = "auto",
+                 band_names: Sequence[str] | None = None) -> PreparedSummary:
     """Split every DOTA split under `src` into patches under `out`; returns the summary figures.
 
     All label files are parsed (and errors raised) before any patch is written; a failed
@@ -267,7 +269,8 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
                 problems.note(f"{plan.name}: no labelTxt/ folder, "
                               "writing image-only JSON")
         figures = write_prepared(plans, out, source="dota", class_names=class_names, classes_label=classes,
-                                 tiling=tiling, problems=problems, reporter=held, workers=workers)
+                                 tiling=tiling, problems=problems, reporter=held, workers=workers,
+                                 scaling=scaling, band_names=band_names)
         problems.flush()
         return PreparedSummary(source=str(src), out=str(out), classes=classes, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="dota",

@@ -314,7 +314,8 @@ def _shared_reports(plans: Sequence[SplitPlan]) -> dict[str, list[str]]:
 
 def prepare_hrsc2016(root: str | Path, out: str | Path, *, task: str = "ship", classes: ClassChoice | None = None,
                      tiling: Tiling | None = None, workers: int = 1, skip_bad: bool = False,
-                     reporter: Reporter | None = None) -> PreparedSummary:
+                     reporter: Reporter | None = None, scaling: str = "auto",
+                     band_names: Sequence[str] | None = None) -> PreparedSummary:
     """Convert an HRSC2016 folder into `out` (whole images, or patches with `tiling`); the summary figures.
 
     Every annotation is parsed (and errors raised) before anything is written; a failed run
@@ -338,7 +339,7 @@ def prepare_hrsc2016(root: str | Path, out: str | Path, *, task: str = "ship", c
         figures = write_prepared(plans, out, source="hrsc2016", class_names=class_names,
                                  classes_label=classes.label if classes is not None else None, tiling=tiling,
                                  problems=problems, reporter=held, workers=workers, meta={"task": task},
-                                 report_splits=_shared_reports(plans))
+                                 report_splits=_shared_reports(plans), scaling=scaling, band_names=band_names)
         problems.flush()
         return PreparedSummary(source=str(root), out=str(out), classes=classes.label if classes is not None else None,
                                problems=problems.report(), seconds=round(time.perf_counter() - started, 3),

@@ -8,7 +8,14 @@ calls `write_prepared`, which applies the shared object policy, then either
 * cuts them with `Tiling` (the DOTA devkit's ImgSplit, `ds2d2_cli.data.tiling`):
   `OUT/<split>/images/<scene>__<scale>__<left>___<top>.png`, `OUT/<split>.json` (the
   patches, each with its scene and window) and `OUT/<split>_scenes.json` (the whole
-  scenes, for scoring merged patch detections: `eval --merge-patches`).
+  scenes, for scoring merged patch detections: `eval --merge-patches`). Patches of 8-bit
+  RGB scenes are PNG; any other scene's patches are GeoTIFF (`.tif`) holding all its bands
+  in its storage type, with each window's georeferencing.
+
+Every image of a run must hold the same bands in the same type as the first one (a
+mismatch is a bad item). The training split (`train`, else the first split written) is
+measured (`measure_sample`) and its `SampleSpec` recorded in ``info["sample"]`` of every
+JSON of the run, so all splits are read the same way (`ds2d2_cli.sample`).
 
 Everything is checked before anything is written; patches go to hidden staging folders and
 the JSON files are renamed into place last, so a failed run leaves no JSON and no partial
@@ -24,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, relpath
 from ds2d2_cli.data.coco_writer import round2 as _r
+from ds2d2_cli.data.raster import RasterInfo, probe, read_raster
 from ds2d2_cli.data.scenes import (
     Placed, Scene, SceneObject, SplitPlan, clipped_message, outside_message, place_in_image, usable_objects,
 )
@@ -34,9 +44,12 @@ from ds2d2_cli.data.validate import BadItem, Problems, check_image, one_line, wr
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import staging
 from ds2d2_cli.progress import Reporter
+from ds2d2_cli.sample import SCALINGS, BandStatistics, SampleSpec, default_scaling
 
 SCENES_SUFFIX = "_scenes"  # OUT/<split>_scenes.json: the whole scenes behind the patch split <split>
 WIDE_FACTOR = 2.0  # whole images whose median side is more than this many input sizes get a warning
+MEASURED_IMAGES = 256  # training images (evenly spaced) the sample statistics are measured on
+MEASURE_SIDE = 2048  # px; longer whole images are measured on a bilinear reduction (memory), as the model sees less
 
 
 @dataclass
@@ -90,17 +103,71 @@ class _Checked:
     size: tuple[int, int] | None = None
     placed: Placed | None = None
     reported: bool = False  # its border problems were reported (a scene may belong to two splits)
+    other_bands: bool = False  # its bands differ from the first image's: left out (--skip-bad)
+
+
+@dataclass(frozen=True)
+class Bands:
+    """What every image of a run holds: the first image's bands (renamed by --band-names) and type."""
+
+    first: RasterInfo
+    names: tuple[str, ...]
+    scaling: str  # a concrete one of SCALINGS
+
+    @property
+    def dtype(self) -> str:
+        return self.first.dtype
+
+
+def sample_choice(scaling: str = "auto", band_names: Sequence[str] | None = None
+                  ) -> tuple[str, tuple[str, ...] | None]:
+    """`--scaling` and `--band-names` checked before any work: the scaling, and the names (stripped, unique)."""
+    if scaling != "auto" and scaling not in SCALINGS:
+        raise InputError(f"--scaling must be one of auto, {', '.join(SCALINGS)} (got {scaling!r})")
+    if band_names is None:
+        return scaling, None
+    names = tuple(str(n).strip() for n in band_names)
+    if not names or not all(names):
+        raise InputError(f"--band-names takes one name per band, such as red,green,blue,nir "
+                         f"(got {','.join(band_names)!r})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"--band-names names {', '.join(twice)} twice")
+    return scaling, names
+
+
+def bands_text(bands: Sequence[str], dtype: str) -> str:
+    """`4 bands (b1, b2, b3, b4) of uint16`, for messages."""
+    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)}) of {dtype}"
+
+
+def measure_sample(paths: Sequence[Path], bands: Bands) -> SampleSpec:
+    """The sample spec of a split measured on its written images: at most MEASURED_IMAGES, evenly spaced."""
+    paths = list(paths)
+    if len(paths) > MEASURED_IMAGES:
+        paths = [paths[i * len(paths) // MEASURED_IMAGES] for i in range(MEASURED_IMAGES)]
+    stats = BandStatistics(len(bands.names), bands.scaling)
+    for path in paths:
+        info = probe(path)
+        side = max(info.width, info.height)
+        shape = None if side <= MEASURE_SIDE else (max(1, round(info.height * MEASURE_SIDE / side)),
+                                                   max(1, round(info.width * MEASURE_SIDE / side)))
+        stats.add(read_raster(path, out_shape=shape))
+    return stats.spec(bands.names, bands.dtype)
 
 
 def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_names: Sequence[str],
                    classes_label: str | None, tiling: Tiling | None, problems: Problems, reporter: Reporter,
                    workers: int = 1, meta: dict[str, Any] | None = None,
-                   report_splits: dict[str, Sequence[str]] | None = None) -> dict[str, SplitSummary]:
+                   report_splits: dict[str, Sequence[str]] | None = None, scaling: str = "auto",
+                   band_names: Sequence[str] | None = None) -> dict[str, SplitSummary]:
     """Write every plan's split into `out` (see the module docstring); the figures of each split.
 
     `report_splits` says whose reports a split's JSON lists besides its own (DIOR's trainval:
-    train and val).
+    train and val). `scaling` (auto or one of `sample.SCALINGS`) and `band_names` (None: the
+    files' own) go into the recorded sample spec.
     """
+    scaling, band_names = sample_choice(scaling, band_names)
     if tiling is not None:
         tiling.check()
     if workers == 0:
@@ -114,6 +181,7 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
             if id(scene) not in checked:
                 objects = usable_objects(scene, problems)
                 checked[id(scene)] = _Checked(scene, objects, [category_id[o.name] for o in objects])
+    bands = _check_bands(checked, problems, scaling, band_names)
     if tiling is None:
         _check_whole_images(checked, problems, reporter)
     writable_folder(out)
@@ -126,6 +194,7 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
 
     outputs: list[tuple[Path, dict[str, Any]]] = []
     summaries: dict[str, SplitSummary] = {}
+    written: dict[str, list[Path]] = {}  # each split's images as written: the training one is measured
     with staging(out) as stage:
         for plan in plans:
             name = plan.name
@@ -136,11 +205,14 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
             if tiling is None:
                 scenes_writer, stats = _whole_split(plan, out, checked, class_names)
                 patches_writer = None
+                written[name] = [s.image for s in plan.scenes if checked[id(s)].size is not None]
             else:
                 staged = stage.folder(f".{name}.", ".tmp")
                 stage.publish_contents(staged / "images", out / name / "images", "patches")
                 scenes_writer, patches_writer, stats = _tiled_split(plan, name, staged, out, checked, class_names,
-                                                                     tiling, workers, problems, reporter)
+                                                                     tiling, workers, problems, reporter,
+                                                                     bands.names if bands else ())
+                written[name] = [staged / "images" / Path(i["file_name"]).name for i in patches_writer.images]
             if not scenes_writer.images:
                 raise InputError(f"no usable image left in split {plan.name!r}: every one was skipped as bad",
                                  plan.folder)
@@ -164,9 +236,58 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
                     "dropped_iof": stats.dropped_iof,
                     "annotations_per_class": {n: stats.annotations_per_class.get(n, 0) for n in class_names}}))
             problems.note_repairs(f"{plan.name}: ", [e for e in repaired if e.get("split") == plan.name])
+        assert bands is not None  # an image that passed its check passed the probe first
+        train = next((plan.name for plan in plans if plan.name == "train"), plans[0].name)
+        spec = measure_sample(written[train], bands)
+        if not spec.is_rgb8:
+            problems.note(f"sample: {spec.describe()}, measured on {min(len(written[train]), MEASURED_IMAGES)} "
+                          f"{train} images")
         for path, document in outputs:
+            document["info"]["sample"] = spec.model_dump(mode="json")
             stage.write_json(path, document)
     return summaries
+
+
+def _check_bands(checked: dict[int, _Checked], problems: Problems, scaling: str,
+                 band_names: tuple[str, ...] | None) -> Bands | None:
+    """The bands of the run, from the first image's header; other images must match it (bad items).
+
+    Images must agree on band count and type, and on band names unless --band-names names
+    them all. An image whose header cannot be read is left to the image check, which
+    reports it in its own words. None when no header could be read.
+    """
+    bands: Bands | None = None
+    for item in checked.values():
+        try:
+            info = probe(item.scene.image)
+        except BadItem:
+            continue
+        if bands is None:
+            bands = _first_bands(info, scaling, band_names)
+            continue
+        first = bands.first
+        if info.count != first.count or info.dtype != first.dtype or (band_names is None and info.bands != first.bands):
+            message = (f"has {bands_text(info.bands, info.dtype)}; the first image ({first.path.name}) has "
+                       f"{bands_text(first.bands, first.dtype)}")
+            problems.bad(_image_problem(item.scene, BadItem(message, item.scene.image, reason="other bands")), "image",
+                         **item.scene.where)
+            item.other_bands = True
+    return bands
+
+
+def _first_bands(first: RasterInfo, scaling: str, band_names: tuple[str, ...] | None) -> Bands:
+    """The run's bands from its first image: --band-names must name each band, --scaling must fit the type."""
+    if band_names is not None and len(band_names) != first.count:
+        raise InputError(f"--band-names gives {len(band_names)} name{'s' if len(band_names) != 1 else ''} "
+                         f"({', '.join(band_names)}) but the images have {bands_text(first.bands, first.dtype)}",
+                         first.path)
+    names = band_names or first.bands
+    if scaling == "auto":
+        scaling = default_scaling(names, first.dtype)
+    elif scaling == "range" and np.dtype(first.dtype).kind not in "ui":
+        raise InputError(f"--scaling range needs whole-number pixels, but the images are {first.dtype}: "
+                         "use percentile, minmax or db", first.path)
+    return Bands(first, names, scaling)
 
 
 # --------------------------------------------------------------------------- whole images
@@ -178,6 +299,9 @@ def _check_whole_images(checked: dict[int, _Checked], problems: Problems,
     task = reporter.task("check images", total=len(checked))
     for item in checked.values():
         scene = item.scene
+        if item.other_bands:
+            task.update(1)
+            continue
         try:
             size = check_image(scene.image)
             if scene.size is not None and tuple(scene.size) != size:
@@ -252,16 +376,16 @@ def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class
 
 
 def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: dict[int, _Checked],
-                 class_names: Sequence[str], tiling: Tiling, workers: int, problems: Problems, reporter: Reporter
-                 ) -> tuple[CocoWriter, CocoWriter, SplitStats]:
+                 class_names: Sequence[str], tiling: Tiling, workers: int, problems: Problems, reporter: Reporter,
+                 band_names: tuple[str, ...]) -> tuple[CocoWriter, CocoWriter, SplitStats]:
     """Cut one split's scenes into patches in `staged`; its two COCO files (scenes, patches) and figures."""
-    items = [checked[id(scene)] for scene in plan.scenes]
+    items = [checked[id(scene)] for scene in plan.scenes if not checked[id(scene)].other_bands]
     jobs = [SceneJob(
         image_path=item.scene.image, stem=item.scene.name, polys=tuple(o.poly for o in item.objects),
         category_ids=tuple(item.category_ids), difficult=tuple(o.difficult for o in item.objects), out_dir=staged,
         split=name, tiling=tiling, class_names=tuple(class_names), outlines=tuple(o.polygon for o in item.objects),
         crowd=tuple(o.iscrowd for o in item.objects), declared_size=item.scene.size,
-        label_path=item.scene.label_path,
+        label_path=item.scene.label_path, band_names=band_names,
     ) for item in items]
     results: list[dict[str, Any] | BadItem | None] = [None] * len(jobs)
     task = reporter.task(f"split {plan.name}", total=len(jobs))

@@ -237,9 +237,10 @@ def write_geotiff(path: str | Path, array: np.ndarray, *, crs: str | None = None
     rasterio = _rasterio()
     from affine import Affine
 
+    # MINISBLACK: GDAL would otherwise mark a 4th 8-bit band as alpha, and readers (ours too) drop alpha.
     profile: dict[str, Any] = {"driver": "GTiff", "count": array.shape[0], "height": array.shape[1],
                                "width": array.shape[2], "dtype": str(array.dtype), "compress": "deflate",
-                               "photometric": "MINISBLACK"}  # no band is taken for alpha; names say what each is
+                               "photometric": "MINISBLACK"}
     if crs is not None and transform is not None:
         profile.update(crs=crs, transform=Affine(*transform[:6]))
     from rasterio.errors import NotGeoreferencedWarning

@@ -24,7 +24,7 @@ import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch
 from ds2d2_cli.data.coco_writer import round2 as _r
 from ds2d2_cli.data.polygons import clip_polygon, dedupe_vertices, polygon_area
 from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
+from ds2d2_cli.sample import RGB
 
 PARTIAL_MODES = ("drop", "crowd")
 
@@ -232,23 +233,28 @@ class SceneJob:
     crowd: tuple[int, ...] = ()
     declared_size: tuple[int, int] | None = None
     label_path: Path | None = None
+    band_names: tuple[str, ...] = ()  # written as GeoTIFF band descriptions; () the file's own
 
 
 def cut_scene(job: SceneJob) -> dict[str, Any]:
-    """Cut one scene into patches (written as PNG) and return their records and counts.
+    """Cut one scene into patches and return their records and counts.
 
-    Raises BadItem (before writing anything) when the image cannot be read or is not the
+    8-bit RGB scenes give PNG patches, decoded and resized by PIL exactly as before bands
+    existed; any other scene gives lossless GeoTIFF patches of its own bands and type,
+    with each window's georeferencing when the scene has it (`_cut_bands`). Raises BadItem
+    (leaving no patch of this scene behind) when the image cannot be read or is not the
     size its labels declare. Objects are placed in the image first
     (`scenes.place_in_image`): those with no area inside are returned under "outside"
     and left out of the patches; the caller decides whether that stops the run.
     """
-    from PIL import Image
-
+    from ds2d2_cli.data.raster import probe
     from ds2d2_cli.data.scenes import place_in_image
-    from ds2d2_cli.data.validate import BadItem, open_rgb
+    from ds2d2_cli.data.validate import BadItem
 
-    image = open_rgb(job.image_path)
-    width, height = image.size
+    info = probe(job.image_path)
+    rgb8 = info.bands == RGB and info.dtype == "uint8"
+    image = _rgb_image(job.image_path) if rgb8 else None  # decoded first, as before: unreadable before mismatched
+    width, height = info.width, info.height
     if job.declared_size is not None and tuple(job.declared_size) != (width, height):
         raise BadItem(f"the labels say {job.declared_size[0]}x{job.declared_size[1]} but {job.image_path.name} is "
                       f"{width}x{height}", job.label_path or job.image_path, reason="size mismatch")
@@ -266,31 +272,87 @@ def cut_scene(job: SceneJob) -> dict[str, Any]:
     outlines = [job.outlines[i] for i in kept] if job.outlines else None
     crowd = [job.crowd[i] for i in kept] if job.crowd else None
     tiling = job.tiling
-    for scale in tiling.scales:
-        if scale == 1:
-            scaled, polys = image, [job.polys[i] for i in kept]
-        else:
-            new_size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-            scaled = image.resize(new_size, Image.BILINEAR)
-            polys = [job.polys[i] * scale for i in kept]
-        sw, sh = scaled.size
-        for left, top in window_origins(sw, sh, tiling.size, tiling.gap):
-            window = (left, top, min(left + tiling.size, sw), min(top + tiling.size, sh))
-            anns = window_annotations(polys, category_ids, difficult, window, tiling.iof_thr, tiling.partial,
-                                      stats, job.class_names, outlines, crowd)
-            name = f"{job.stem}__{scale:g}__{left}___{top}.png"
-            # crop() beyond the scene border fills with zeros: the devkit's padding.
-            patch = scaled.crop((left, top, left + tiling.size, top + tiling.size))
-            try:
-                patch.save(images_dir / name, format="PNG", compress_level=1)
-            except OSError as exc:
-                raise Ds2d2Error(f"cannot write patch {name}: {one_line(exc.strerror or exc)}",
-                                 job.out_dir.parent) from None
-            patches.append({"file_name": f"{job.split}/images/{name}", "width": tiling.size, "height": tiling.size,
-                            "window": [left, top], "scale": scale, "annotations": anns})
-            stats.patches += 1
+    written: list[Path] = []
+    try:
+        for scale in tiling.scales:
+            if scale == 1:
+                sw, sh, polys = width, height, [job.polys[i] for i in kept]
+            else:
+                sw, sh = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+                polys = [job.polys[i] * scale for i in kept]
+            cut = _cut_rgb(image, sw, sh) if image is not None else _cut_bands(job, info, scale, sw, sh)
+            for left, top in window_origins(sw, sh, tiling.size, tiling.gap):
+                window = (left, top, min(left + tiling.size, sw), min(top + tiling.size, sh))
+                anns = window_annotations(polys, category_ids, difficult, window, tiling.iof_thr, tiling.partial,
+                                          stats, job.class_names, outlines, crowd)
+                name = f"{job.stem}__{scale:g}__{left}___{top}{'.png' if rgb8 else '.tif'}"
+                written.append(images_dir / name)
+                try:
+                    cut(left, top, tiling.size, images_dir / name)
+                except BadItem:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - PIL raises OSError, GDAL its own errors
+                    raise Ds2d2Error(f"cannot write patch {name}: {one_line(getattr(exc, 'strerror', None) or exc)}",
+                                     job.out_dir.parent) from None
+                patches.append({"file_name": f"{job.split}/images/{name}", "width": tiling.size,
+                                "height": tiling.size, "window": [left, top], "scale": scale, "annotations": anns})
+                stats.patches += 1
+    except BadItem:
+        for path in written:  # a scene read window by window can fail half-way: none of it stays
+            path.unlink(missing_ok=True)
+        raise
     return {"stem": job.stem, "width": width, "height": height, "patches": patches, "stats": stats,
             "placed": placed}
+
+
+def _rgb_image(path: Path) -> Any:
+    """An 8-bit RGB scene as the PIL image the PNG patches are cut from."""
+    from PIL import Image
+
+    from ds2d2_cli.data.raster import read_raster
+
+    return Image.fromarray(np.ascontiguousarray(read_raster(path).transpose(1, 2, 0)), mode="RGB")
+
+
+def _cut_rgb(image: Any, width: int, height: int) -> Callable[[int, int, int, Path], None]:
+    """PNG patches of an 8-bit RGB scene resized (PIL bilinear) to width x height: the bytes of old."""
+    from PIL import Image
+
+    scaled = image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
+
+    def cut(left: int, top: int, size: int, path: Path) -> None:
+        # crop() beyond the scene border fills with zeros: the devkit's padding.
+        scaled.crop((left, top, left + size, top + size)).save(path, format="PNG", compress_level=1)
+
+    return cut
+
+
+def _cut_bands(job: SceneJob, info: Any, scale: float, width: int, height: int
+               ) -> Callable[[int, int, int, Path], None]:
+    """GeoTIFF patches of any scene: all its bands in its type, zero-padded past the border.
+
+    At scale 1 a TIFF scene is read window by window from the file (scenes larger than
+    memory); other scenes and scales are read once, resized bilinearly (GDAL's decimated
+    read for TIFF). Each patch carries its window's transform and the scene's CRS.
+    """
+    from ds2d2_cli.data.raster import is_tiff, read_raster, window_transform, write_geotiff
+
+    scene = None
+    if scale != 1 or not is_tiff(job.image_path):
+        scene = read_raster(job.image_path, out_shape=None if scale == 1 else (height, width))
+    names = job.band_names or info.bands
+
+    def cut(left: int, top: int, size: int, path: Path) -> None:
+        if scene is None:
+            pixels = read_raster(job.image_path, window=(left, top, size, size))
+        else:
+            pixels = scene[:, top:top + size, left:left + size]
+        patch = np.zeros((pixels.shape[0], size, size), pixels.dtype)
+        patch[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+        transform = window_transform(info.transform, left, top, scale) if info.georeferenced else None
+        write_geotiff(path, patch, crs=info.crs, transform=transform, band_names=names)
+
+    return cut
 
 
 def _ignore_sigint() -> None:

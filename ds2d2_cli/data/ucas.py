@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -233,7 +233,8 @@ def _read_scene(folder: Path, image: Path, label: Path | None, class_name: str |
 
 def prepare_ucas_aod(root: str | Path, out: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
                      classes: ClassChoice | None = None, tiling: Tiling | None = None, workers: int = 1,
-                     skip_bad: bool = False, reporter: Reporter | None = None) -> PreparedSummary:
+                     skip_bad: bool = False, reporter: Reporter | None = None, scaling: str = "auto",
+                     band_names: Sequence[str] | None = None) -> PreparedSummary:
     """Convert a UCAS-AOD folder into `out` with a seeded train/val split; the summary figures.
 
     Every label file is parsed (and errors raised) before anything is written; a failed run
@@ -257,7 +258,8 @@ def prepare_ucas_aod(root: str | Path, out: str | Path, *, val_fraction: float =
         figures = write_prepared(plans, out, source="ucas-aod", class_names=class_names, classes_label=label,
                                  tiling=tiling, problems=problems, reporter=held, workers=workers,
                                  meta={"val_fraction": val_fraction, "seed": seed, "stratified_by": "folder"},
-                                 report_splits={"train": [NO_SPLIT], "val": [NO_SPLIT]})
+                                 report_splits={"train": [NO_SPLIT], "val": [NO_SPLIT]}, scaling=scaling,
+                                 band_names=band_names)
         problems.flush()
         return PreparedSummary(source=str(root), out=str(out), classes=label, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="ucas-aod",

@@ -433,7 +433,8 @@ def check_out(out: Path, sources: Sequence[Path]) -> None:
 
 def prepare_voc(root: str | Path, out: str | Path, *, classes: ClassChoice | None = None,
                 tiling: Tiling | None = None, workers: int = 1, skip_bad: bool = False,
-                reporter: Reporter | None = None) -> PreparedSummary:
+                reporter: Reporter | None = None, scaling: str = "auto",
+                band_names: Sequence[str] | None = None) -> PreparedSummary:
     """Write every split of a VOC dataset (either layout, see the module docstring); the summary figures.
 
     Images stay whole (JSON pointing at them) unless `tiling` cuts them into patches.
@@ -462,7 +463,7 @@ def prepare_voc(root: str | Path, out: str | Path, *, classes: ClassChoice | Non
         label = classes.label if classes is not None else None
         figures = write_prepared(plans, out, source="voc", class_names=class_names, classes_label=label,
                                  tiling=tiling, problems=problems, reporter=held, workers=workers,
-                                 report_splits=report)
+                                 report_splits=report, scaling=scaling, band_names=band_names)
         problems.flush()
         return PreparedSummary(source=str(root), out=str(out), classes=label, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="voc",

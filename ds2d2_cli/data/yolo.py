@@ -470,7 +470,8 @@ class YoloSummary(PreparedSummary):
 
 def prepare_yolo(data_yaml: str | Path, out: str | Path, *, classes: ClassChoice | str | None = None,
                  tiling: Tiling | None = None, workers: int = 1, skip_bad: bool = False,
-                 reporter: Reporter | None = None) -> YoloSummary:
+                 reporter: Reporter | None = None, scaling: str = "auto",
+                 band_names: Sequence[str] | None = None) -> YoloSummary:
     """Convert the YOLO dataset `data_yaml` describes into a prepared folder `out`; its summary.
 
     Every split (train, val, test when given) is read and checked before anything is
@@ -507,7 +508,8 @@ def prepare_yolo(data_yaml: str | Path, out: str | Path, *, classes: ClassChoice
         figures = write_prepared(plans, out, source="yolo", class_names=class_names,
                                  classes_label=choice.label if choice is not None else None, tiling=tiling,
                                  problems=problems, reporter=held, workers=workers,
-                                 meta={"data_yaml": str(data.yaml_path.resolve()), "names": list(data.names)})
+                                 meta={"data_yaml": str(data.yaml_path.resolve()), "names": list(data.names)},
+                                 scaling=scaling, band_names=band_names)
         problems.flush()
         return YoloSummary(source=str(data.yaml_path), out=str(out),
                            classes=choice.label if choice is not None else None, problems=problems.report(),
