@@ -149,14 +149,15 @@ def _scene_picture(out: Path, patches: Path, predictions: dict[str, Path], class
                    score_thresh: float = PICTURE_SCORE) -> tuple[Path, dict[str, Any]]:
     """The first held-out scene: ground truth, then each model's detections at one score
     threshold, each panel titled with its hits / misses / false alarms at IoU 0.5."""
-    from ds2d2_cli.data.dataset import read_image
+    from ds2d2_cli.data.dataset import load_coco_split, read_image
     from ds2d2_cli.evaluation import load_coco_json, match_detections
     from ds2d2_cli.plots import detections_side_by_side
+    from ds2d2_cli.sample import RGB
 
-    scenes = load_coco_json(patches / "val_scenes.json")
-    scene = scenes["images"][0]
-    image = read_image((patches / scene["file_name"]).resolve()).permute(1, 2, 0).numpy()
-    truth = [a for a in scenes["annotations"] if a["image_id"] == scene["id"]]
+    scenes = load_coco_split(patches / "val_scenes.json")
+    scene = scenes.images[0]
+    image = read_image(scenes.image_path(scene), scenes.sample, RGB).permute(1, 2, 0).numpy()
+    truth = scenes.annotations_by_image[scene["id"]]
     panels = {f"ground truth: {len(truth)} objects": truth}
     counts: dict[str, Any] = {"objects": len(truth)}
     for label, path in predictions.items():
@@ -256,10 +257,10 @@ def _estimate(config: RunConfig, student_configs: dict[str, RunConfig], patches:
 
     data = load_stage_data(with_data_root(config, patches))
     n_classes, n_eval = len(data.classes), len(data.eval.images) if data.eval is not None else 0
-    dataset = DetectionDataset(data.train)
+    dataset = DetectionDataset(data.train, data.config.input)
     generator_state = torch.random.get_rng_state()
-    teacher = build_detector(config.teacher, n_classes, config.input).to(device)
-    student = build_detector(config.student, n_classes, config.input).to(device)
+    teacher = build_detector(config.teacher, n_classes, data.config.input).to(device)
+    student = build_detector(config.student, n_classes, data.config.input).to(device)
     tasks: dict[str, tuple[Callable[[], Any], str]] = {"teacher": (lambda: DetectorTask(teacher), "teacher")}
 
     def amplifier_task() -> AmplifierTask:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ds2d2_cli.config import InputConfig
 from ds2d2_cli.data.dataset import CocoSplit, DetectionDataset, collate
 from ds2d2_cli.data.prepared import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError
@@ -246,14 +247,16 @@ def merge_patch_results(split: CocoSplit, results: Sequence[dict[str, Any]], iou
     return merged
 
 
-def evaluate_on_split(model: nn.Module, split: CocoSplit, device: torch.device, *, batch_size: int = 8,
-                      merge_patches: bool = False, reporter: Reporter | None = None,
+def evaluate_on_split(model: nn.Module, split: CocoSplit, device: torch.device, *, input_cfg: InputConfig,
+                      batch_size: int = 8, merge_patches: bool = False, reporter: Reporter | None = None,
                       num_workers: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """COCO metrics (+ images/s) of `model` on `split`, and the result rows they came from.
 
+    `input_cfg` is the model's input (the run's, or its checkpoint's): the split's pixels
+    become floats as the model was trained on them.
     `merge_patches`: DOTA-style patch detections merged back into their scenes and scored
     against the scene annotations `prepare-data` writes beside the split."""
-    dataset = DetectionDataset(split)
+    dataset = DetectionDataset(split, input_cfg)
     results, images_per_s = predict(model, dataset, device, batch_size, num_workers, reporter)
     if merge_patches:
         scenes_path = split.path.with_name(f"{split.path.stem}{SCENES_SUFFIX}.json")

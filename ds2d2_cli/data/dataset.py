@@ -1,10 +1,13 @@
 """A torch Dataset over a prepared COCO JSON, with the remote-sensing augmentations.
 
-Images are returned at their stored size as float tensors in [0, 1]; resizing to the
-preset input size and normalisation happen inside the torchvision detector's transform,
-so predictions come back in image pixels. Augmentation randomness is a pure function
-of (seed, sample index, epoch), so runs are reproducible and resumable with any number
-of loader workers.
+Images are returned at their stored size as float tensors, the run's bands scaled as the
+data's `SampleSpec` says ([0, 1] for 8-bit RGB); resizing to the preset input size and
+normalisation happen inside the torchvision detector's transform, so predictions come
+back in image pixels. Boxes are torchvision `tv_tensors.BoundingBoxes` and the
+augmentations are torchvision's v2 functionals, so a box format the spec names is
+flipped and turned by the library that defines it. Augmentation randomness is a pure
+function of (seed, sample index, epoch), so runs are reproducible and resumable with
+any number of loader workers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import Transform
+from torchvision.transforms.v2 import functional as F
 
+from ds2d2_cli.config import InputConfig
 from ds2d2_cli.data.prepared import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError, one_line
 from ds2d2_cli.sample import SampleSpec
@@ -92,86 +99,137 @@ def load_coco_split(path: str | Path) -> CocoSplit:
     return CocoSplit(path, images, by_image, categories, data.get("info", {}) or {})
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """RGB float tensor [3, H, W] in [0, 1]; a one-line InputError naming an unreadable file."""
-    from ds2d2_cli.data.validate import open_rgb
+def read_image(path: Path, spec: SampleSpec = SampleSpec(), bands: Sequence[str] | None = None) -> torch.Tensor:
+    """Float32 `[len(bands), H, W]` as `spec` reads the file's stored pixels (all its bands by default).
 
-    array = np.asarray(open_rgb(path), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def _as_uint8(image: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of read_image's /255 (a quarter of the memory for the cache)."""
-    return image.mul(255.0).round_().to(torch.uint8)
+    A one-line InputError names a file that is unreadable or stored differently from `spec`
+    (other band count or storage type), rather than a shape error deep inside the model.
+    """
+    return spec.to_float(read_pixels(path, spec), bands)
 
 
-def _augment(image: torch.Tensor, boxes: torch.Tensor, ops: Sequence[str], rng: np.random.Generator):
-    _, h, w = image.shape
+def read_pixels(path: Path, spec: SampleSpec) -> torch.Tensor:
+    """The file's stored pixels `[C, H, W]` in their storage type, checked against `spec`."""
+    from ds2d2_cli.data.raster import probe, read_raster
+
+    array = read_raster(path)
+    if array.shape[0] != len(spec.bands) or array.dtype != np.dtype(spec.dtype):
+        info = probe(path)
+        raise InputError(f"has {_bands_text(info.bands, info.dtype)}; the data's images have "
+                         f"{_bands_text(spec.bands, spec.dtype)}", path)
+    # np.array keeps the layout (PIL's is height, width, band) and makes PIL's read-only view writable.
+    return torch.from_numpy(np.array(array))
+
+
+def _bands_text(bands: Sequence[str], dtype: str) -> str:
+    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)}) of {dtype}"
+
+
+class Rot90(Transform):
+    """`turns` quarter turns counter-clockwise (torch.rot90's direction) of images and boxes.
+
+    Images go through `F.rotate(image, 90, expand=True)`, which is torch.rot90 exactly.
+    XYXY boxes are permuted per turn, `[y1, W - x2, y2, W - x1]` with W the width before
+    the turn: exact, where `F.rotate`'s box path goes through an affine matrix with
+    cos(90°) = 6e-17 and comes out an ulp off (a box at x = 0 lands at 1e-14), which would
+    change training. Other formats (rotated boxes) go through `F.rotate`.
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.BoundingBoxes)
+
+    def __init__(self, turns: int):
+        super().__init__()
+        self.turns = turns
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        for _ in range(self.turns):
+            if isinstance(inpt, tv_tensors.BoundingBoxes) and inpt.format == tv_tensors.BoundingBoxFormat.XYXY:
+                height, width = inpt.canvas_size
+                turned = torch.stack([inpt[:, 1], width - inpt[:, 2], inpt[:, 3], width - inpt[:, 0]], dim=1)
+                inpt = tv_tensors.wrap(turned, like=inpt, canvas_size=(width, height))
+            else:
+                inpt = F.rotate(inpt, 90, expand=True)
+        return inpt
+
+
+def augment(image: tv_tensors.Image, boxes: tv_tensors.BoundingBoxes, ops: Sequence[str],
+            rng: np.random.Generator) -> tuple[tv_tensors.Image, tv_tensors.BoundingBoxes]:
+    """`ops` (a subset of AUGMENTATIONS) applied at random: one hflip draw, one vflip draw, then
+    0-3 quarter turns; the draws and their order are part of every run's reproducibility."""
     if "hflip" in ops and rng.random() < 0.5:
-        image = image.flip(-1)
-        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
     if "vflip" in ops and rng.random() < 0.5:
-        image = image.flip(-2)
-        boxes = torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
+        image, boxes = F.vertical_flip(image), F.vertical_flip(boxes)
     if "rot90" in ops:
-        for _ in range(int(rng.integers(0, 4))):  # each turn: 90 degrees counter-clockwise
-            _, h, w = image.shape
-            image = torch.rot90(image, 1, dims=(1, 2))
-            boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
+        turns = int(rng.integers(0, 4))
+        if turns:
+            image, boxes = Rot90(turns)(image, boxes)
     return image, boxes
 
 
 class DetectionDataset(Dataset):
-    """Samples are (image [3,H,W] float, target dict) as torchvision detectors expect.
+    """Samples are (image [C,H,W] float, target dict) as torchvision detectors expect.
+
+    `input_cfg` is the run's resolved input (`config.input.resolved`, or a checkpoint's
+    `meta.input.resolved`): which bands are read and how their stored values become floats.
+    Without it, the split's own sample spec and all its bands. `target["boxes"]` is a
+    `tv_tensors.BoundingBoxes` in the spec's box format on the image's canvas.
 
     Index with an int (no augmentation) or with `(index, augment_seed)` as the
     `ResumableBatchSampler` yields. Crowd (`iscrowd: 1`) and degenerate boxes are left
     out of training targets: torchvision detectors have no ignore regions.
 
-    `cache_images` keeps each decoded image in memory (uint8, in every loader worker,
-    which live for the whole run) so later epochs skip PNG decoding: for small datasets.
+    `cache_images` keeps each image's stored pixels in memory (in their storage type, in
+    every loader worker, which live for the whole run) so later epochs skip decoding: for
+    small datasets.
     """
 
-    def __init__(self, split: CocoSplit, augment: Sequence[str] = (), seed: int = 0, cache_images: bool = False):
+    def __init__(self, split: CocoSplit, input_cfg: InputConfig | None = None, augment: Sequence[str] = (),
+                 seed: int = 0, cache_images: bool = False):
         unknown = set(augment) - set(AUGMENTATIONS)
         if unknown:
             raise InputError(f"unknown augmentation(s): {', '.join(sorted(unknown))}")
         self.split = split
+        resolved = input_cfg.resolved if input_cfg is not None else None
+        self.spec: SampleSpec = resolved.sample if resolved is not None else split.sample
+        self.bands: tuple[str, ...] = resolved.bands if resolved is not None else self.spec.bands
         self.augment = tuple(augment)
         self.seed = seed
         self.cache_images = cache_images
         self._cache: dict[int, torch.Tensor] = {}
 
     def image(self, index: int) -> torch.Tensor:
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached.float().div_(255.0)
-        image = read_image(self.split.image_path(self.split.images[index]))
-        if self.cache_images:
-            self._cache[index] = _as_uint8(image)
-        return image
+        pixels = self._cache.get(index)
+        if pixels is None:
+            pixels = read_pixels(self.split.image_path(self.split.images[index]), self.spec)
+            if self.cache_images:
+                self._cache[index] = pixels
+        return self.spec.to_float(pixels, self.bands)
 
     def __len__(self) -> int:
         return len(self.split.images)
 
-    def target(self, index: int) -> dict[str, torch.Tensor]:
+    def target(self, index: int, canvas_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Boxes, labels and id of image `index`, whose pixels are `canvas_size` (height, width)."""
         info = self.split.images[index]
         anns = [
             a for a in self.split.annotations_by_image[info["id"]]
             if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1
         ]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        boxes = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+                                         format=self.spec.box_format, canvas_size=canvas_size)
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         return {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
 
     def __getitem__(self, item: int | tuple[int, int]):
         index, augment_seed = (item, None) if isinstance(item, int) else item
         image = self.image(index)
-        target = self.target(index)
+        target = self.target(index, tuple(image.shape[-2:]))
         if augment_seed is not None and self.augment:
             rng = np.random.default_rng([self.seed, augment_seed, index])
-            image, target["boxes"] = _augment(image, target["boxes"], self.augment, rng)
+            turned, target["boxes"] = augment(tv_tensors.Image(image), target["boxes"], self.augment, rng)
+            image = turned.as_subclass(torch.Tensor)
         return image, target
 
 

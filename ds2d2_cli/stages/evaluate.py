@@ -43,8 +43,8 @@ def evaluate_checkpoint(
     check_bands(checkpoint, coco.sample, coco.path)
     device = torch.device(device)
     model = model_from_checkpoint(checkpoint, device)
-    metrics, results = evaluate_on_split(model, coco, device, batch_size=batch_size,
-                                         merge_patches=merge_patches, reporter=reporter)
+    metrics, results = evaluate_on_split(model, coco, device, input_cfg=checkpoint.meta.input,
+                                         batch_size=batch_size, merge_patches=merge_patches, reporter=reporter)
     if predictions_out is not None and distributed.is_main():
         write_json(predictions_out, results)
     metrics.update({

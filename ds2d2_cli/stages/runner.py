@@ -119,13 +119,14 @@ def run_stage(
     reporter = (reporter or NullReporter()) if main else NullReporter()
     out = Path(out)
     schedule = config.schedule(stage)  # type: ignore[arg-type]
-    dataset = DetectionDataset(data.train, augment=schedule.augment, seed=schedule.seed,
+    dataset = DetectionDataset(data.train, data.config.input, augment=schedule.augment, seed=schedule.seed,
                                cache_images=schedule.cache_images)
     evaluate = None
     best_path = out / "best.safetensors"
     if scored is not None and data.eval is not None:
         def evaluate() -> dict[str, Any]:
-            metrics, _ = evaluate_on_split(scored, data.eval, device, batch_size=schedule.batch_size * 2)
+            metrics, _ = evaluate_on_split(scored, data.eval, device, input_cfg=data.config.input,
+                                           batch_size=schedule.batch_size * 2)
             return metrics
 
     def on_best(metrics: dict[str, Any]) -> None:
