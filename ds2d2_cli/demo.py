@@ -258,8 +258,8 @@ def _estimate(config: RunConfig, student_configs: dict[str, RunConfig], patches:
     n_classes, n_eval = len(data.classes), len(data.eval.images) if data.eval is not None else 0
     dataset = DetectionDataset(data.train)
     generator_state = torch.random.get_rng_state()
-    teacher = build_detector(config.teacher, n_classes, config.input).to(device)
-    student = build_detector(config.student, n_classes, config.input).to(device)
+    teacher = build_detector(config.teacher, n_classes, data.config.input).to(device)  # input resolved on the data
+    student = build_detector(config.student, n_classes, data.config.input).to(device)
     tasks: dict[str, tuple[Callable[[], Any], str]] = {"teacher": (lambda: DetectorTask(teacher), "teacher")}
 
     def amplifier_task() -> AmplifierTask:
