@@ -16,14 +16,16 @@ ONNX (`export_onnx`)
            ``labels``: int64 ``[K]``, category id 1..C: class name = classes[label - 1].
 
     ``metadata_props`` carry the class names (JSON), the bands (``bands``, JSON list), how
-    stored values become the input floats (``sample``, the SampleSpec as JSON),
-    normalisation (JSON), input size, detector, backbone, stage, score threshold, ds2d2
-    version and the source checkpoint's sha256, so the file explains itself.
+    stored values become the input floats (``sample``, the SampleSpec as JSON; in words:
+    ``input_description``), normalisation (JSON), input size, detector, backbone, stage,
+    score threshold, ds2d2 version and the source checkpoint's sha256, so the file explains
+    itself.
 
 TorchScript (`export_torchscript`)
     ``torch.jit.script`` of the detector in a thin wrapper:
     ``model(images: List[Tensor[N, H, W]]) -> List[Dict[str, Tensor]]`` (boxes / scores /
-    labels per image, as eager torchvision; the bands and scaling as for ONNX). Any image size works (the transform resizes).
+    labels per image, as eager torchvision; the bands and scaling as for ONNX). Any image
+    size works (the transform resizes).
     The same metadata travels as the extra file ``ds2d2_meta.json``
     (``torch.jit.load(path, _extra_files={"ds2d2_meta.json": ""})``).
 

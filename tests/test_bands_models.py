@@ -51,7 +51,8 @@ def test_inflation_by_hand():
     assert inflate_first_conv(weight, RGBN, "mean").flatten().tolist() == [2.25, 2.25, 2.25, 2.25]
     assert inflate_first_conv(weight, ("grey",), "mean").flatten().tolist() == [9.0]  # the sum of the filters
     # rgb: nir 2.25, each RGB filter gives up 2.25 / 3 = 0.75
-    torch.testing.assert_close(inflate_first_conv(weight, RGBN, "rgb").flatten(), torch.tensor([0.25, 1.25, 5.25, 2.25]))
+    torch.testing.assert_close(inflate_first_conv(weight, RGBN, "rgb").flatten(),
+                               torch.tensor([0.25, 1.25, 5.25, 2.25]))
     torch.testing.assert_close(inflate_first_conv(weight, ("nir", "blue", "red", "green"), "rgb").flatten(),
                                torch.tensor([2.25, 5.25, 0.25, 1.25]))
     # no red/green/blue among the bands: rgb is mean
@@ -167,8 +168,9 @@ def test_four_band_distillation_step():
     """MGD's parts probe the teacher's pyramid with a blank image of the teacher's bands."""
     from ds2d2_cli.stages.distill import DistillTask
 
-    config = load_config("tiny-synthetic", [f"input.size={SIZE}", "teacher.backbone=resnet18", "teacher.fpn_channels=32",
-                                            "student.backbone=resnet18", "student.fpn_channels=16", "distill.method=mgd"])
+    config = load_config("tiny-synthetic", [f"input.size={SIZE}", "teacher.backbone=resnet18",
+                                            "teacher.fpn_channels=32", "student.backbone=resnet18",
+                                            "student.fpn_channels=16", "distill.method=mgd"])
     config = config.model_copy(update={"input": config.input.resolve(_spec(RGBN))})
     torch.manual_seed(0)
     task = DistillTask(build_detector(config.student, 3, config.input), build_detector(config.teacher, 3, config.input),
@@ -213,7 +215,8 @@ def test_imagenet_weights_are_inflated(monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "get_model", seeded)
     cfg = _tiny("faster_rcnn", "efficientnet_b0", pretrained=True, band_init="mean")
-    rgb_filters = seeded("efficientnet_b0", "DEFAULT", norm_layer=torchvision.ops.misc.FrozenBatchNorm2d).features[0][0].weight
+    frozen_bn = torchvision.ops.misc.FrozenBatchNorm2d
+    rgb_filters = seeded("efficientnet_b0", "DEFAULT", norm_layer=frozen_bn).features[0][0].weight
     body = build_resnet_body(cfg, ("vv", "vh"))
     torch.testing.assert_close(body.features[0][0].weight, inflate_first_conv(rgb_filters, ("vv", "vh"), "mean"),
                                atol=0, rtol=0)
