@@ -76,11 +76,12 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def random_batch(n_images: int, size: int, num_classes: int, gen: torch.Generator, device: torch.device):
-    """Noise images with ~50 mostly small boxes each (remote-sensing-like box sizes)."""
+def random_batch(n_images: int, size: int, num_classes: int, gen: torch.Generator, device: torch.device,
+                 bands: int = 3):
+    """Noise images of `bands` bands with ~50 mostly small boxes each (remote-sensing-like box sizes)."""
     images, targets = [], []
     for _ in range(n_images):
-        images.append(torch.rand(3, size, size, generator=gen).to(device))
+        images.append(torch.rand(bands, size, size, generator=gen).to(device))
         centre = torch.rand(BOXES_PER_IMAGE, 2, generator=gen) * size
         wh = size * (0.02 + 0.2 * torch.rand(BOXES_PER_IMAGE, 2, generator=gen).pow(2))
         wh = wh.clamp(min=4.0)
@@ -169,7 +170,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
         tasks[method].module.to(device)
     ds2d2 = tasks["ds2d2"]
     plain = DetectorTask(student)
-    images, targets = random_batch(batch, size, num_classes, gen, device)
+    images, targets = random_batch(batch, size, num_classes, gen, device, config.input.channels)
     teacher_forward = teacher_forward_fn(teacher, images, targets, config.student.detector == "retinanet", gen)
 
     def optimizer_for(task):

@@ -3,7 +3,7 @@
 What distillation buys at inference time. For each preset, teacher and student are built
 as the preset says (randomly initialised: speed does not depend on the weights, except
 through the number of boxes reaching NMS, which the detectors' prior bias keeps small),
-and timed on the same synthetic [3, S, S] scene at the preset's input size S, one image
+and timed on the same synthetic [N, S, S] scene (N = its bands) at the preset's input size S, one image
 per call (deployment latency; the exported ONNX graph takes one image):
 
 - `teacher`, `student`: eager PyTorch, `torch.inference_mode()`;
@@ -78,7 +78,7 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 def bench_preset(preset: str, device: torch.device, rounds: int, per_round: int) -> dict:
     config, teacher, student = _models(preset)
     size = config.input.size
-    image_cpu = synthetic_image(size)
+    image_cpu = synthetic_image(size, bands=config.input.channels)
     flops = {"teacher": count_flops(teacher, image_cpu), "student": count_flops(student, image_cpu)}
     params = {"teacher": sum(p.numel() for p in teacher.parameters()),
               "student": sum(p.numel() for p in student.parameters())}

@@ -71,7 +71,7 @@ def step_speed(preset: str, batch: int, size: int, device: torch.device, steps: 
     model = build_detector(rebuild_config(config.student), len(classes), config.input).to(device).train()
     task = DetectorTask(model)
     optimizer = build_optimizer(model, config.train)
-    images = [torch.rand(3, size, size, device=device) for _ in range(batch)]
+    images = [torch.rand(config.input.channels, size, size, device=device) for _ in range(batch)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 20.0, 100.0, 90.0]], device=device),
                 "labels": torch.tensor([1, 2], device=device)} for _ in range(batch)]
     times = []

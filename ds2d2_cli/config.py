@@ -29,6 +29,7 @@ Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_
 BACKBONE_LABELS = {"mobilenet_v3_large": "MNv3-L", "efficientnet_b0": "EffNet-B0", "regnet_y_400mf": "RegNetY-400MF",
                    "convnext_tiny": "ConvNeXt-T"}
 Stage = Literal["teacher", "amplifier", "student"]
+BandInit = Literal["rgb", "mean"]
 # Each stage's own schedule field (`train` is the student's and every stage's fallback).
 SCHEDULE_FIELDS: dict[str, str] = {"teacher": "teacher_train", "amplifier": "amplifier_train", "student": "train"}
 
@@ -162,6 +163,12 @@ class ModelConfig(_Strict):
         "auto", description="auto: frozen BN with pretrained weights, trainable BN from scratch"
     )
     trainable_layers: int = Field(3, ge=0, le=5)
+    band_init: BandInit = Field(
+        "rgb", description="how pretrained RGB filters of the first convolution read other bands than red, green, "
+        "blue (m = mean RGB filter, N bands): rgb: red, green, blue keep their filters, every other band gets "
+        "m x 3/N and each RGB filter gives up a third of those, so extra bands equal to the RGB mean give the RGB "
+        "model's output (mean without all three of red, green, blue); mean: every band m x 3/N (timm's). Three "
+        "bands keep the RGB filters (reordered if they are red, green, blue in another order); from scratch unused")
     head_norm: Literal["none", "group"] = Field(
         "none", description="GroupNorm in the RetinaNet head convs (torchvision's v2 head): much faster from scratch"
     )

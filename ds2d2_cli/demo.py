@@ -259,7 +259,7 @@ def _estimate(config: RunConfig, student_configs: dict[str, RunConfig], patches:
     n_classes, n_eval = len(data.classes), len(data.eval.images) if data.eval is not None else 0
     dataset = DetectionDataset(data.train, data.config.input)
     generator_state = torch.random.get_rng_state()
-    teacher = build_detector(config.teacher, n_classes, data.config.input).to(device)
+    teacher = build_detector(config.teacher, n_classes, data.config.input).to(device)  # input resolved on the data
     student = build_detector(config.student, n_classes, data.config.input).to(device)
     tasks: dict[str, tuple[Callable[[], Any], str]] = {"teacher": (lambda: DetectorTask(teacher), "teacher")}
 

@@ -6,21 +6,26 @@ ONNX (`export_onnx`)
     TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`; the dynamo
     exporter needs `onnxscript`, which ds2d2 does not depend on). Opset 17-20.
 
-    Input  ``image``:  float32 ``[3, S, S]``, RGB in 0..1, one image (not a batch: the
-                       torchvision detectors take a list of images, and one [3, S, S]
-                       tensor is what traces cleanly), S = the checkpoint's ``input.size``.
+    Input  ``image``:  float32 ``[N, S, S]``, one image (not a batch: the torchvision
+                       detectors take a list of images, and one [N, S, S] tensor is what
+                       traces cleanly); N = the checkpoint's bands, in its order, each
+                       stored value v scaled as (v - low) / (high - low) (SampleSpec; for
+                       8-bit RGB: v / 255, RGB in 0..1); S = the checkpoint's ``input.size``.
     Output ``boxes``:  float32 ``[K, 4]`` x1, y1, x2, y2 in input pixels.
            ``scores``: float32 ``[K]``, sorted high to low, all >= the model's score_thresh.
            ``labels``: int64 ``[K]``, category id 1..C: class name = classes[label - 1].
 
-    ``metadata_props`` carry the class names (JSON), normalisation (JSON), input size,
-    detector, backbone, stage, score threshold, ds2d2 version and the source checkpoint's
-    sha256, so the file explains itself.
+    ``metadata_props`` carry the class names (JSON), the bands (``bands``, JSON list), how
+    stored values become the input floats (``sample``, the SampleSpec as JSON; in words:
+    ``input_description``), normalisation (JSON), input size, detector, backbone, stage,
+    score threshold, ds2d2 version and the source checkpoint's sha256, so the file explains
+    itself.
 
 TorchScript (`export_torchscript`)
     ``torch.jit.script`` of the detector in a thin wrapper:
-    ``model(images: List[Tensor[3, H, W]]) -> List[Dict[str, Tensor]]`` (boxes / scores /
-    labels per image, as eager torchvision). Any image size works (the transform resizes).
+    ``model(images: List[Tensor[N, H, W]]) -> List[Dict[str, Tensor]]`` (boxes / scores /
+    labels per image, as eager torchvision; the bands and scaling as for ONNX). Any image
+    size works (the transform resizes).
     The same metadata travels as the extra file ``ds2d2_meta.json``
     (``torch.jit.load(path, _extra_files={"ds2d2_meta.json": ""})``).
 
@@ -50,6 +55,7 @@ from ds2d2_cli import __version__
 from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path
+from ds2d2_cli.sample import SampleSpec
 
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".fp16.safetensors"}
@@ -116,38 +122,70 @@ def _check_out(out: str | Path, checkpoint: Checkpoint) -> Path:
     return out
 
 
-def synthetic_image(size: int, seed: int = 0) -> torch.Tensor:
-    """A deterministic [3, size, size] test scene: a smooth background with coloured rectangles."""
+def synthetic_image(size: int, seed: int = 0, bands: int = 3) -> torch.Tensor:
+    """A deterministic [bands, size, size] test scene: a smooth background with rectangles of
+    random values per band (bands beyond three repeat the three backgrounds)."""
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0.25, 0.55, size, dtype=np.float32)
-    image = np.stack([ramp[None, :] * np.ones((size, 1), np.float32),
-                      ramp[:, None] * np.ones((1, size), np.float32),
-                      np.full((size, size), 0.4, np.float32)])
+    backgrounds = [ramp[None, :] * np.ones((size, 1), np.float32), ramp[:, None] * np.ones((1, size), np.float32),
+                   np.full((size, size), 0.4, np.float32)]
+    image = np.stack([backgrounds[b % 3] for b in range(bands)])
     for _ in range(12):
         w, h = rng.integers(max(2, size // 24), max(3, size // 4), size=2)
         x, y = rng.integers(0, size - w), rng.integers(0, size - h)
-        image[:, y:y + h, x:x + w] = rng.uniform(0.0, 1.0, size=(3, 1, 1)).astype(np.float32)
+        image[:, y:y + h, x:x + w] = rng.uniform(0.0, 1.0, size=(bands, 1, 1)).astype(np.float32)
     image += rng.normal(0.0, 0.02, size=image.shape).astype(np.float32)
     return torch.from_numpy(np.clip(image, 0.0, 1.0))
 
 
-def verification_images(images: Sequence[ImageLike] | None, size: int) -> list[torch.Tensor]:
-    """User images (paths or [3, H, W] tensors in 0..1) resized to size x size, or the synthetic scene."""
+def _bands_text(bands: Sequence[str]) -> str:
+    """`4 bands (red, green, blue, nir)`."""
+    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)})"
+
+
+def input_description(checkpoint: Checkpoint) -> str:
+    """What the exported model reads, in words: the float image's bands and value scaling."""
+    resolved = checkpoint.meta.input.resolved
+    spec, size = resolved.sample, resolved.size
+    head = f"image float32 [{len(resolved.bands)}, {size}, {size}]"
+    if spec.is_rgb8 and resolved.bands == spec.bands:
+        return f"{head} RGB 0..1 (8-bit values / 255)"
+    value = "10*log10(v)" if spec.scaling == "db" else "v"
+    return (f"{head}, {_bands_text(resolved.bands)}: stored {spec.dtype} values v as ({value} - low) / (high - low) "
+            f"per band ({spec.scaling} scaling; low and high in the metadata's sample)")
+
+
+def verification_images(images: Sequence[ImageLike] | None, size: int, spec: SampleSpec = SampleSpec(),
+                        bands: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """User images (paths read with `spec`, or float [N, H, W] tensors as the model reads them)
+    resized to size x size, or the synthetic scene; N = len(bands) (default: the spec's)."""
+    bands = tuple(spec.bands if bands is None else bands)
     if not images:
-        return [synthetic_image(size)]
+        return [synthetic_image(size, bands=len(bands))]
     from ds2d2_cli.data.dataset import read_image
 
     result = []
     for item in images:
-        image = item if isinstance(item, torch.Tensor) else read_image(Path(item))
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise InputError(f"verification images must be [3, H, W] tensors (got {tuple(image.shape)})")
+        image = item if isinstance(item, torch.Tensor) else read_image(Path(item), spec, bands)
+        if image.dim() != 3:
+            raise InputError(f"verification images must be [{len(bands)}, H, W] tensors (got {tuple(image.shape)})")
+        if image.shape[0] != len(bands):
+            raise InputError(f"the model reads {_bands_text(bands)}; the image has {image.shape[0]}",
+                             None if isinstance(item, torch.Tensor) else item)
         image = image.float()
         if tuple(image.shape[1:]) != (size, size):
             image = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear",
-                                                    align_corners=False)[0].clamp_(0.0, 1.0)
+                                                    align_corners=False)[0]
+            if spec.is_rgb8:
+                image = image.clamp_(0.0, 1.0)  # other scalings are not clipped (see ds2d2_cli.sample)
         result.append(image.contiguous())
     return result
+
+
+def _checkpoint_images(images: Sequence[ImageLike] | None, checkpoint: Checkpoint) -> list[torch.Tensor]:
+    """`verification_images` for what `checkpoint`'s model reads."""
+    resolved = checkpoint.meta.input.resolved
+    return verification_images(images, resolved.size, resolved.sample, resolved.bands)
 
 
 def export_metadata(checkpoint: Checkpoint) -> dict[str, str]:
@@ -162,7 +200,10 @@ def export_metadata(checkpoint: Checkpoint) -> dict[str, str]:
         "classes": json.dumps(meta.classes),
         "labels": "label l is classes[l - 1] (category ids 1..C)",
         "input_size": str(meta.input.size),
-        "normalisation": json.dumps({"mean": list(meta.input.mean), "std": list(meta.input.std)}),
+        "bands": json.dumps(list(meta.input.resolved.bands)),
+        "sample": meta.input.resolved.sample.model_dump_json(),
+        "input_description": input_description(checkpoint),
+        "normalisation": json.dumps({"mean": list(meta.input.resolved.mean), "std": list(meta.input.resolved.std)}),
         "score_thresh": str(meta.model.score_thresh),
         "detections_per_img": str(meta.model.detections_per_img),
         "source_checkpoint": checkpoint.path.name,
@@ -289,7 +330,7 @@ def _torch_detections(model: nn.Module, images: list[torch.Tensor]) -> list[dict
 
 
 class _OnnxDetector(nn.Module):
-    """One [3, S, S] image in; boxes, scores, labels out (fixed order for both detectors)."""
+    """One [N, S, S] image in; boxes, scores, labels out (fixed order for both detectors)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -315,10 +356,11 @@ def _check_opset(opset: int) -> None:
 
 
 def onnx_bytes(model: nn.Module, size: int, opset: int = DEFAULT_OPSET) -> bytes:
-    """The traced detector as an ONNX model (bytes), without metadata."""
+    """The traced detector as an ONNX model (bytes), without metadata; its input has one
+    channel per band the model normalises."""
     _check_opset(opset)
     buffer = io.BytesIO()
-    example = synthetic_image(size)
+    example = synthetic_image(size, bands=len(model.transform.image_mean))
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer / deprecation chatter about torchvision internals
@@ -335,7 +377,7 @@ def onnx_bytes(model: nn.Module, size: int, opset: int = DEFAULT_OPSET) -> bytes
     return buffer.getvalue()
 
 
-def _onnx_with_metadata(data: bytes, metadata: dict[str, str]) -> Any:
+def _onnx_with_metadata(data: bytes, metadata: dict[str, str], description: str) -> Any:
     import onnx
 
     model = onnx.load_from_string(data)
@@ -343,7 +385,7 @@ def _onnx_with_metadata(data: bytes, metadata: dict[str, str]) -> Any:
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.doc_string = ("ds2d2 detector: input image float32 [3, S, S] RGB 0..1; outputs boxes [K, 4] "
+    model.doc_string = (f"ds2d2 detector: input {description}; outputs boxes [K, 4] "
                         "xyxy pixels, scores [K], labels [K] (classes[label - 1])")
     onnx.checker.check_model(model)
     return model
@@ -372,7 +414,7 @@ def verify_onnx(onnx_model: Any | bytes | str | Path, checkpoint: Checkpoint | s
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_detector_checkpoint(checkpoint)
     model = model if model is not None else _detector(checkpoint)
-    inputs = verification_images(images, checkpoint.meta.input.size)
+    inputs = _checkpoint_images(images, checkpoint)
     try:
         session = onnx_session(onnx_model)
         name = session.get_inputs()[0].name
@@ -398,15 +440,14 @@ def export_onnx(checkpoint_path: str | Path, out: str | Path, *, opset: int = DE
     checkpoint = load_detector_checkpoint(checkpoint_path)
     out = _check_out(out, checkpoint)
     model = _detector(checkpoint)
-    inputs = verification_images(images, checkpoint.meta.input.size) if verify else None
+    inputs = _checkpoint_images(images, checkpoint) if verify else None
     onnx_model = _onnx_with_metadata(onnx_bytes(model, checkpoint.meta.input.size, opset),
-                                     export_metadata(checkpoint))
+                                     export_metadata(checkpoint), input_description(checkpoint))
     figures = verify_onnx(onnx_model, checkpoint, inputs, model=model) if verify else None
     with atomic_path(out) as tmp:
         tmp.write_bytes(onnx_model.SerializeToString())
     return _result(checkpoint, out, "onnx", figures, opset=opset, exporter=EXPORTER,
-                   input=f"image float32 [3, {checkpoint.meta.input.size}, {checkpoint.meta.input.size}] RGB 0..1",
-                   outputs="boxes [K, 4], scores [K], labels [K]")
+                   input=input_description(checkpoint), outputs="boxes [K, 4], scores [K], labels [K]")
 
 
 def _result(checkpoint: Checkpoint, out: Path, fmt: str, figures: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
@@ -470,7 +511,7 @@ def export_torchscript(checkpoint_path: str | Path, out: str | Path, *, verify: 
             torch.jit.save(scripted, str(tmp),
                            _extra_files={TORCHSCRIPT_META_FILE: json.dumps(export_metadata(checkpoint))})
         if verify:
-            inputs = verification_images(images, checkpoint.meta.input.size)
+            inputs = _checkpoint_images(images, checkpoint)
             loaded, _ = load_torchscript(tmp)
             reference = _torch_detections(model, inputs)
             exported = _scripted_detections(loaded, inputs)
@@ -479,7 +520,8 @@ def export_torchscript(checkpoint_path: str | Path, out: str | Path, *, verify: 
                                    detections_per_img=checkpoint.meta.model.detections_per_img)
                 for r, e in zip(reference, exported)], "TorchScript")
     return _result(checkpoint, out, "torchscript", figures, exporter="torch.jit.script",
-                   input="List[Tensor[3, H, W]] RGB 0..1", outputs="List[Dict[boxes, scores, labels]]")
+                   input=f"List[Tensor[{checkpoint.meta.input.channels}, H, W]] as the ONNX image (any H, W)",
+                   outputs="List[Dict[boxes, scores, labels]]")
 
 
 # ----------------------------------------------------------------------------- fp16 safetensors
@@ -507,7 +549,7 @@ def export_safetensors_fp16(checkpoint_path: str | Path, out: str | Path, *, ver
         save_file(tensors, str(tmp), metadata=metadata)
         if verify:
             half = load_checkpoint(tmp)
-            inputs = verification_images(images, checkpoint.meta.input.size)
+            inputs = _checkpoint_images(images, checkpoint)
             reference = _torch_detections(_detector(checkpoint), inputs)
             exported = _torch_detections(_detector(half), inputs)
             figures = _summarise([

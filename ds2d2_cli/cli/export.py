@@ -11,7 +11,8 @@ from rich.table import Table
 from ds2d2_cli.cli.common import handle_errors, stdout_console, write_json_output
 from ds2d2_cli.errors import InputError
 
-FORMAT_HELP = ("onnx (full detector incl. resize/normalise and NMS; input one float32 [3, S, S] image in 0..1), "
+FORMAT_HELP = ("onnx (full detector incl. resize/normalise and NMS; input one float32 [N, S, S] image of the "
+               "checkpoint's N bands, scaled as in training: RGB 0..1), "
                "torchscript (torch.jit.script, List[Tensor] in, List[Dict] out) or safetensors (fp16 weights)")
 
 

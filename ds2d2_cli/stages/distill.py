@@ -155,14 +155,15 @@ class DistillTask:
 
 
 def _level_names(detector: nn.Module) -> list[str]:
-    """The FPN's level names, finest first, from a forward pass on a small blank input (in eval
-    mode: batch-norm statistics must not see it)."""
+    """The FPN's level names, finest first, from a forward pass on a small blank input of the
+    detector's bands (in eval mode: batch-norm statistics must not see it)."""
     parameter = next(detector.backbone.parameters())
     was_training = detector.training
     detector.eval()
     try:
         with torch.no_grad():
-            probe = torch.zeros((1, 3, 64, 64), device=parameter.device, dtype=parameter.dtype)
+            bands = len(detector.transform.image_mean)
+            probe = torch.zeros((1, bands, 64, 64), device=parameter.device, dtype=parameter.dtype)
             return list(detector.backbone(probe))
     finally:
         detector.train(was_training)

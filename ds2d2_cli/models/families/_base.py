@@ -38,6 +38,8 @@ class DetectorFamily:
     amplifier_prefix: ClassVar[str]  # teacher state-dict prefix of the module an amplifier replaces
 
     def build(self, cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -> nn.Module:
+        """The detector reading `input_cfg.resolved`'s bands (one input channel each), normalised
+        by its per-band mean and std."""
         raise NotImplementedError
 
     def detection_step(self, model: nn.Module, batch: ImageList, targets: list[dict[str, Tensor]],

@@ -56,15 +56,16 @@ class FasterRCNNFamily(DetectorFamily):
     amplifier_prefix = "roi_heads."
 
     def build(self, cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -> nn.Module:
+        resolved = input_cfg.resolved  # concrete bands, mean and std (never `auto`)
         if len(cfg.rpn_anchor_sizes) != 5:
             raise InputError("faster_rcnn needs 5 rpn_anchor_sizes, one per FPN level P2-P6")
-        backbone = build_fpn_backbone(cfg, (1, 2, 3, 4), lambda c: LastLevelMaxPool())
+        backbone = build_fpn_backbone(cfg, (1, 2, 3, 4), lambda c: LastLevelMaxPool(), resolved.bands)
         sizes = tuple((s,) for s in cfg.rpn_anchor_sizes)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         return FasterRCNN(
             backbone, num_classes + 1, rpn_anchor_generator=anchors, box_score_thresh=cfg.score_thresh,
             box_detections_per_img=cfg.detections_per_img, min_size=input_cfg.size, max_size=input_cfg.size,
-            image_mean=list(input_cfg.mean), image_std=list(input_cfg.std),
+            image_mean=list(resolved.mean), image_std=list(resolved.std),
         )
 
     def detection_step(self, model, batch, targets, features) -> DetectionStep:

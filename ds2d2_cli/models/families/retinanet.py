@@ -49,8 +49,9 @@ class RetinaNetFamily(DetectorFamily):
     amplifier_prefix = "head."
 
     def build(self, cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -> nn.Module:
+        resolved = input_cfg.resolved  # concrete bands, mean and std (never `auto`)
         # P6/P7 from C5 (LastLevelP6P7 switches to P5 only if C5 already has FPN width).
-        backbone = build_fpn_backbone(cfg, (2, 3, 4), lambda c: LastLevelP6P7(c[3], cfg.fpn_channels))
+        backbone = build_fpn_backbone(cfg, (2, 3, 4), lambda c: LastLevelP6P7(c[3], cfg.fpn_channels), resolved.bands)
         sizes = anchor_sizes(cfg.anchor_base)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         norm = None
@@ -66,7 +67,7 @@ class RetinaNetFamily(DetectorFamily):
         return RetinaNet(
             backbone, num_classes + 1, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
             detections_per_img=cfg.detections_per_img, min_size=input_cfg.size, max_size=input_cfg.size,
-            image_mean=list(input_cfg.mean), image_std=list(input_cfg.std),
+            image_mean=list(resolved.mean), image_std=list(resolved.std),
         )
 
     def detection_step(self, model, batch, targets, features) -> DetectionStep:
