@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from ds2d2_cli.classes import CLASS_SETS
 from ds2d2_cli.cli.app import app
 from ds2d2_cli.data.raster import write_geotiff
 
@@ -25,7 +26,7 @@ from conftest import TINY
 runner = CliRunner()
 SCENE = (300, 260)  # width, height: larger than the 128 px input
 UTM = "EPSG:32633"
-CLASSES = ("tree", "car")
+CLASSES = ("storage-tank", "small-vehicle")  # names of the `synthetic` set; tanks stand in for trees
 
 
 def _transform(index: int) -> tuple[float, ...]:
@@ -64,11 +65,11 @@ def write_dataset(root: Path, kind: str) -> None:
                 pixels[:3], pixels[3] = 900, 1200
                 for name, x0, y0, x1, y1 in objects:
                     pixels[:3, y0:y1, x0:x1] = np.array([400, 1500, 500], np.uint16)[:, None, None]
-                    pixels[3, y0:y1, x0:x1] = 3500 if name == "tree" else 300
+                    pixels[3, y0:y1, x0:x1] = 3500 if name == CLASSES[0] else 300
             else:
                 pixels = np.full((1, h, w), 0.05, np.float32)
                 for name, x0, y0, x1, y1 in objects:
-                    pixels[0, y0:y1, x0:x1] = 0.08 if name == "tree" else 2.0
+                    pixels[0, y0:y1, x0:x1] = 0.08 if name == CLASSES[0] else 2.0
                 pixels *= rng.gamma(4.0, 0.25, size=pixels.shape).astype(np.float32)
             write_geotiff(root / split / "images" / f"{stem}.tif", pixels, crs=UTM, transform=_transform(index))
             index += 1
@@ -97,7 +98,7 @@ def test_bands_every_stage(tmp_path, kind):
     write_dataset(src, kind)
     naming = ["--band-names", ",".join(BANDS[kind])] + (["--scaling", "db"] if kind == "sar" else [])
     _run(["prepare-data", "dota", src, "--out", data, "--split", "128", "--gap", "32",
-          "--classes", ",".join(CLASSES), *naming])
+          "--classes", "synthetic", *naming])
     prepared = json.loads((data / "train.json").read_text())
     sample = prepared["info"]["sample"]
     assert sample["bands"] == BANDS[kind]
@@ -133,7 +134,7 @@ def test_bands_every_stage(tmp_path, kind):
     for feature in geo["features"]:
         xs = [p[0] for p in feature["geometry"]["coordinates"][0]]
         assert x0 - 1e-6 <= min(xs) and max(xs) <= x0 + 0.5 * SCENE[0] + 1e-6
-        assert feature["properties"]["class"] in CLASSES
+        assert feature["properties"]["class"] in CLASS_SETS["synthetic"]
 
     summary = json.loads(_run(["export", student, "--verify", "--json", "-"]))
     assert summary["verify"]
@@ -151,8 +152,8 @@ def test_bands_every_stage(tmp_path, kind):
             (rgb_src / split / "images").mkdir(parents=True)
             (rgb_src / split / "labelTxt").mkdir(parents=True)
             Image.new("RGB", (128, 128), (90, 90, 90)).save(rgb_src / split / "images" / "a.png")
-            (rgb_src / split / "labelTxt" / "a.txt").write_text("10 10 40 10 40 40 10 40 car 0\n"
-                                                                "50 50 80 50 80 80 50 80 tree 0\n")
-        _run(["prepare-data", "dota", rgb_src, "--out", rgb_data, "--classes", ",".join(CLASSES)])
+            (rgb_src / split / "labelTxt" / "a.txt").write_text("10 10 40 10 40 40 10 40 small-vehicle 0\n"
+                                                                "50 50 80 50 80 80 50 80 storage-tank 0\n")
+        _run(["prepare-data", "dota", rgb_src, "--out", rgb_data, "--classes", "synthetic"])
         output = _run(["eval", student, "--data", rgb_data, "--device", "cpu"], code=2)
         assert "4 bands" in output and "3 bands" in output and len(output.strip().splitlines()) == 1, output
