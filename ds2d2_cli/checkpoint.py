@@ -22,7 +22,7 @@ from ds2d2_cli import __version__
 from ds2d2_cli.config import InputConfig, ModelConfig, RunConfig
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import atomic_path
-from ds2d2_cli.sample import SampleSpec
+from ds2d2_cli.sample import SampleSpec, bands_text
 
 FORMAT_NAME = "ds2d2-checkpoint"
 FORMAT_VERSION = 2  # 2: `input` carries bands and the data's sample spec (1 is read as 8-bit RGB)
@@ -211,7 +211,7 @@ def check_bands(checkpoint: Checkpoint, data: SampleSpec, data_path: Path) -> No
     stored = model.sample
     if data.bands != stored.bands or data.dtype != stored.dtype:
         raise InputError(
-            f"{checkpoint.path.name} reads {len(model.bands)} band{'s' if len(model.bands) > 1 else ''} "
-            f"({', '.join(model.bands)}) of data stored as {stored.describe()}; these images are "
+            f"{checkpoint.path.name} reads {bands_text(model.bands)} of data stored as {stored.describe()}; "
+            f"these images are "
             f"{data.describe()}", data_path,
         )

@@ -55,7 +55,7 @@ from ds2d2_cli import __version__
 from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path
-from ds2d2_cli.sample import SampleSpec
+from ds2d2_cli.sample import SampleSpec, bands_text
 
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".fp16.safetensors"}
@@ -138,11 +138,6 @@ def synthetic_image(size: int, seed: int = 0, bands: int = 3) -> torch.Tensor:
     return torch.from_numpy(np.clip(image, 0.0, 1.0))
 
 
-def _bands_text(bands: Sequence[str]) -> str:
-    """`4 bands (red, green, blue, nir)`."""
-    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)})"
-
-
 def input_description(checkpoint: Checkpoint) -> str:
     """What the exported model reads, in words: the float image's bands and value scaling."""
     resolved = checkpoint.meta.input.resolved
@@ -151,7 +146,7 @@ def input_description(checkpoint: Checkpoint) -> str:
     if spec.is_rgb8 and resolved.bands == spec.bands:
         return f"{head} RGB 0..1 (8-bit values / 255)"
     value = "10*log10(v)" if spec.scaling == "db" else "v"
-    return (f"{head}, {_bands_text(resolved.bands)}: stored {spec.dtype} values v as ({value} - low) / (high - low) "
+    return (f"{head}, {bands_text(resolved.bands)}: stored {spec.dtype} values v as ({value} - low) / (high - low) "
             f"per band ({spec.scaling} scaling; low and high in the metadata's sample)")
 
 
@@ -170,7 +165,7 @@ def verification_images(images: Sequence[ImageLike] | None, size: int, spec: Sam
         if image.dim() != 3:
             raise InputError(f"verification images must be [{len(bands)}, H, W] tensors (got {tuple(image.shape)})")
         if image.shape[0] != len(bands):
-            raise InputError(f"the model reads {_bands_text(bands)}; the image has {image.shape[0]}",
+            raise InputError(f"the model reads {bands_text(bands)}; the image has {image.shape[0]}",
                              None if isinstance(item, torch.Tensor) else item)
         image = image.float()
         if tuple(image.shape[1:]) != (size, size):

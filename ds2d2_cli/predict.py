@@ -65,7 +65,7 @@ from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
 from ds2d2_cli.evaluation import detections_to_coco
 from ds2d2_cli.fileio import staging, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
-from ds2d2_cli.sample import RGB, SampleSpec
+from ds2d2_cli.sample import RGB, SampleSpec, bands_text
 
 IMAGE_EXTS: tuple[str, ...] = validate.IMAGE_EXTS  # what `raster.read_raster` reads
 DEFAULT_NMS_IOU = 0.5
@@ -259,10 +259,6 @@ def model_reading(predictor: Predictor) -> tuple[tuple[str, ...], SampleSpec]:
     return bands, reading_spec(sample, bands)
 
 
-def _bands_text(bands: Sequence[str]) -> str:
-    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)})"
-
-
 def _unnamed(bands: Sequence[str]) -> bool:
     return tuple(bands) == tuple(f"b{i}" for i in range(1, len(bands) + 1))
 
@@ -279,7 +275,7 @@ def image_bands(info: RasterInfo, bands: Sequence[str], sample: SampleSpec) -> l
     if len(names) == len(sample.bands) and (_unnamed(names) or _unnamed(sample.bands)):
         names = sample.bands
     if any(b not in names for b in bands):
-        raise InputError(f"the model reads {_bands_text(bands)}; this image has {len(info.bands)} "
+        raise InputError(f"the model reads {bands_text(bands)}; this image has {len(info.bands)} "
                          f"({', '.join(info.bands)})", info.path)
     return [names.index(b) for b in bands]
 
@@ -398,7 +394,7 @@ def predict_images(predictor: Predictor, images: Sequence[torch.Tensor | np.ndar
     integer = np.dtype(reading.dtype).kind in "ui"
     for image in images:
         if image.ndim != 3 or image.shape[0] != len(bands):
-            raise InputError(f"images must be [{len(bands)}, H, W]: the model reads {_bands_text(bands)} "
+            raise InputError(f"images must be [{len(bands)}, H, W]: the model reads {bands_text(bands)} "
                              f"(got {tuple(image.shape)})")
         floating = image.is_floating_point() if isinstance(image, torch.Tensor) else image.dtype.kind == "f"
         if floating and integer:

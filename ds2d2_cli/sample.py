@@ -41,6 +41,12 @@ DB_FLOOR = 1e-6  # linear backscatter below this is read as -60 dB (no log of ze
 PERCENTILES = (1.0, 99.0)
 
 
+def bands_text(bands: Sequence[str], dtype: str | None = None) -> str:
+    """`4 bands (red, green, blue, nir)` (`... of uint16` with a dtype): how messages name bands."""
+    text = f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)})"
+    return text if dtype is None else f"{text} of {dtype}"
+
+
 class SampleSpec(BaseModel):
     """How the stored pixels of a prepared dataset are read: bands, dtype, scaling, statistics."""
 
@@ -85,8 +91,7 @@ class SampleSpec(BaseModel):
 
     def describe(self) -> str:
         """`4 bands (red, green, blue, nir) of uint16, percentile-scaled`, for messages."""
-        return f"{len(self.bands)} band{'s' if len(self.bands) > 1 else ''} ({', '.join(self.bands)}) " \
-               f"of {self.dtype}, {self.scaling}-scaled"
+        return f"{bands_text(self.bands, self.dtype)}, {self.scaling}-scaled"
 
     def reading(self) -> tuple:
         """What decides the float values (not the statistics): checkpoints are compared on it."""

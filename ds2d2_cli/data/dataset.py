@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 from ds2d2_cli.config import InputConfig
 from ds2d2_cli.data.prepared import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError, one_line
-from ds2d2_cli.sample import SampleSpec
+from ds2d2_cli.sample import SampleSpec, bands_text
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
 
@@ -115,14 +115,10 @@ def read_pixels(path: Path, spec: SampleSpec) -> torch.Tensor:
     array = read_raster(path)
     if array.shape[0] != len(spec.bands) or array.dtype != np.dtype(spec.dtype):
         info = probe(path)
-        raise InputError(f"has {_bands_text(info.bands, info.dtype)}; the data's images have "
-                         f"{_bands_text(spec.bands, spec.dtype)}", path)
+        raise InputError(f"has {bands_text(info.bands, info.dtype)}; the data's images have "
+                         f"{bands_text(spec.bands, spec.dtype)}", path)
     # np.array keeps the layout (PIL's is height, width, band) and makes PIL's read-only view writable.
     return torch.from_numpy(np.array(array))
-
-
-def _bands_text(bands: Sequence[str], dtype: str) -> str:
-    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)}) of {dtype}"
 
 
 class Rot90(Transform):
