@@ -44,7 +44,7 @@ from ds2d2_cli.data.validate import BadItem, Problems, check_image, one_line, wr
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import staging
 from ds2d2_cli.progress import Reporter
-from ds2d2_cli.sample import SCALINGS, BandStatistics, SampleSpec, default_scaling
+from ds2d2_cli.sample import SCALINGS, BandStatistics, SampleSpec, bands_text, default_scaling
 
 SCENES_SUFFIX = "_scenes"  # OUT/<split>_scenes.json: the whole scenes behind the patch split <split>
 WIDE_FACTOR = 2.0  # whole images whose median side is more than this many input sizes get a warning
@@ -134,11 +134,6 @@ def sample_choice(scaling: str = "auto", band_names: Sequence[str] | None = None
     if twice:
         raise InputError(f"--band-names names {', '.join(twice)} twice")
     return scaling, names
-
-
-def bands_text(bands: Sequence[str], dtype: str) -> str:
-    """`4 bands (b1, b2, b3, b4) of uint16`, for messages."""
-    return f"{len(bands)} band{'s' if len(bands) != 1 else ''} ({', '.join(bands)}) of {dtype}"
 
 
 def measure_sample(paths: Sequence[Path], bands: Bands) -> SampleSpec:
