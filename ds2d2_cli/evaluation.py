@@ -188,11 +188,10 @@ def match_detections(ground_truth: Sequence[dict[str, Any]], detections: Sequenc
     counts read like the AP50 they come from. Returns the counts and the kept detections
     each flagged `hit`.
     """
-    from torchvision.ops import box_iou
+    from torchvision.ops import box_convert, box_iou
 
     def xyxy(items: Sequence[dict[str, Any]]) -> torch.Tensor:
-        boxes = torch.tensor([a["bbox"] for a in items], dtype=torch.float64).reshape(-1, 4)
-        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+        return box_convert(torch.tensor([a["bbox"] for a in items], dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
 
     kept = sorted((d for d in detections if d.get("score", 1.0) >= score_thresh), key=lambda d: -d.get("score", 1.0))
     flagged: list[dict[str, Any]] = []

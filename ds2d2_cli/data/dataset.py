@@ -212,9 +212,9 @@ class DetectionDataset(Dataset):
             a for a in self.split.annotations_by_image[info["id"]]
             if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1
         ]
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
-                                         format=self.spec.box_format, canvas_size=canvas_size)
+        xywh = tv_tensors.BoundingBoxes(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+                                        format="XYWH", canvas_size=canvas_size)  # COCO's box format
+        boxes = F.convert_bounding_box_format(xywh, new_format=self.spec.box_format)
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         return {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
 
