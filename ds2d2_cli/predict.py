@@ -64,6 +64,7 @@ from ds2d2_cli.data.tiling import check_window, merge_order, slice_windows  # sl
 from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
 from ds2d2_cli.evaluation import detections_to_coco
 from ds2d2_cli.fileio import staging, write_json
+from ds2d2_cli.geojson import crs_member, detections_geojson, map_corners  # noqa: F401 - public API here too
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.sample import RGB, SampleSpec, bands_text
 
@@ -620,60 +621,6 @@ def draw_detections(image: Any, detections: Detections, classes: Sequence[str]) 
                 tx = x + text_h + pad
             _put_text(legend, (tx, y + pad), text, font, (235, 235, 235))
     return canvas
-
-
-# ----------------------------------------------------------------------------- map coordinates
-
-
-def map_corners(boxes: np.ndarray, transform: Sequence[float]) -> np.ndarray:
-    """`[K, 4]` pixel boxes (x1, y1, x2, y2, pixel edges) -> `[K, 5, 2]` closed map rings.
-
-    Corners (x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1) through the affine transform
-    (x = a*col + b*row + c, y = d*col + e*row + f); on a north-up raster this ring runs
-    counter-clockwise on the map, as RFC 7946 asks of exterior rings.
-    """
-    a, b, c, d, e, f = (float(v) for v in transform[:6])
-    x1, y1, x2, y2 = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T
-    cols = np.stack([x1, x2, x2, x1, x1], axis=1)
-    rows = np.stack([y1, y1, y2, y2, y1], axis=1)
-    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
-
-
-def crs_member(crs: str) -> dict[str, Any]:
-    """How a GeoJSON file names `crs` for GDAL and QGIS: the pre-RFC 7946 ``crs`` member
-    (``urn:ogc:def:crs:EPSG::<code>``) when the CRS has an EPSG code, else ``crs_wkt``
-    (its WKT), a member of our own, since GeoJSON has no place for a CRS without a code."""
-    from rasterio.crs import CRS
-
-    parsed = CRS.from_user_input(crs)
-    code = parsed.to_epsg()
-    if code is not None:
-        return {"crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{code}"}}}
-    return {"crs_wkt": parsed.to_wkt()}
-
-
-def detections_geojson(detections: Detections, classes: Sequence[str], info: RasterInfo,
-                       image_id: int | None = None) -> dict[str, Any]:
-    """A georeferenced image's detections as a GeoJSON FeatureCollection in its CRS.
-
-    One Polygon per detection (`map_corners`), best score first, with properties ``class``
-    (name), ``label`` (category id, as in predictions.json), ``score``, ``image`` (file
-    name) and ``image_id`` (its id in images.json); the CRS as `crs_member` names it.
-    """
-    if not info.georeferenced:
-        raise ValueError(f"{info.path} has no georeferencing")
-    rings = map_corners(detections["boxes"].detach().cpu().double().numpy(), info.transform)
-    features = []
-    for ring, score, label in zip(rings, detections["scores"].tolist(), detections["labels"].tolist()):
-        label = int(label)
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring.tolist()]},
-            "properties": {"class": classes[label - 1] if 0 < label <= len(classes) else str(label),
-                           "label": label, "score": round(float(score), 5), "image": info.path.name,
-                           "image_id": image_id},
-        })
-    return {"type": "FeatureCollection", "name": info.path.stem, **crs_member(info.crs), "features": features}
 
 
 # ----------------------------------------------------------------------------- files
