@@ -76,13 +76,17 @@ def resolve_classes(config: RunConfig) -> RunConfig:
     """`config` with `data.classes` the explicit list it stands for (`auto`: the training
     split's categories) and its input resolved on the training split's sample, so a re-run
     compares with what a run recorded; checks nothing else."""
-    train = None
     names = config.data.class_names
-    if names is None or config.input.sample is None:
-        train = load_split(Path(config.data.root), config.data.train_split)
+    train = None
     if names is None:
+        train = load_split(Path(config.data.root), config.data.train_split)
         names = tuple(train.class_names)
-    if train is not None:
+    elif config.input.sample is None:
+        try:
+            train = load_split(Path(config.data.root), config.data.train_split)
+        except InputError:
+            pass  # no data yet (the demo checks its stages first): the input compares as 8-bit RGB
+    if train is not None and config.input.sample is None:
         config = with_input(config, train)
     return config.with_classes(names)
 
