@@ -21,7 +21,7 @@ from ds2d2_cli.classes import CLASS_SETS
 from ds2d2_cli.cli.app import app
 from ds2d2_cli.data.raster import write_geotiff
 
-from conftest import TINY
+from test_own_data import train_every_stage
 
 runner = CliRunner()
 SCENE = (300, 260)  # width, height: larger than the 128 px input
@@ -109,14 +109,7 @@ def test_bands_every_stage(tmp_path, kind):
     with rasterio.open(first) as patch:
         assert patch.count == len(BANDS[kind]) and patch.crs.to_string() == UTM
 
-    common = ["--preset", "tiny-synthetic", "--data", data, "--max-iters", "2", "--device", "cpu",
-              *_sets([*TINY, "data.classes=auto"])]
-    _run(["train-teacher", *common, "--out", runs / "teacher"])
-    teacher = runs / "teacher" / "model.safetensors"
-    _run(["train-amplifier", *common, "--teacher", teacher, "--out", runs / "amplifier"])
-    _run(["distill", *common, "--teacher", teacher, "--amplifier", runs / "amplifier" / "model.safetensors",
-          "--out", runs / "student"])
-    student = runs / "student" / "model.safetensors"
+    teacher, student = train_every_stage(data, runs)
     for model in (teacher, student):
         with safe_open(str(model), framework="pt") as fh:
             meta = fh.metadata()
@@ -134,6 +127,8 @@ def test_bands_every_stage(tmp_path, kind):
     for feature in geo["features"]:
         xs = [p[0] for p in feature["geometry"]["coordinates"][0]]
         assert x0 - 1e-6 <= min(xs) and max(xs) <= x0 + 0.5 * SCENE[0] + 1e-6
+        ys = [p[1] for p in feature["geometry"]["coordinates"][0]]
+        assert y0 - 0.5 * SCENE[1] - 1e-6 <= min(ys) and max(ys) <= y0 + 1e-6
         assert feature["properties"]["class"] in CLASS_SETS["synthetic"]
 
     summary = json.loads(_run(["export", student, "--verify", "--json", "-"]))

@@ -113,6 +113,18 @@ def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
+def train_every_stage(data: Path, runs: Path) -> tuple[Path, Path]:
+    """train-teacher, train-amplifier and distill on `data` (tiny, 2 iterations); teacher and student."""
+    common = ["--preset", "tiny-synthetic", "--data", data, "--max-iters", "2", "--device", "cpu",
+              *_sets([*TINY, "data.classes=auto"])]
+    _run(["train-teacher", *common, "--out", runs / "teacher"])
+    teacher = runs / "teacher" / "model.safetensors"
+    _run(["train-amplifier", *common, "--teacher", teacher, "--out", runs / "amplifier"])
+    _run(["distill", *common, "--teacher", teacher, "--amplifier", runs / "amplifier" / "model.safetensors",
+          "--out", runs / "student"])
+    return teacher, runs / "student" / "model.safetensors"
+
+
 # The order each format gives its classes: VOC has no class list (sorted names), YOLO and COCO number them.
 EXPECTED = {"voc": ["car", "tree"], "yolo": list(CLASSES), "coco": list(CLASSES)}
 
@@ -132,14 +144,7 @@ def test_own_data_every_stage(tmp_path, fmt):
     assert len(prepared["images"]) == 2 * 9  # 300 x 260 in 128 px windows stepping 96: 3 x 3 per scene
     assert (data / "val_scenes.json").is_file()
 
-    common = ["--preset", "tiny-synthetic", "--data", data, "--max-iters", "2", "--device", "cpu",
-              *_sets([*TINY, "data.classes=auto"])]
-    _run(["train-teacher", *common, "--out", runs / "teacher"])
-    teacher = runs / "teacher" / "model.safetensors"
-    _run(["train-amplifier", *common, "--teacher", teacher, "--out", runs / "amplifier"])
-    _run(["distill", *common, "--teacher", teacher, "--amplifier", runs / "amplifier" / "model.safetensors",
-          "--out", runs / "student"])
-    student = runs / "student" / "model.safetensors"
+    teacher, student = train_every_stage(data, runs)
     for model in (teacher, student):
         with safe_open(str(model), framework="pt") as fh:
             assert json.loads(fh.metadata()["classes"]) == EXPECTED[fmt]

@@ -19,6 +19,7 @@ from ds2d2_cli.config import load_config
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.export import synthetic_image
 from ds2d2_cli.models.detectors import build_detector
+from ds2d2_cli.sample import SampleSpec
 from ds2d2_cli.predict import load_predictor, predict_images, predict_paths, predict_scene, slice_windows
 from ds2d2_cli.progress import NullReporter
 
@@ -157,15 +158,20 @@ def test_predict_paths_with_any_predictor(tmp_path):
 @pytest.fixture(scope="module")
 def ckpt(module_tmp) -> Path:
     """An untrained tiny RetinaNet student (as tests/test_export.py builds them), head widened for spread scores."""
+    return tiny_checkpoint(module_tmp("ckpt") / "model.safetensors")
+
+
+def tiny_checkpoint(path: Path, sample: SampleSpec | None = None) -> Path:
+    """An untrained tiny RetinaNet student reading `sample`'s bands (8-bit RGB by default), its
+    input resolved as stages record it, head widened for spread scores."""
     config = load_config("tiny-synthetic", TINY)
-    config = config.model_copy(update={"input": config.input.resolved})  # as stages record it
+    config = config.model_copy(update={"input": config.input.resolve(sample or SampleSpec())})
     torch.manual_seed(0)
     model = build_detector(config.student, len(SYNTHETIC), config.input).eval()
     for module in model.head.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.weight, std=0.1)
     torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, -2.0)
-    path = module_tmp("ckpt") / "model.safetensors"
     return save_checkpoint(path, model.state_dict(), meta_for("student", config, "student", SYNTHETIC,
                                                                "tiny-synthetic"))
 

@@ -13,19 +13,17 @@ from affine import Affine
 from PIL import Image
 from typer.testing import CliRunner
 
-from ds2d2_cli.checkpoint import meta_for, save_checkpoint
-from ds2d2_cli.classes import SYNTHETIC
 from ds2d2_cli.cli.app import app
-from ds2d2_cli.config import load_config
 from ds2d2_cli.data import raster
 from ds2d2_cli.data.raster import RasterInfo
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.export import synthetic_image
-from ds2d2_cli.models.detectors import build_detector
 from ds2d2_cli.predict import (OnnxPredictor, crs_member, detections_geojson, image_bands, load_image, map_corners,
                                picture, predict_paths, predict_scene, slice_windows)
 from ds2d2_cli.progress import NullReporter
 from ds2d2_cli.sample import RGB, SampleSpec
+
+from test_predict import tiny_checkpoint
 
 runner = CliRunner()
 RGBN = ("red", "green", "blue", "nir")
@@ -317,17 +315,7 @@ TINY = ["input.size=64", "student.backbone=resnet18", "student.fpn_channels=16",
 
 
 def _checkpoint(path: Path, sample: SampleSpec) -> Path:
-    """An untrained tiny RetinaNet student reading `sample`'s bands (head widened for spread scores)."""
-    config = load_config("tiny-synthetic", TINY)
-    config = config.model_copy(update={"input": config.input.resolve(sample)})
-    torch.manual_seed(0)
-    model = build_detector(config.student, len(SYNTHETIC), config.input).eval()
-    for module in model.head.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.normal_(module.weight, std=0.1)
-    torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, -2.0)
-    return save_checkpoint(path, model.state_dict(), meta_for("student", config, "student", SYNTHETIC,
-                                                               "tiny-synthetic"))
+    return tiny_checkpoint(path, sample)
 
 
 def test_cli_rgb_checkpoint_on_a_geotiff(tmp_path):
