@@ -27,6 +27,8 @@ from torch import Tensor
 # |edge| |point - edge start|: touching and identical polygons keep their shared vertices.
 TOLERANCE = 1e-6
 PAIR_CHUNK = 1 << 16  # polygon pairs per vectorised pass (bounds memory)
+CANDIDATE_CHUNK = 1 << 18  # envelope pairs tested per block of the sweep
+CPU_PAIR_CHUNK = 1 << 13  # rotated-box pairs per pass on a CPU (temporaries stay in cache)
 
 
 # --------------------------------------------------------------------------- the convention
@@ -215,28 +217,123 @@ def polygon_iou_pairs(p: Tensor, q: Tensor) -> Tensor:
 
 
 def rotated_iou_pairs(a: Tensor, b: Tensor) -> Tensor:
-    """IoU `[P]` of aligned rotated-box pairs `a [P, 5]`, `b [P, 5]` (le90 or any angle)."""
+    """IoU `[P]` of aligned rotated-box pairs `a [P, 5]`, `b [P, 5]` (le90 or any angle); differentiable."""
     out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for start in range(0, a.shape[0], PAIR_CHUNK):
-        x, y = a[start:start + PAIR_CHUNK], b[start:start + PAIR_CHUNK]
-        inter = convex_intersection_area(rbox_to_poly(x), rbox_to_poly(y))
-        out[start:start + PAIR_CHUNK] = _union_iou(inter, x[:, 2] * x[:, 3], y[:, 2] * y[:, 3])
+    chunk = _pair_chunk(a.device)
+    for start in range(0, a.shape[0], chunk):
+        x, y = a[start:start + chunk], b[start:start + chunk]
+        inter = _box_intersection_area(x, y)
+        out[start:start + chunk] = _union_iou(inter, x[:, 2] * x[:, 3], y[:, 2] * y[:, 3])
     return out
+
+
+def _pair_chunk(device: torch.device) -> int:
+    """Pairs per pass: small enough on a CPU for the temporaries to stay in cache."""
+    return PAIR_CHUNK if device.type != "cpu" else CPU_PAIR_CHUNK
+
+
+def _box_intersection_area(a: Tensor, b: Tensor) -> Tensor:
+    """Areas `[P]` of the intersections of rotated boxes `a [P, 5]` and `b [P, 5]`.
+
+    Works in b's frame (centre at the origin, sides along the axes), where the nearest point of
+    b is a per-coordinate clamp. That projection maps a's outline onto a closed path inside b
+    whose signed (Green) area is exactly the area of overlap: the segment from a point outside
+    b to its projection never crosses b's interior, so winding numbers inside b are kept. Each
+    edge of a maps to at most five straight pieces, cut where it crosses the lines x = +-w/2,
+    y = +-h/2; their order along the edge comes from min/max, so nothing is sorted, and a
+    misplaced cut (edges nearly parallel to b's sides) only moves a vertex along the path.
+    """
+    dx, dy = a[:, 0] - b[:, 0], a[:, 1] - b[:, 1]
+    cos_b, sin_b = torch.cos(b[:, 4]), torch.sin(b[:, 4])
+    cx, cy = cos_b * dx + sin_b * dy, cos_b * dy - sin_b * dx  # a's centre in b's frame
+    turn = a[:, 4] - b[:, 4]
+    cos_t, sin_t = torch.cos(turn), torch.sin(turn)
+    ux, uy = a[:, 2] / 2 * cos_t, a[:, 2] / 2 * sin_t
+    vx, vy = -a[:, 3] / 2 * sin_t, a[:, 3] / 2 * cos_t
+    x0 = torch.stack([cx - ux - vx, cx + ux - vx, cx + ux + vx, cx - ux + vx], dim=-1)  # [P, 4] corners
+    y0 = torch.stack([cy - uy - vy, cy + uy - vy, cy + uy + vy, cy - uy + vy], dim=-1)
+    ex, ey = x0.roll(-1, -1) - x0, y0.roll(-1, -1) - y0  # edges
+    half_w, half_h = (b[:, 2] / 2)[:, None], (b[:, 3] / 2)[:, None]
+    x_lo, x_hi = _cuts(x0, ex, half_w)
+    y_lo, y_hi = _cuts(y0, ey, half_h)
+    first, last = torch.minimum(x_lo, y_lo), torch.maximum(x_hi, y_hi)  # merge two sorted pairs
+    inner_lo, inner_hi = torch.maximum(x_lo, y_lo), torch.minimum(x_hi, y_hi)
+    zeros, ones = torch.zeros_like(first), torch.ones_like(first)
+    t = torch.stack([zeros, first, torch.minimum(inner_lo, inner_hi), torch.maximum(inner_lo, inner_hi),
+                     last, ones], dim=-1)  # [P, 4, 6] ordered cuts along each edge
+    xs = torch.maximum(torch.minimum(x0[..., None] + t * ex[..., None], half_w[..., None]), -half_w[..., None])
+    ys = torch.maximum(torch.minimum(y0[..., None] + t * ey[..., None], half_h[..., None]), -half_h[..., None])
+    return (xs[..., :-1] * ys[..., 1:] - xs[..., 1:] * ys[..., :-1]).sum((-2, -1)) / 2
+
+
+def _cuts(start: Tensor, step: Tensor, half: Tensor) -> tuple[Tensor, Tensor]:
+    """Where (in [0, 1], ordered) the edges start + t * step cross -half and +half."""
+    flat = step == 0
+    safe = torch.where(flat, torch.ones_like(step), step)
+    t1 = torch.where(flat, torch.zeros_like(step), (-half - start) / safe).clamp(0, 1)
+    t2 = torch.where(flat, torch.zeros_like(step), (half - start) / safe).clamp(0, 1)
+    return torch.minimum(t1, t2), torch.maximum(t1, t2)
 
 
 def rotated_box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise IoU `[N, M]` of rotated boxes `a [N, 5]` and `b [M, 5]`.
 
-    Only pairs whose envelopes overlap are intersected; the rest are 0.
+    Only pairs whose envelopes overlap are intersected (found by a sweep, not an N x M test);
+    the rest are 0.
     """
-    ea, eb = rbox_envelope(a), rbox_envelope(b)
-    overlap = ((torch.minimum(ea[:, None, 2], eb[None, :, 2]) > torch.maximum(ea[:, None, 0], eb[None, :, 0]))
-               & (torch.minimum(ea[:, None, 3], eb[None, :, 3]) > torch.maximum(ea[:, None, 1], eb[None, :, 1])))
     out = torch.zeros(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
-    i, j = overlap.nonzero(as_tuple=True)
+    i, j = overlapping_envelopes(rbox_envelope(a), rbox_envelope(b))
     if len(i):
         out[i, j] = rotated_iou_pairs(a[i], b[j])
     return out
+
+
+def overlapping_envelopes(ea: Tensor, eb: Tensor) -> tuple[Tensor, Tensor]:
+    """Index pairs `(i, j)` of axis-aligned boxes `ea [N, 4]`, `eb [M, 4]` (xyxy) that overlap with area.
+
+    Sort and sweep along x: b's starting inside a's x-range, then a's starting strictly inside
+    b's (each pair once); a y-test filters those. Work and memory follow the x-overlapping
+    pairs, block by block, never N x M.
+    """
+    a_sorted, a_order = _by_left_edge(ea)
+    b_sorted, b_order = _by_left_edge(eb)
+    k1, m1 = _sweep(a_sorted, b_sorted, strict=False)
+    m2, k2 = _sweep(b_sorted, a_sorted, strict=True)
+    return a_order[torch.cat([k1, k2])], b_order[torch.cat([m1, m2])]
+
+
+def _by_left_edge(envelope: Tensor) -> tuple[Tensor, Tensor]:
+    order = envelope[:, 0].argsort()
+    return envelope[order].T.contiguous(), order  # [4, N]: x1 (sorted), y1, x2, y2
+
+
+def _sweep(a: Tensor, b: Tensor, strict: bool, skip_self: bool = False) -> tuple[Tensor, Tensor]:
+    """Pairs (k, m) of column-major envelopes `a [4, N]`, `b [4, M]` (both sorted by x1) that overlap
+    with area, where b[m] starts in a[k]'s x-range: [x1, x2), or (x1, x2) when strict; with
+    skip_self (a is b), only m > k."""
+    if skip_self:
+        first = torch.arange(1, a.shape[1] + 1, device=a.device)
+    else:
+        first = torch.searchsorted(b[0], a[0], right=strict)
+    stop = torch.searchsorted(b[0], a[2])
+    count = (stop - first).clamp(min=0)
+    ends = torch.cumsum(count, 0)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = torch.searchsorted(ends, torch.arange(CANDIDATE_CHUNK, max(total, CANDIDATE_CHUNK), CANDIDATE_CHUNK, device=a.device)) + 1
+    bounds = sorted({0, len(count), *cuts.clamp(max=len(count)).tolist()})
+    rows, cols = [], []
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):  # blocks of rows, about CANDIDATE_CHUNK candidates each
+        n = count[r0:r1]
+        k = torch.repeat_interleave(torch.arange(r0, r1, device=a.device), n)
+        base = ends[r0:r1] - n - (ends[r0] - n[0])  # where each row's run starts inside the block
+        m = torch.arange(len(k), device=a.device) - base[k - r0] + first[k]
+        keep = (torch.minimum(a[3, k], b[3, m]) > torch.maximum(a[1, k], b[1, m])) & (b[2, m] > b[0, m])
+        rows.append(k[keep])
+        cols.append(m[keep])
+    if not rows:
+        empty = torch.empty(0, dtype=torch.int64, device=a.device)
+        return empty, empty
+    return torch.cat(rows), torch.cat(cols)
 
 
 # --------------------------------------------------------------------------- NMS
@@ -249,29 +346,60 @@ def rotated_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     greedy answer is the fixed point of "kept = not suppressed by a kept, better box", reached
     in as many sweeps as the longest chain of suppressions; each sweep is one sparse product.
     """
+    return _nms(boxes, scores, None, iou_threshold)
+
+
+def batched_rotated_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Rotated NMS within each category of `idxs`, as torchvision's `batched_nms`.
+
+    Categories are kept apart when pairs are searched (an offset envelope, float64), never by
+    moving the boxes, so IoUs are those of the boxes as given.
+    """
+    return _nms(boxes, scores, idxs, iou_threshold)
+
+
+def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = scores.argsort(descending=True, stable=True)
     ranked = boxes[order]
-    iou = rotated_box_iou(ranked, ranked)
-    suppresses = torch.triu(iou > iou_threshold, diagonal=1)  # better (row) over worse (column)
-    rows, cols = suppresses.nonzero(as_tuple=True)
+    envelope = rbox_envelope(ranked).to(torch.float64)
+    if idxs is not None:  # one diagonal step per category: envelopes of different ones never meet
+        reach = envelope.abs().max() * 2 + 1
+        envelope = envelope + (idxs[order].to(torch.float64) * reach)[:, None]
+    i, j = _self_overlaps(envelope)
+    better, worse = torch.minimum(i, j), torch.maximum(i, j)  # ranks: lower is better
+    possible = _iou_bound(ranked, envelope, better, worse) > iou_threshold
+    better, worse = better[possible], worse[possible]
+    hit = rotated_iou_pairs(ranked[better], ranked[worse]) > iou_threshold
+    rows, cols = better[hit], worse[hit]
     kept = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
     while True:
-        hit = torch.zeros_like(kept)
-        hit[cols[kept[rows]]] = True
-        updated = ~hit
+        suppressed = torch.zeros_like(kept)
+        suppressed[cols[kept[rows]]] = True
+        updated = ~suppressed
         if torch.equal(updated, kept):
             break
         kept = updated
     return order[kept]
 
 
-def batched_rotated_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """Rotated NMS within each category of `idxs`, as torchvision's `batched_nms`: boxes are offset apart."""
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    reach = rbox_envelope(boxes).abs().max() * 2 + 1
-    shifted = boxes.clone()
-    shifted[:, :2] = boxes[:, :2] + (idxs.to(boxes.dtype) * reach)[:, None]
-    return rotated_nms(shifted, scores, iou_threshold)
+def _iou_bound(boxes: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """An upper bound of the IoU of pairs (i, j): their overlap is at most the smaller area and
+    the overlap of their envelopes, and IoU grows with the overlap. Cheap, so pairs that cannot
+    pass a threshold skip the exact computation."""
+    area = (boxes[:, 2] * boxes[:, 3]).to(envelope.dtype)
+    e, f = envelope[i], envelope[j]
+    wide = (torch.minimum(e[:, 2], f[:, 2]) - torch.maximum(e[:, 0], f[:, 0])).clamp(min=0)
+    high = (torch.minimum(e[:, 3], f[:, 3]) - torch.maximum(e[:, 1], f[:, 1])).clamp(min=0)
+    a, b = area[i], area[j]
+    most = torch.minimum(torch.minimum(a, b), wide * high)
+    union = a + b - most
+    return torch.where(union > 0, most / union.clamp(min=torch.finfo(union.dtype).tiny), 0) * (1 + 1e-4)
+
+
+def _self_overlaps(envelope: Tensor) -> tuple[Tensor, Tensor]:
+    """Each unordered pair (i, j), i != j, of envelopes `[N, 4]` that overlap with area, once."""
+    ordered, order = _by_left_edge(envelope)
+    k, m = _sweep(ordered, ordered, strict=False, skip_self=True)
+    return order[k], order[m]
