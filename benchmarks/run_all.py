@@ -8,7 +8,9 @@ and a timestamp, so numbers in docs can be traced to a run.
     python benchmarks/run_all.py --only distill_step     # DS2D2 step vs student + teacher forward
 
 Registered benchmarks (found by file name): disw, wavelet, distill_step, inference
-(teacher vs student and eager vs onnxruntime images/s, parameters, FLOPs). The step
+(teacher vs student and eager vs onnxruntime images/s, parameters, FLOPs), rotated_ops
+(rotated-box IoU and NMS against shapely and torchvision; needs shapely, a dev dependency,
+for the IoU reference). The step
 benchmark's larger R101 configuration needs its own script:
 `python benchmarks/bench_distill_step.py --full`. The seed-averaged accuracy gain trains
 dozens of models (about an hour per seed on a 2-core CPU), so it runs only when asked:
