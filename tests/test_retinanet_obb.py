@@ -120,6 +120,9 @@ def test_assigner_by_hand():
     # without low-quality matches (min_pos_iou above every IoU) box 1 would get nothing
     assert RotatedMaxIoUAssigner(min_pos_iou=1.1)(anchors, boxes).tolist() == [0, IGNORED, NEG, NEG, NEG, NEG, 0]
     assert RotatedMaxIoUAssigner()(anchors, torch.zeros(0, 5)).tolist() == [NEG] * 7
+    # twin boxes both take anchor 0 as their best: the later one keeps it, as in the reference's loop
+    twins = torch.tensor([[5.0, 5, 10, 10, 0], [5.0, 5, 10, 10, 0]])
+    assert RotatedMaxIoUAssigner()(anchors[:3], twins).tolist() == [1, IGNORED, NEG]  # anchor 1: 58/142
 
 
 def test_anchors_keep_their_sides():

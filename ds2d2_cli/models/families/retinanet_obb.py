@@ -191,10 +191,10 @@ class RotatedMaxIoUAssigner:
         matched[positive] = best_box[positive]
         box_best = iou.max(dim=1).values  # [G]
         takes = (iou == box_best[:, None]) & (box_best >= self.min_pos_iou)[:, None]
+        box_index, anchor_index = takes.nonzero(as_tuple=True)
         # the reference loops over boxes in order, so the last box taking an anchor keeps it
-        order = torch.arange(1, len(boxes) + 1, device=iou.device)[:, None]
-        last = (takes * order).max(dim=0).values
-        return torch.where(last > 0, last - 1, matched)
+        last = torch.full_like(matched, -1).scatter_reduce(0, anchor_index, box_index, "amax")
+        return torch.where(last >= 0, last, matched)
 
 
 # --------------------------------------------------------------------------- modules
