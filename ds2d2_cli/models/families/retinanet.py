@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,22 @@ STRIDES = (8, 16, 32, 64, 128)
 
 def anchor_sizes(anchor_base: float) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(max(1, round(anchor_base * s * 2 ** (i / 3))) for i in range(3)) for s in STRIDES)
+
+
+def head_norm_layer(cfg: ModelConfig) -> Callable[[int], nn.Module] | None:
+    """The head convs' normalisation: GroupNorm with `head_norm: group`, none otherwise."""
+    if cfg.head_norm != "group":
+        return None
+    # up to 32 groups, at least 2 channels each: P7 of a small input is 1x1, and a
+    # one-value group would normalise to a constant (and breaks the ONNX export)
+    groups = math.gcd(32, max(1, cfg.fpn_channels // 2))
+    return functools.partial(nn.GroupNorm, groups)
+
+
+def silence_no_class_slot(cls_logits: nn.Conv2d, num_anchors: int) -> None:
+    """Slot 0 of each anchor's scores is no class: start its bias far below any score threshold."""
+    with torch.no_grad():
+        cls_logits.bias.view(num_anchors, -1)[:, 0] = -20.0
 
 
 class HighFrequencyRetinaNetHead(nn.Module):
@@ -54,16 +71,9 @@ class RetinaNetFamily(DetectorFamily):
         backbone = build_fpn_backbone(cfg, (2, 3, 4), lambda c: LastLevelP6P7(c[3], cfg.fpn_channels), resolved.bands)
         sizes = anchor_sizes(cfg.anchor_base)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        norm = None
-        if cfg.head_norm == "group":
-            # up to 32 groups, at least 2 channels each: P7 of a small input is 1x1, and a
-            # one-value group would normalise to a constant (and breaks the ONNX export)
-            groups = math.gcd(32, max(1, cfg.fpn_channels // 2))
-            norm = functools.partial(nn.GroupNorm, groups)
         num_anchors = anchors.num_anchors_per_location()[0]
-        head = RetinaNetHead(cfg.fpn_channels, num_anchors, num_classes + 1, norm_layer=norm)
-        with torch.no_grad():  # slot 0 is no class: start it far below the score threshold
-            head.classification_head.cls_logits.bias.view(num_anchors, num_classes + 1)[:, 0] = -20.0
+        head = RetinaNetHead(cfg.fpn_channels, num_anchors, num_classes + 1, norm_layer=head_norm_layer(cfg))
+        silence_no_class_slot(head.classification_head.cls_logits, num_anchors)
         return RetinaNet(
             backbone, num_classes + 1, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
             detections_per_img=cfg.detections_per_img, min_size=input_cfg.size, max_size=input_cfg.size,
