@@ -40,13 +40,13 @@ def normalize_le90(rboxes: Tensor) -> Tensor:
     swap = w < h
     w, h = torch.where(swap, h, w), torch.where(swap, w, h)
     theta = torch.where(swap, theta + math.pi / 2, theta)
-    theta = _wrap(theta, math.pi)
-    theta = torch.where(w == h, _wrap(theta, math.pi / 2), theta)
+    theta = wrap_angle(theta, math.pi)
+    theta = torch.where(w == h, wrap_angle(theta, math.pi / 2), theta)
     return torch.stack([cx, cy, w, h, theta], dim=-1)
 
 
-def _wrap(theta: Tensor, period: float) -> Tensor:
-    """theta into [-period/2, period/2)."""
+def wrap_angle(theta: Tensor, period: float = math.pi) -> Tensor:
+    """theta (or an angle difference) into [-period/2, period/2); MMRotate's `norm_angle(., 'le90')` at pi."""
     out = torch.remainder(theta + period / 2, period) - period / 2
     return torch.where(out >= period / 2, out - period, out)  # remainder can round up to the period
 
@@ -403,3 +403,38 @@ def _self_overlaps(envelope: Tensor) -> tuple[Tensor, Tensor]:
     ordered, order = _by_left_edge(envelope)
     k, m = _sweep(ordered, ordered, strict=False, skip_self=True)
     return order[k], order[m]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def kld_loss(pred: Tensor, target: Tensor, *, tau: float = 1.0, fun: str = "log1p") -> Tensor:
+    """Per-pair KLD loss `[...]` between rotated boxes `pred [..., 5]` and `target [..., 5]` (Yang et al., 2021).
+
+    Each box is the Gaussian N((cx, cy), R diag(w^2/4, h^2/4) R^T); the distance
+    d = (mu_p - mu_t)^T S_t^-1 (mu_p - mu_t) + tr(S_t^-1 S_p) + ln(det S_t / det S_p) - 2 (twice
+    KL(p || t)) is clamped to 1e-6 and mapped to `1 - 1 / (tau + f(d))`, f = log1p or sqrt: MMRotate's
+    `GDLoss_v1(loss_type='kld', fun='log1p', tau=1)` of its rotated RetinaNet KLD le90 config. It is
+    the same for every representation of a box (theta + pi, sides swapped with theta + pi/2), has a
+    gradient where the boxes do not overlap, and weighs a centre error by the target's size.
+    """
+    if fun not in ("log1p", "sqrt"):
+        raise ValueError(f"unknown KLD mapping {fun!r} (log1p or sqrt)")
+    # In the target's own axes (angle theta_t), where its covariance is diag(w_t^2/4, h_t^2/4): the
+    # closed forms below equal the matrix products exactly and keep float32 precision for long,
+    # thin boxes, where inverting the covariance's entries does not.
+    wp, hp = pred[..., 2].clamp(1e-7, 1e7), pred[..., 3].clamp(1e-7, 1e7)
+    wt, ht = target[..., 2].clamp(1e-7, 1e7), target[..., 3].clamp(1e-7, 1e7)
+    cos_t, sin_t = torch.cos(target[..., 4]), torch.sin(target[..., 4])
+    dx, dy = pred[..., 0] - target[..., 0], pred[..., 1] - target[..., 1]
+    along, across = cos_t * dx + sin_t * dy, -sin_t * dx + cos_t * dy
+    mahalanobis = 4 * along.square() / wt.square() + 4 * across.square() / ht.square()
+    turn = pred[..., 4] - target[..., 4]
+    cos2, sin2 = torch.cos(turn).square(), torch.sin(turn).square()
+    trace = ((wp.square() * cos2 + hp.square() * sin2) / wt.square()
+             + (wp.square() * sin2 + hp.square() * cos2) / ht.square())
+    log_det_ratio = 2 * (torch.log(wt * ht) - torch.log(wp * hp))  # ln(det S_t / det S_p)
+    distance = (mahalanobis + trace + log_det_ratio - 2).clamp(min=1e-6)
+    mapped = torch.log1p(distance) if fun == "log1p" else torch.sqrt(distance)
+    return 1 - 1 / (tau + mapped)
+

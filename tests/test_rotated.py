@@ -320,3 +320,36 @@ def test_nms_empty_and_single():
     one = boxes((1, 2, 3, 1, 0.2))
     assert rotated_nms(one, torch.ones(1), 0.5).tolist() == [0]
     assert batched_rotated_nms(one, torch.ones(1), torch.zeros(1, dtype=torch.int64), 0.5).tolist() == [0]
+
+
+# ----------------------------------------------------------------------------- KLD loss
+
+
+def test_kld_loss_by_hand():
+    """Axis-aligned target (0, 0, 4, 2, 0): covariance diag(4, 1). A centre shift of 1 along x
+    gives d = 1/4; a doubled w gives d = 16/4 + 1 + ln(4/16) - 2 = 3 - ln 4. The loss is
+    1 - 1/(1 + ln(1 + d))."""
+    from ds2d2_cli.rotated import kld_loss
+
+    target = torch.tensor([[0.0, 0.0, 4.0, 2.0, 0.0]], dtype=torch.float64)
+    shifted = torch.tensor([[1.0, 0.0, 4.0, 2.0, 0.0]], dtype=torch.float64)
+    wider = torch.tensor([[0.0, 0.0, 8.0, 2.0, 0.0]], dtype=torch.float64)
+    for pred, d in ((shifted, 0.25), (wider, 3 - math.log(4))):
+        expected = 1 - 1 / (1 + math.log1p(d))
+        assert kld_loss(pred, target).item() == pytest.approx(expected, rel=1e-12)
+    assert kld_loss(shifted, target, fun="sqrt").item() == pytest.approx(1 - 1 / (1 + 0.5), rel=1e-12)
+    # the same box in its other forms: the 1e-6 floor only
+    floor = 1 - 1 / (1 + math.log1p(1e-6))
+    for same in ([0.0, 0.0, 4.0, 2.0, math.pi], [0.0, 0.0, 2.0, 4.0, math.pi / 2], [0.0, 0.0, 4.0, 2.0, 0.0]):
+        assert kld_loss(torch.tensor([same], dtype=torch.float64), target).item() == pytest.approx(floor, rel=1e-6)
+    with pytest.raises(ValueError, match="log1p or sqrt"):
+        kld_loss(target, target, fun="exp")
+
+
+def test_kld_loss_has_a_gradient_for_boxes_apart():
+    from ds2d2_cli.rotated import kld_loss
+
+    pred = torch.tensor([[50.0, 0.0, 4.0, 2.0, 0.3]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[0.0, 0.0, 4.0, 2.0, 0.0]], dtype=torch.float64)
+    kld_loss(pred, target).sum().backward()
+    assert pred.grad[0, 0] > 0 and torch.isfinite(pred.grad).all()

@@ -19,8 +19,8 @@ and predictor); losses are computed in float32 even under autocast.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,9 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from ds2d2_cli.errors import Ds2d2Error
+from ds2d2_cli.rotated import kld_loss
 
-__all__ = ["faster_rcnn_implicit_loss", "retinanet_implicit_loss", "sample_rois"]
+__all__ = ["faster_rcnn_implicit_loss", "oriented_retinanet_implicit_loss", "retinanet_implicit_loss", "sample_rois"]
 
 BoxAnchors = Literal["all", "not_ignored"]
 Normalizer = Literal["per_image", "batch"]
@@ -95,11 +96,71 @@ def retinanet_implicit_loss(
     image has no positive. (torchvision's own RetinaNet loss normalises per image and
     averages images.)
     """
+    _check_targets(anchors, targets)
+    with torch.no_grad():
+        matched = _retinanet_matches(anchors, targets, matcher)
+    return _dense_amplifier_kd(
+        head, student_feats, teacher_feats, anchors, matched, decode=box_coder.decode_single,
+        box_loss=lambda s, t: generalized_box_iou_loss(s, t, reduction="none"), beta=beta, box_anchors=box_anchors,
+        normalizer=normalizer)
+
+
+def oriented_retinanet_implicit_loss(
+    head: torch.nn.Module,
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    anchors: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    *,
+    box_coder: Any,
+    assigner: Callable[[Tensor, Tensor], Tensor],
+    beta: float = 1.0,
+    box_anchors: BoxAnchors = "all",
+    normalizer: Normalizer = "per_image",
+) -> dict[str, Tensor]:
+    """{"cls", "box"}: `retinanet_implicit_loss` for the oriented RetinaNet (`retinanet-obb`).
+
+    anchors: one `[A, 5]` set of rotated anchors per image; targets hold "rboxes" `[K, 5]` (le90);
+    box_coder / assigner: the teacher's `OrientedBoxCoder` and `RotatedMaxIoUAssigner`.
+    The classification term is the horizontal one on the rotated assigner's anchors; the box term
+    is `rotated.kld_loss` between the decoded student and teacher boxes in place of GIoU: GIoU has
+    no rotated form, a rotated IoU has no gradient once the boxes are apart and jumps at the le90
+    angle boundary, while KLD is smooth in every parameter, the same for every representation of a
+    box, and is MMRotate's loss of choice for rotated RetinaNet (its KLD le90 config, log1p, tau 1).
+    """
+    _check_targets(anchors, targets)
+    with torch.no_grad():
+        matched = [assigner(a, t["rboxes"].to(a.dtype)) for a, t in zip(anchors, targets)]
+    return _dense_amplifier_kd(
+        head, student_feats, teacher_feats, anchors, matched, decode=lambda d, a: box_coder.decode(a, d),
+        box_loss=kld_loss, beta=beta, box_anchors=box_anchors, normalizer=normalizer)
+
+
+def _check_targets(anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+    if len(anchors) != len(targets):
+        raise Ds2d2Error(f"{len(anchors)} anchor sets but {len(targets)} targets")
+
+
+def _dense_amplifier_kd(
+    head: torch.nn.Module,
+    student_feats: Sequence[Tensor] | Mapping[str, Tensor],
+    teacher_feats: Sequence[Tensor] | Mapping[str, Tensor],
+    anchors: list[Tensor],
+    matched: list[Tensor],
+    *,
+    decode: Callable[[Tensor, Tensor], Tensor],
+    box_loss: Callable[[Tensor, Tensor], Tensor],
+    beta: float,
+    box_anchors: BoxAnchors,
+    normalizer: Normalizer,
+) -> dict[str, Tensor]:
+    """The dense (per-anchor) amplifier KD both RetinaNets share, given each anchor's match
+    (box index, -1 negative, -2 ignored): see `retinanet_implicit_loss`."""
     student, teacher = _level_list(student_feats), _level_list(teacher_feats)
     if len(student) != len(teacher) or not student:
         raise Ds2d2Error(f"student has {len(student)} FPN levels, teacher {len(teacher)}")
-    if len(anchors) != len(targets) or len(anchors) != student[0].shape[0]:
-        raise Ds2d2Error(f"{len(anchors)} anchor sets, {len(targets)} targets for a batch of {student[0].shape[0]}")
+    if len(anchors) != len(matched) or len(anchors) != student[0].shape[0]:
+        raise Ds2d2Error(f"{len(anchors)} anchor sets, {len(matched)} targets for a batch of {student[0].shape[0]}")
 
     s_out = head(student)
     with torch.no_grad():
@@ -111,8 +172,7 @@ def retinanet_implicit_loss(
             raise Ds2d2Error(f"image {i}: {a.shape[0]} anchors but the head predicts {s_cls.shape[1]}")
 
     with torch.no_grad():
-        matched = _retinanet_matches(anchors, targets, matcher)
-        keep = torch.stack([m != matcher.BETWEEN_THRESHOLDS for m in matched])  # [N, A]
+        keep = torch.stack([m != det_utils.Matcher.BETWEEN_THRESHOLDS for m in matched])  # [N, A]
         positives = torch.stack([(m >= 0).sum() for m in matched]).float()
         if normalizer == "per_image":
             num_pos = positives.clamp_min(1).sum()
@@ -131,13 +191,12 @@ def retinanet_implicit_loss(
     quality = (s_logits.sigmoid() - t_prob).abs().pow(beta)
     cls = (F.binary_cross_entropy_with_logits(s_logits, t_prob, reduction="none") * quality).sum() / num_pos
 
-    s_boxes = box_coder.decode_single(s_reg[box_keep], box_anchor_boxes)
+    s_boxes = decode(s_reg[box_keep], box_anchor_boxes)
     with torch.no_grad():
-        t_boxes = box_coder.decode_single(t_reg[box_keep], box_anchor_boxes)
+        t_boxes = decode(t_reg[box_keep], box_anchor_boxes)
         box_prob = t_cls[box_keep].sigmoid()
         box_weight = box_prob.max(dim=1).values if box_prob.shape[1] else box_prob.new_zeros(box_prob.shape[0])
-    giou = generalized_box_iou_loss(s_boxes, t_boxes, reduction="none")
-    box = (giou * box_weight).sum() / num_pos
+    box = (box_loss(s_boxes, t_boxes) * box_weight).sum() / num_pos
     return {"cls": cls, "box": box}
 
 

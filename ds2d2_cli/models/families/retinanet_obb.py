@@ -64,7 +64,8 @@ from ds2d2_cli.models.families.retinanet import (
     head_norm_layer,
     silence_no_class_slot,
 )
-from ds2d2_cli.rotated import batched_rotated_nms, normalize_le90, rbox_envelope, rotated_box_iou
+from ds2d2_cli.distill.implicit import oriented_retinanet_implicit_loss
+from ds2d2_cli.rotated import batched_rotated_nms, normalize_le90, rbox_envelope, rotated_box_iou, wrap_angle
 
 # MMRotate's anchor ratios (h / w) and test settings of the reference config.
 ANCHOR_RATIOS = (0.5, 1.0, 2.0)
@@ -76,11 +77,6 @@ BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS  # -2: ignored anchor
 
 
 # --------------------------------------------------------------------------- geometry of the head
-
-
-def _angle_le90(theta: Tensor) -> Tensor:
-    """An angle (difference) brought into [-pi/2, pi/2): MMRotate's `norm_angle(., 'le90')`."""
-    return torch.remainder(theta + math.pi / 2, math.pi) - math.pi / 2
 
 
 def scale_rboxes(rboxes: Tensor, ratio_x: float, ratio_y: float) -> Tensor:
@@ -131,9 +127,9 @@ class OrientedBoxCoder:
             dy = (-sin * (gx - ax) + cos * (gy - ay)) / ah
         else:
             dx, dy = (gx - ax) / aw, (gy - ay) / ah
-        da = _angle_le90(gt - at)
+        da = wrap_angle(gt - at)
         if self.edge_swap:
-            db = _angle_le90(gt - at + math.pi / 2)
+            db = wrap_angle(gt - at + math.pi / 2)
             keep = da.abs() < db.abs()
             gw, gh = torch.where(keep, gw, gh), torch.where(keep, gh, gw)
             da = torch.where(keep, da, db)
@@ -153,14 +149,14 @@ class OrientedBoxCoder:
             gy = dx * aw * sin + dy * ah * cos + ay
         else:
             gx, gy = ax + dx * aw, ay + dy * ah
-        gt = _angle_le90(at + da)
+        gt = wrap_angle(at + da)
         if max_shape is not None:
             gx = gx.clamp(0, max_shape[1] - 1)
             gy = gy.clamp(0, max_shape[0] - 1)
         if self.edge_swap:
             wide = gw > gh
             gw, gh = torch.where(wide, gw, gh), torch.where(wide, gh, gw)
-            gt = torch.where(wide, gt, _angle_le90(gt + math.pi / 2))
+            gt = torch.where(wide, gt, wrap_angle(gt + math.pi / 2))
         return torch.stack([gx, gy, gw, gh, gt], dim=-1)
 
 
@@ -416,10 +412,14 @@ class OrientedRetinaNetFamily(DetectorFamily):
     def implicit_loss(self, step: DetectionStep, teacher: nn.Module, head: nn.Module,
                       student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
                       settings: DistillConfig) -> dict[str, Tensor]:
-        raise NotImplementedError(
-            "implicit (amplifier) distillation of retinanet-obb is not written yet: it needs an oriented "
-            "counterpart of distill.implicit.retinanet_implicit_loss (rotated assigner, 5-value deltas, a "
-            "rotated box term in place of GIoU)")
+        levels = list(teacher_features.values())
+        if "teacher_anchors" not in step.cache:  # anchors depend on shapes only: one set per step
+            step.cache["teacher_anchors"] = teacher.anchors(step.batch, levels)
+        return oriented_retinanet_implicit_loss(
+            head, list(student_features.values()), levels, step.cache["teacher_anchors"], step.targets,
+            box_coder=teacher.box_coder, assigner=teacher.assigner, beta=settings.qfl_beta,
+            box_anchors=settings.box_kd_anchors, normalizer=settings.kd_normalizer,
+        )
 
     def head(self, model: nn.Module) -> nn.Module:
         return model.head
