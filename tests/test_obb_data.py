@@ -365,7 +365,8 @@ def test_dataset_augments_image_and_rboxes_together(tmp_path):
         seen.add((round(rbox[0]), round(rbox[1]), tuple(pixels.shape)))
         mask = pixels[0] > 0.5
         ys, xs = torch.nonzero(mask, as_tuple=True)
-        assert abs(xs.float().mean().item() + 0.5 - rbox[0]) < 0.6 and abs(ys.float().mean().item() + 0.5 - rbox[1]) < 0.6
+        centre = (xs.float().mean().item() + 0.5, ys.float().mean().item() + 0.5)  # pixel centres
+        assert abs(centre[0] - rbox[0]) < 0.6 and abs(centre[1] - rbox[1]) < 0.6
         assert torch.allclose(target["boxes"], rbox_envelope(target["rboxes"].double()).float())
         assert target["boxes"].canvas_size == tuple(pixels.shape[-2:])
         assert poly_to_rbox(_corners(rbox))[2:4].round(3).tolist() == [16.0, 6.0]

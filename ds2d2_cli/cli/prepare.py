@@ -284,7 +284,9 @@ def dota_command(
     the scene border. Scenes smaller than a window give one patch, padded with black to
     the full window size (every patch is split x split). Every patch is kept, empty ones
     too. Objects cut by a window are clipped to it and kept when their inside fraction
-    (iof) reaches --iof-thr.
+    (iof) reaches --iof-thr. --boxes obb adds each object's rotated box (rbox, le90) and
+    outlines cut objects as the devkit writes them (4 corners; pieces of fewer than 4 or
+    more than 5 corners are left out, as the devkit leaves them out).
 
     Writes OUT/<split>/images/*.png, OUT/<split>.json (patches) and
     OUT/<split>_scenes.json (whole scenes, for evaluating merged detections).
@@ -466,7 +468,8 @@ def hrsc2016_command(
     (MMRotate trains on trainval and tests on test: --set data.train_split=trainval
     --set data.eval_split=test). Each rotated box (mbox_cx, mbox_cy, mbox_w, mbox_h,
     mbox_ang in radians) is kept as its four corners in segmentation, with their envelope
-    as bbox. Images stay whole unless --split cuts them into patches.
+    as bbox; --boxes obb adds it as rbox (le90). Images stay whole unless --split cuts them
+    into patches.
 
     Bad input (a missing image or annotation, a field that is not a number, an unknown
     Class_ID, an object outside its image, a truncated image, malformed XML) stops the
@@ -516,7 +519,8 @@ def ucas_aod_command(
     Neg_N0001). There is no official split: --val-fraction of each folder's images go to
     val, chosen by --seed alone (stratified by folder, the same on every machine). Each
     label line's polygon (x1 y1 ... x4 y4) is kept in segmentation, with its envelope as
-    bbox. Images stay whole unless --split cuts them into patches.
+    bbox; --boxes obb adds its minimum-area rectangle as rbox (le90). Images stay whole
+    unless --split cuts them into patches.
 
     Bad input (a line without 13 numbers, a number that does not parse, an image without
     its label file, an object outside its image, a truncated image) stops the run with one
@@ -609,7 +613,8 @@ def yolo_command(
     names is a list or a map 0: name .... Each image's labels are the file with its last
     /images/ replaced by /labels/ and its suffix by .txt: one `class x_center y_center
     width height` line per object, normalised to 0..1, or polygon lines (YOLO-OBB,
-    segmentation), kept as `segmentation` with their envelope as the box. An image without
+    segmentation), kept as `segmentation` with their envelope as the box; --boxes obb
+    (YOLO-OBB labels only) adds each one's rotated box as rbox (le90). An image without
     a label file has no objects.
 
     Without --split images are not copied: OUT/<split>.json points at them. With --split

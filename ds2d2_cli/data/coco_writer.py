@@ -3,7 +3,8 @@
 `CocoWriter` builds one file: categories 1..K from a class list, images and annotations
 numbered 1.. in the order they are added, the `info` block (`info.ds2d2` the converter's
 settings, `info.skipped` / `info.repaired` what bad input changed) and the per-class object
-counts.
+counts. `PrepareSummary` is the base of the typed results every converter returns
+(`ds2d2_cli.data.prepared.PreparedSummary`); `to_dict()` is the `--json` summary.
 
 Box modes (`--boxes`): `hbb`, the default, writes each object's horizontal `bbox` (and its
 outline as `segmentation` when the source has one). `obb` adds to every annotation `rbox`:
@@ -11,8 +12,7 @@ outline as `segmentation` when the source has one). `obb` adds to every annotati
 (`rbox_field`), in the le90 convention of `ds2d2_cli.rotated` (pixels, theta in radians,
 w >= h, theta in [-pi/2, pi/2), clockwise on screen); `bbox` stays the polygon's envelope.
 Such files record `"boxes": "obb"` and `"angle_convention": "le90"` once, in `info.ds2d2`
-(`obb_meta`); files without them hold horizontal boxes only. `PrepareSummary` is the base of the typed results every converter returns
-(`ds2d2_cli.data.prepared.PreparedSummary`); `to_dict()` is the `--json` summary.
+(`obb_meta`); files without them hold horizontal boxes only.
 """
 
 from __future__ import annotations

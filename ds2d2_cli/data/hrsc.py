@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 from xml.parsers import expat
 
-import numpy as np
 import torch
 
 from ds2d2_cli.classes import ClassChoice

@@ -289,7 +289,10 @@ def four_from_five(poly: np.ndarray) -> np.ndarray:
 
 
 def best_start(poly: np.ndarray, original: np.ndarray) -> np.ndarray:
-    """`poly` (4 corners) rotated cyclically to start where it best fits `original` (choose_best_pointorder_fit_another)."""
+    """`poly` (4 corners) turned cyclically to start where it best fits `original`.
+
+    The least summed squared distance, the first of equal ones (choose_best_pointorder_fit_another).
+    """
     turns = [np.roll(poly, -k, axis=0) for k in range(4)]
     distances = [float(np.sum((t - original) ** 2)) for t in turns]
     return turns[int(np.argmin(distances))]
