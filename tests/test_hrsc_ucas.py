@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_bad_input import _invoke, _nothing_written, _one_line  # the CLI checks every converter's tests share
 
-from ds2d2_cli.data.hrsc import CLASS_BY_ID, HRSC_CLASSES, rotated_box_corners
+from ds2d2_cli.data.hrsc import CLASS_BY_ID, HRSC_CLASSES
 from ds2d2_cli.data.tiling import window_origins
 from ds2d2_cli.data.ucas import split_of
 
@@ -137,6 +138,13 @@ def _xml_line(path: Path, needle: str) -> int:
 
 
 # --------------------------------------------------------------------------- HRSC2016
+
+
+def rotated_box_corners(cx, cy, w, h, angle):
+    """An mbox's corners as the converter computes them (ds2d2_cli.rotated.rbox_to_poly)."""
+    from ds2d2_cli.rotated import rbox_to_poly
+
+    return rbox_to_poly(torch.tensor([cx, cy, w, h, angle], dtype=torch.float64)).numpy()
 
 
 def test_rotated_box_corners_by_hand():

@@ -48,6 +48,10 @@ SCALING_HELP = ("how stored pixel values become the model's floats, recorded wit
                 "range, /255 for 8-bit), percentile (the training split's 1st to 99th percentile per band), minmax "
                 "(its minimum to maximum), db (SAR: 10*log10, then percentiles); auto: range for 8-bit images, "
                 "percentile otherwise \\[default: auto]")
+BOXES_HELP = ("hbb: horizontal boxes; obb: also each object's rotated box, `rbox` [cx, cy, w, h, theta] in "
+              "the le90 convention (theta in radians, w >= h, theta in [-pi/2, pi/2), clockwise on screen), cut "
+              "objects outlined as the DOTA devkit's ImgSplit writes them")
+ORIENTED_FORMATS = "dota, hrsc2016, ucas-aod, yolo (YOLO-OBB labels)"
 BAND_NAMES_HELP = ("name the images' bands in order: --band-names red,green,blue,nir (one name per band) "
                    "\\[default: the GeoTIFF band descriptions, red,green,blue for RGB images, else b1,b2 ...]")
 
@@ -79,6 +83,18 @@ SCALING_OPTION = typer.Option("auto", "--scaling", metavar="MODE", help=SCALING_
                               show_default=False)
 BAND_NAMES_OPTION = typer.Option(None, "--band-names", metavar="NAME[,NAME...]", help=BAND_NAMES_HELP,
                                  show_default=False)
+BOXES_OPTION = typer.Option("hbb", "--boxes", metavar="hbb|obb", help=BOXES_HELP)
+HORIZONTAL_BOXES_OPTION = typer.Option("hbb", "--boxes", metavar="hbb",
+                                       help=f"hbb only: this format has horizontal boxes (obb: {ORIENTED_FORMATS})")
+
+
+def horizontal_only(boxes: str, command: str, why: str = "its labels are horizontal boxes") -> None:
+    """`--boxes` of a format without oriented boxes: hbb, or a one-line InputError saying which formats have them."""
+    from ds2d2_cli.data.coco_writer import check_boxes
+
+    if check_boxes(boxes) == "obb":
+        raise InputError(f"prepare-data {command} cannot write --boxes obb: {why}; oriented boxes come from "
+                         f"{ORIENTED_FORMATS}")
 
 
 def sample_options(scaling: str, band_names: Optional[str]) -> dict[str, Any]:
@@ -184,9 +200,10 @@ def prepared_table(summary: "PreparedSummary", title: str) -> Table:
     """One table for every converter, from its summary: per split, images (and patches) and objects."""
     tiled = summary.tiling is not None
     columns = ["split", "images", "objects", "clipped", "dropped degenerate"]
+    oriented = summary.boxes == "obb"
     if tiled:
         columns[2:2] = ["patches"]
-        columns += ["patch boxes", "crowd kept", "dropped iof<thr"]
+        columns += ["patch boxes", "crowd kept", "dropped iof<thr"] + (["dropped shape"] if oriented else [])
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="left" if column == "split" else "right")
@@ -195,15 +212,18 @@ def prepared_table(summary: "PreparedSummary", title: str) -> Table:
         if tiled:
             row[2:2] = [str(s.patches)]
             row += [str(s.annotations), str(s.crowd), str(s.dropped_iof)]
+            if oriented:
+                row.append(str(s.dropped_shape))
         table.add_row(*row)
     return table
 
 
 def _tiling_title(summary: "PreparedSummary") -> str:
     t = summary.tiling
+    boxes = ", rotated boxes le90" if summary.boxes == "obb" else ""
     if t is None:
-        return "whole images"
-    return f"{t['patch_size']} px, gap {t['gap']}, scales {', '.join(f'{s:g}' for s in t['scales'])}"
+        return f"whole images{boxes}"
+    return f"{t['patch_size']} px, gap {t['gap']}, scales {', '.join(f'{s:g}' for s in t['scales'])}{boxes}"
 
 
 def preset_input(preset: str) -> tuple[str, int]:
@@ -252,6 +272,7 @@ def dota_command(
     workers: int = typer.Option(1, "--workers", "-j", help=WORKERS_HELP),
     classes: str = typer.Option("dota-v1.0", "--classes", help=CLASSES_HELP),
     partial: str = typer.Option("drop", "--partial", help=PARTIAL_HELP),
+    boxes: str = BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
@@ -263,7 +284,9 @@ def dota_command(
     the scene border. Scenes smaller than a window give one patch, padded with black to
     the full window size (every patch is split x split). Every patch is kept, empty ones
     too. Objects cut by a window are clipped to it and kept when their inside fraction
-    (iof) reaches --iof-thr.
+    (iof) reaches --iof-thr. --boxes obb adds each object's rotated box (rbox, le90) and
+    outlines cut objects as the devkit writes them (4 corners; pieces of fewer than 4 or
+    more than 5 corners are left out, as the devkit leaves them out).
 
     Writes OUT/<split>/images/*.png, OUT/<split>.json (patches) and
     OUT/<split>_scenes.json (whole scenes, for evaluating merged detections).
@@ -286,7 +309,7 @@ def dota_command(
     sample = sample_options(scaling, band_names)
     summary = prepare_dota(src, out, size=split, gap=gap, scales=_parse_scales(scales), iof_thr=iof_thr,
                            workers=workers, classes=classes, partial=partial, skip_bad=skip_bad,
-                           reporter=RichReporter(), **sample)
+                           reporter=RichReporter(), boxes=boxes, **sample)
     finish_prepared(json_out, summary, "DOTA")
 
 
@@ -304,6 +327,7 @@ def dior_command(
     classes: Optional[str] = typer.Option(None, "--classes", help="a list of DIOR classes to keep, in this order "
                                           "(vehicle,ship): the others are left out \\[default: the 20 DIOR classes]"),
     preset: str = PRESET_OPTION,
+    boxes: str = HORIZONTAL_BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
@@ -321,6 +345,7 @@ def dior_command(
     """
     from ds2d2_cli.data.dior import prepare_dior
 
+    horizontal_only(boxes, "dior", "DIOR's labels are horizontal boxes (DIOR-R's oriented ones are another release)")
     size_check = preset_input(preset)
     tiling = tiling_options(split, gap, scales, iof_thr, partial)
     summary = prepare_dior(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
@@ -345,6 +370,7 @@ def coco_command(
     partial: Optional[str] = PARTIAL_OPTION,
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
+    boxes: str = HORIZONTAL_BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines and objects",
@@ -364,6 +390,8 @@ def coco_command(
     """
     from ds2d2_cli.data.coco import ingest_coco
 
+    horizontal_only(boxes, "coco", "a COCO bbox is horizontal, and the minimum-area rectangle of an instance "
+                    "outline is no oriented label")
     size_check = preset_input(preset)
     summary = ingest_coco(annotations, images, out, name=name, classes=class_option(classes), skip_bad=skip_bad,
                           tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
@@ -427,6 +455,7 @@ def hrsc2016_command(
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    boxes: str = BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
@@ -439,7 +468,8 @@ def hrsc2016_command(
     (MMRotate trains on trainval and tests on test: --set data.train_split=trainval
     --set data.eval_split=test). Each rotated box (mbox_cx, mbox_cy, mbox_w, mbox_h,
     mbox_ang in radians) is kept as its four corners in segmentation, with their envelope
-    as bbox. Images stay whole unless --split cuts them into patches.
+    as bbox; --boxes obb adds it as rbox (le90). Images stay whole unless --split cuts them
+    into patches.
 
     Bad input (a missing image or annotation, a field that is not a number, an unknown
     Class_ID, an object outside its image, a truncated image, malformed XML) stops the
@@ -455,7 +485,8 @@ def hrsc2016_command(
     size_check = preset_input(preset)
     summary = prepare_hrsc2016(root, out, task=task, classes=class_option(classes),
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                               skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
+                               skip_bad=skip_bad, reporter=RichReporter(), boxes=boxes,
+                               **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, f"HRSC2016 ({task} task)", size_check)
 
 
@@ -475,6 +506,7 @@ def ucas_aod_command(
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
+    boxes: str = BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
@@ -487,7 +519,8 @@ def ucas_aod_command(
     Neg_N0001). There is no official split: --val-fraction of each folder's images go to
     val, chosen by --seed alone (stratified by folder, the same on every machine). Each
     label line's polygon (x1 y1 ... x4 y4) is kept in segmentation, with its envelope as
-    bbox. Images stay whole unless --split cuts them into patches.
+    bbox; --boxes obb adds its minimum-area rectangle as rbox (le90). Images stay whole
+    unless --split cuts them into patches.
 
     Bad input (a line without 13 numbers, a number that does not parse, an image without
     its label file, an object outside its image, a truncated image) stops the run with one
@@ -500,7 +533,8 @@ def ucas_aod_command(
     size_check = preset_input(preset)
     summary = prepare_ucas_aod(root, out, val_fraction=val_fraction, seed=seed, classes=class_option(classes),
                                tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                               skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
+                               skip_bad=skip_bad, reporter=RichReporter(), boxes=boxes,
+                               **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, f"UCAS-AOD (val {val_fraction:g}, seed {seed})", size_check)
 
 
@@ -518,6 +552,7 @@ def voc_command(
     workers: int = WORKERS_OPTION,
     classes: Optional[str] = typer.Option(None, "--classes", help=OWN_CLASSES_HELP),
     preset: str = PRESET_OPTION,
+    boxes: str = HORIZONTAL_BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP.replace("label files, lines",
@@ -542,6 +577,7 @@ def voc_command(
     """
     from ds2d2_cli.data.voc import prepare_voc
 
+    horizontal_only(boxes, "voc")
     size_check = preset_input(preset)
     tiling = tiling_options(split, gap, scales, iof_thr, partial)
     summary = prepare_voc(root, out, classes=class_option(classes), tiling=tiling, workers=workers,
@@ -564,6 +600,7 @@ def yolo_command(
     partial: Optional[str] = PARTIAL_OPTION,
     workers: int = WORKERS_OPTION,
     preset: str = PRESET_OPTION,
+    boxes: str = BOXES_OPTION,
     scaling: str = SCALING_OPTION,
     band_names: Optional[str] = BAND_NAMES_OPTION,
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
@@ -576,7 +613,8 @@ def yolo_command(
     names is a list or a map 0: name .... Each image's labels are the file with its last
     /images/ replaced by /labels/ and its suffix by .txt: one `class x_center y_center
     width height` line per object, normalised to 0..1, or polygon lines (YOLO-OBB,
-    segmentation), kept as `segmentation` with their envelope as the box. An image without
+    segmentation), kept as `segmentation` with their envelope as the box; --boxes obb
+    (YOLO-OBB labels only) adds each one's rotated box as rbox (le90). An image without
     a label file has no objects.
 
     Without --split images are not copied: OUT/<split>.json points at them. With --split
@@ -591,5 +629,6 @@ def yolo_command(
     size_check = preset_input(preset)
     summary = prepare_yolo(data_yaml, out, classes=class_option(classes),
                            tiling=tiling_options(split, gap, scales, iof_thr, partial), workers=workers,
-                           skip_bad=skip_bad, reporter=RichReporter(), **sample_options(scaling, band_names))
+                           skip_bad=skip_bad, reporter=RichReporter(), boxes=boxes,
+                           **sample_options(scaling, band_names))
     finish_prepared(json_out, summary, "YOLO", size_check)

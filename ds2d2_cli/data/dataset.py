@@ -8,11 +8,17 @@ augmentations are torchvision's v2 functionals, so a box format the spec names i
 flipped and turned by the library that defines it. Augmentation randomness is a pure
 function of (seed, sample index, epoch), so runs are reproducible and resumable with
 any number of loader workers.
+
+Rotated boxes (`rboxes=True`, data prepared with `--boxes obb`): `target["rboxes"]` is a
+float32 `[N, 5]` tensor of the annotations' `rbox` in the le90 convention
+(`ds2d2_cli.rotated`), and `target["boxes"]` their envelopes; flips and quarter turns move
+them by exact arithmetic (`augment_rboxes`) and the envelopes are taken again after.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -27,6 +33,7 @@ from torchvision.transforms.v2 import functional as F
 from ds2d2_cli.config import InputConfig
 from ds2d2_cli.data.prepared import SCENES_SUFFIX
 from ds2d2_cli.errors import InputError, one_line
+from ds2d2_cli.rotated import normalize_le90, rbox_envelope
 from ds2d2_cli.sample import SampleSpec, bands_text
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
@@ -148,19 +155,53 @@ class Rot90(Transform):
         return inpt
 
 
+def augmentation(ops: Sequence[str], rng: np.random.Generator) -> tuple[bool, bool, int]:
+    """What `ops` (a subset of AUGMENTATIONS) do to one sample: (hflip, vflip, quarter turns).
+
+    One hflip draw, one vflip draw, then 0-3 quarter turns, each only when its op is on; the
+    draws and their order are part of every run's reproducibility.
+    """
+    hflip = "hflip" in ops and rng.random() < 0.5
+    vflip = "vflip" in ops and rng.random() < 0.5
+    turns = int(rng.integers(0, 4)) if "rot90" in ops else 0
+    return bool(hflip), bool(vflip), turns
+
+
 def augment(image: tv_tensors.Image, boxes: tv_tensors.BoundingBoxes, ops: Sequence[str],
             rng: np.random.Generator) -> tuple[tv_tensors.Image, tv_tensors.BoundingBoxes]:
-    """`ops` (a subset of AUGMENTATIONS) applied at random: one hflip draw, one vflip draw, then
-    0-3 quarter turns; the draws and their order are part of every run's reproducibility."""
-    if "hflip" in ops and rng.random() < 0.5:
+    """`ops` applied at random (`augmentation`) to an image and its boxes."""
+    return apply_augmentation(image, boxes, *augmentation(ops, rng))
+
+
+def apply_augmentation(image: tv_tensors.Image, boxes: tv_tensors.BoundingBoxes, hflip: bool, vflip: bool,
+                       turns: int) -> tuple[tv_tensors.Image, tv_tensors.BoundingBoxes]:
+    if hflip:
         image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-    if "vflip" in ops and rng.random() < 0.5:
+    if vflip:
         image, boxes = F.vertical_flip(image), F.vertical_flip(boxes)
-    if "rot90" in ops:
-        turns = int(rng.integers(0, 4))
-        if turns:
-            image, boxes = Rot90(turns)(image, boxes)
+    if turns:
+        image, boxes = Rot90(turns)(image, boxes)
     return image, boxes
+
+
+def augment_rboxes(rboxes: torch.Tensor, canvas_size: tuple[int, int], hflip: bool, vflip: bool,
+                   turns: int) -> torch.Tensor:
+    """le90 boxes `[N, 5]` on a (height, width) canvas moved as `apply_augmentation` moves the image.
+
+    A flip mirrors the centre and negates theta; a quarter turn counter-clockwise (torch.rot90's)
+    sends the centre (x, y) to (y, W - x) and theta to theta - pi/2, W the width before it.
+    The result is in le90 form again.
+    """
+    height, width = canvas_size
+    cx, cy, w, h, theta = rboxes.unbind(-1)
+    if hflip:
+        cx, theta = width - cx, -theta
+    if vflip:
+        cy, theta = height - cy, -theta
+    for _ in range(turns):
+        cx, cy, theta = cy, width - cx, theta - math.pi / 2
+        width, height = height, width
+    return normalize_le90(torch.stack([cx, cy, w, h, theta], dim=-1))
 
 
 class DetectionDataset(Dataset):
@@ -170,6 +211,10 @@ class DetectionDataset(Dataset):
     `meta.input.resolved`): which bands are read and how their stored values become floats.
     Without it, the split's own sample spec and all its bands. `target["boxes"]` is a
     `tv_tensors.BoundingBoxes` in the spec's box format on the image's canvas.
+
+    `rboxes=True` adds `target["rboxes"]` (le90, float32 `[N, 5]`) from the annotations'
+    `rbox`, and `target["boxes"]` becomes their envelopes; an InputError names a JSON
+    prepared without `--boxes obb`.
 
     Index with an int (no augmentation) or with `(index, augment_seed)` as the
     `ResumableBatchSampler` yields. Crowd (`iscrowd: 1`) and degenerate boxes are left
@@ -181,10 +226,14 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, split: CocoSplit, input_cfg: InputConfig | None = None, augment: Sequence[str] = (),
-                 seed: int = 0, cache_images: bool = False):
+                 seed: int = 0, cache_images: bool = False, rboxes: bool = False):
         unknown = set(augment) - set(AUGMENTATIONS)
         if unknown:
             raise InputError(f"unknown augmentation(s): {', '.join(sorted(unknown))}")
+        if rboxes and (split.info.get("ds2d2") or {}).get("boxes") != "obb":
+            raise InputError(f"{split.path.name} holds no rotated boxes (no rbox fields: prepared without "
+                             "--boxes obb); prepare the data again with --boxes obb", split.path)
+        self.rboxes = rboxes
         self.split = split
         resolved = input_cfg.resolved if input_cfg is not None else None
         self.spec: SampleSpec = resolved.sample if resolved is not None else split.sample
@@ -216,7 +265,22 @@ class DetectionDataset(Dataset):
                                         format="XYWH", canvas_size=canvas_size)  # COCO's box format
         boxes = F.convert_bounding_box_format(xywh, new_format=self.spec.box_format)
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        if self.rboxes:
+            rboxes = self._rboxes(anns)
+            boxes = self._envelopes(rboxes, canvas_size)
+            return {"boxes": boxes, "rboxes": rboxes, "labels": labels, "image_id": torch.tensor(info["id"])}
         return {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
+
+    def _rboxes(self, anns: list[dict[str, Any]]) -> torch.Tensor:
+        for a in anns:
+            if not _is_rbox(a.get("rbox")):
+                raise InputError(f"annotation {a.get('id')} has no rbox [cx, cy, w, h, theta]", self.split.path)
+        return torch.tensor([a["rbox"] for a in anns], dtype=torch.float32).reshape(-1, 5)
+
+    def _envelopes(self, rboxes: torch.Tensor, canvas_size: tuple[int, int]) -> tv_tensors.BoundingBoxes:
+        xyxy = tv_tensors.BoundingBoxes(rbox_envelope(rboxes.double()).float().reshape(-1, 4), format="XYXY",
+                                        canvas_size=canvas_size)
+        return F.convert_bounding_box_format(xyxy, new_format=self.spec.box_format)
 
     def __getitem__(self, item: int | tuple[int, int]):
         index, augment_seed = (item, None) if isinstance(item, int) else item
@@ -224,9 +288,20 @@ class DetectionDataset(Dataset):
         target = self.target(index, tuple(image.shape[-2:]))
         if augment_seed is not None and self.augment:
             rng = np.random.default_rng([self.seed, augment_seed, index])
-            turned, target["boxes"] = augment(tv_tensors.Image(image), target["boxes"], self.augment, rng)
+            moves = augmentation(self.augment, rng)
+            turned, target["boxes"] = apply_augmentation(tv_tensors.Image(image), target["boxes"], *moves)
+            if self.rboxes:
+                target["rboxes"] = augment_rboxes(target["rboxes"], tuple(image.shape[-2:]), *moves)
+                target["boxes"] = self._envelopes(target["rboxes"], tuple(turned.shape[-2:]))
             image = turned.as_subclass(torch.Tensor)
         return image, target
+
+
+def _is_rbox(value: Any) -> bool:
+    try:
+        return len(value) == 5 and all(math.isfinite(float(v)) for v in value)
+    except (TypeError, ValueError):
+        return False
 
 
 def collate(batch):

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ds2d2_cli.classes import canonical_name, get_class_set
+from ds2d2_cli.data.coco_writer import check_boxes
 from ds2d2_cli.data.prepared import SCENES_SUFFIX, PreparedSummary, write_prepared  # noqa: F401 - SCENES_SUFFIX: API
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan
 from ds2d2_cli.data.tiling import (  # noqa: F401 - the grid and window rule: API here too
@@ -244,7 +245,7 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
                  scales: Sequence[float] = (1.0,), iof_thr: float = 0.7, workers: int = 1,
                  classes: str = "dota-v1.0", partial: str = "drop", skip_bad: bool = False,
                  reporter: Reporter | None = None, scaling: str = "auto",
-                 band_names: Sequence[str] | None = None) -> PreparedSummary:
+                 band_names: Sequence[str] | None = None, boxes: str = "hbb") -> PreparedSummary:
     """Split every DOTA split under `src` into patches under `out`; returns the summary figures.
 
     All label files are parsed (and errors raised) before any patch is written; a failed
@@ -252,10 +253,13 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
     `skip_bad` skips bad images, label files and lines instead of stopping; the summary
     and each JSON's `info.skipped` list everything left out. `workers` > 1 splits scenes
     in that many processes (0: one per CPU); the output is the same whatever the number.
+    `boxes` "obb" adds each object's rotated box (`rbox`, le90; cut objects as the devkit
+    writes them: `ds2d2_cli.data.tiling`).
     """
     with held_progress(reporter if reporter is not None else NullReporter()) as held:
         src, out = Path(src), Path(out)
         tiling = Tiling(size, gap, tuple(float(s) for s in scales), iof_thr, partial).check()
+        check_boxes(boxes)
         class_names = get_class_set(classes)
         splits = find_splits(src)
         for split, folder in splits:
@@ -270,8 +274,8 @@ def prepare_dota(src: str | Path, out: str | Path, *, size: int = 1024, gap: int
                               "writing image-only JSON")
         figures = write_prepared(plans, out, source="dota", class_names=class_names, classes_label=classes,
                                  tiling=tiling, problems=problems, reporter=held, workers=workers,
-                                 scaling=scaling, band_names=band_names)
+                                 scaling=scaling, band_names=band_names, boxes=boxes)
         problems.flush()
         return PreparedSummary(source=str(src), out=str(out), classes=classes, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="dota",
-                               tiling=tiling.meta(), splits=figures)
+                               tiling=tiling.meta(), splits=figures, boxes=boxes)

@@ -25,11 +25,13 @@ id), `<difficult>`, a horizontal `<box_xmin/ymin/xmax/ymax>`, and the rotated bo
 the label, as in MMRotate: its four corners become the polygon (`segmentation`; the
 envelope, clipped to the image, is `bbox`). The separate horizontal `box_*` is not used.
 
-Angle convention (MMRotate's `le90` conversion used by its HRSC loader): image axes (x
-right, y down); the side of length w points along (cos a, sin a), the side of length h
-along (-sin a, cos a), so a positive angle turns the box clockwise on screen. The corners,
-in this order: c - u - v, c + u - v, c + u + v, c - u + v with u = w/2 (cos a, sin a),
-v = h/2 (-sin a, cos a).
+Angle convention (MMRotate's `le90` conversion used by its HRSC loader), ds2d2's own
+(`ds2d2_cli.rotated`): image axes (x right, y down); the side of length w points along
+(cos a, sin a), the side of length h along (-sin a, cos a), so a positive angle turns the box
+clockwise on screen. The corners (`rotated.rbox_to_poly`), in this order: c - u - v,
+c + u - v, c + u + v, c - u + v with u = w/2 (cos a, sin a), v = h/2 (-sin a, cos a). With
+`--boxes obb` the `rbox` is the minimum-area rectangle of those corners: the mbox in le90
+form (w >= h, angle in [-pi/2, pi/2)), to the written precision.
 
 Tasks: `ship` (HRSC2016 level 1: every object is `ship`, Class_ID ignored) and `class`
 (level 3: Class_ID through MMRotate's 31-name table, `classwise=True`). MMRotate leaves
@@ -52,9 +54,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 from xml.parsers import expat
 
-import numpy as np
+import torch
 
 from ds2d2_cli.classes import ClassChoice
+from ds2d2_cli.data.coco_writer import check_boxes
 from ds2d2_cli.data.dota import MAX_COORDINATE
 from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, resolve_classes
@@ -62,6 +65,7 @@ from ds2d2_cli.data.tiling import Tiling
 from ds2d2_cli.data.validate import IMAGE_EXTS, BadItem, Problems, difficult_flag, finite, held_progress, one_line
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.progress import NullReporter, Reporter
+from ds2d2_cli.rotated import rbox_to_poly
 
 TASKS = ("ship", "class")
 SPLITS = ("train", "val", "trainval", "test")  # the ImageSets lists, in output order
@@ -79,15 +83,6 @@ CLASS_TABLE: tuple[tuple[str, str], ...] = (
 HRSC_CLASSES = tuple(name for _, name in CLASS_TABLE)
 CLASS_BY_ID = {f"1000000{short}": name for short, name in CLASS_TABLE}
 BOX_FIELDS = ("mbox_cx", "mbox_cy", "mbox_w", "mbox_h", "mbox_ang")
-
-
-def rotated_box_corners(cx: float, cy: float, w: float, h: float, angle: float) -> np.ndarray:
-    """The (4, 2) corners of a rotated box (centre, side lengths, angle in radians; see the module docstring)."""
-    cos, sin = np.cos(angle), np.sin(angle)
-    u = np.array([w / 2 * cos, w / 2 * sin])
-    v = np.array([-h / 2 * sin, h / 2 * cos])
-    c = np.array([cx, cy], dtype=np.float64)
-    return np.stack([c - u - v, c + u - v, c + u + v, c - u + v]).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- one annotation file
@@ -191,7 +186,8 @@ def parse_hrsc_xml(path: str | Path, task: str = "ship",
         if difficult is None:
             bad(f"{item}: <difficult> must be 0 or 1 (got {flag_text[:40]!r})", node, "malformed object")
             continue
-        labels.objects.append(SceneObject(rotated_box_corners(*values), name, difficult, line=lines.get(obj),
+        corners = rbox_to_poly(torch.tensor(values, dtype=torch.float64)).numpy()  # the mbox's convention
+        labels.objects.append(SceneObject(corners, name, difficult, line=lines.get(obj),
                                           item=item))
     return labels
 
@@ -315,16 +311,19 @@ def _shared_reports(plans: Sequence[SplitPlan]) -> dict[str, list[str]]:
 def prepare_hrsc2016(root: str | Path, out: str | Path, *, task: str = "ship", classes: ClassChoice | None = None,
                      tiling: Tiling | None = None, workers: int = 1, skip_bad: bool = False,
                      reporter: Reporter | None = None, scaling: str = "auto",
-                     band_names: Sequence[str] | None = None) -> PreparedSummary:
+                     band_names: Sequence[str] | None = None, boxes: str = "hbb") -> PreparedSummary:
     """Convert an HRSC2016 folder into `out` (whole images, or patches with `tiling`); the summary figures.
 
     Every annotation is parsed (and errors raised) before anything is written; a failed run
     leaves no JSON and no patches (`ds2d2_cli.data.prepared`). `classes` filters and orders
     (a list) or checks against a shipped set; without it the classes are the task's own:
-    `ship`, or the 31 level-3 names in table order.
+    `ship`, or the 31 level-3 names in table order. `boxes` "obb" adds each object's rotated
+    box (`rbox`, le90: the minimum-area rectangle of its corners, which is the mbox itself
+    while the object is whole).
     """
     if task not in TASKS:
         raise InputError(f"--task must be one of {', '.join(TASKS)} (got {task!r})")
+    check_boxes(boxes)
     with held_progress(reporter if reporter is not None else NullReporter()) as held:
         root, out = Path(root), Path(out)
         inside = (out.resolve(), *out.resolve().parents)
@@ -339,9 +338,10 @@ def prepare_hrsc2016(root: str | Path, out: str | Path, *, task: str = "ship", c
         figures = write_prepared(plans, out, source="hrsc2016", class_names=class_names,
                                  classes_label=classes.label if classes is not None else None, tiling=tiling,
                                  problems=problems, reporter=held, workers=workers, meta={"task": task},
-                                 report_splits=_shared_reports(plans), scaling=scaling, band_names=band_names)
+                                 report_splits=_shared_reports(plans), scaling=scaling, band_names=band_names,
+                                 boxes=boxes)
         problems.flush()
         return PreparedSummary(source=str(root), out=str(out), classes=classes.label if classes is not None else None,
                                problems=problems.report(), seconds=round(time.perf_counter() - started, 3),
                                format="hrsc2016", tiling=tiling.meta() if tiling is not None else None, splits=figures,
-                               filtered=filtered)
+                               filtered=filtered, boxes=boxes)

@@ -12,6 +12,12 @@ calls `write_prepared`, which applies the shared object policy, then either
   RGB scenes are PNG; any other scene's patches are GeoTIFF (`.tif`) holding all its bands
   in its storage type, with each window's georeferencing.
 
+With `boxes="obb"` every annotation also gets its `rbox` (le90, `coco_writer`), whole images
+and patches alike, and `info.ds2d2` records `boxes` and `angle_convention`; the objects must
+be oriented boxes (4-corner polygons). Cut objects follow the devkit's outline rules
+(`ds2d2_cli.data.tiling`); an object clipped by the border of a whole image keeps its clipped
+outline, whose minimum-area rectangle is its rbox.
+
 Every image of a run must hold the same bands in the same type as the first one (a
 mismatch is a bad item). The training split (`train`, else the first split written) is
 measured (`measure_sample`) and its `SampleSpec` recorded in ``info["sample"]`` of every
@@ -33,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, relpath
+from ds2d2_cli.data.coco_writer import CocoWriter, PrepareSummary, check_boxes, obb_meta, rbox_field, relpath
 from ds2d2_cli.data.coco_writer import round2 as _r
 from ds2d2_cli.data.raster import RasterInfo, probe, read_raster
 from ds2d2_cli.data.scenes import (
@@ -71,6 +77,7 @@ class SplitSummary:
     crowd: int | None = None
     dropped_iof: int | None = None
     annotations_per_class: dict[str, int] | None = None
+    dropped_shape: int | None = None  # obb patches: cut pieces the devkit writes no outline for
 
     @property
     def scenes(self) -> int:
@@ -85,6 +92,7 @@ class PreparedSummary(PrepareSummary):
     tiling: dict[str, Any] | None
     splits: dict[str, SplitSummary]
     filtered: dict[str, int] = field(default_factory=dict)  # objects of classes outside a --classes list
+    boxes: str = "hbb"  # obb: every annotation has its rotated box (`rbox`, le90)
 
     def to_dict(self) -> dict[str, Any]:
         figures = super().to_dict()
@@ -155,14 +163,18 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
                    classes_label: str | None, tiling: Tiling | None, problems: Problems, reporter: Reporter,
                    workers: int = 1, meta: dict[str, Any] | None = None,
                    report_splits: dict[str, Sequence[str]] | None = None, scaling: str = "auto",
-                   band_names: Sequence[str] | None = None) -> dict[str, SplitSummary]:
+                   band_names: Sequence[str] | None = None, boxes: str = "hbb") -> dict[str, SplitSummary]:
     """Write every plan's split into `out` (see the module docstring); the figures of each split.
 
     `report_splits` says whose reports a split's JSON lists besides its own (DIOR's trainval:
     train and val). `scaling` (auto or one of `sample.SCALINGS`) and `band_names` (None: the
-    files' own) go into the recorded sample spec.
+    files' own) go into the recorded sample spec. `boxes` "obb": rotated boxes too (an
+    InputError when an object is not a 4-corner polygon).
     """
     scaling, band_names = sample_choice(scaling, band_names)
+    check_boxes(boxes)
+    if boxes == "obb":
+        check_oriented(plans)
     if tiling is not None:
         tiling.check()
     if workers == 0:
@@ -196,9 +208,10 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
             shares = tuple(report_splits.get(plan.name, ())) if report_splits else ()
             own = [plan.name, *shares]
             settings = {"source": source, "classes": classes_label, "split": name,
-                        **(tiling.meta() if tiling is not None else {}), "labelled": plan.labelled, **(meta or {})}
+                        **(tiling.meta() if tiling is not None else {}), "labelled": plan.labelled, **(meta or {}),
+                        **obb_meta(boxes)}
             if tiling is None:
-                scenes_writer, stats = _whole_split(plan, out, checked, class_names)
+                scenes_writer, stats = _whole_split(plan, out, checked, class_names, boxes)
                 patches_writer = None
                 written[name] = [s.image for s in plan.scenes if checked[id(s)].size is not None]
             else:
@@ -206,7 +219,7 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
                 stage.publish_contents(staged / "images", out / name / "images", "patches")
                 scenes_writer, patches_writer, stats = _tiled_split(plan, name, staged, out, checked, class_names,
                                                                      tiling, workers, problems, reporter,
-                                                                     bands.names if bands else ())
+                                                                     bands.names if bands else (), boxes)
                 written[name] = [staged / "images" / Path(i["file_name"]).name for i in patches_writer.images]
             if not scenes_writer.images:
                 raise InputError(f"no usable image left in split {plan.name!r}: every one was skipped as bad",
@@ -229,7 +242,8 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
                 **({} if tiling is None else {
                     "patches": stats.patches, "annotations": stats.annotations, "crowd": stats.crowd,
                     "dropped_iof": stats.dropped_iof,
-                    "annotations_per_class": {n: stats.annotations_per_class.get(n, 0) for n in class_names}}))
+                    "annotations_per_class": {n: stats.annotations_per_class.get(n, 0) for n in class_names},
+                    **({"dropped_shape": stats.dropped_shape} if boxes == "obb" else {})}))
             problems.note_repairs(f"{plan.name}: ", [e for e in repaired if e.get("split") == plan.name])
         assert bands is not None  # an image that passed its check passed the probe first
         train = next((plan.name for plan in plans if plan.name == "train"), plans[0].name)
@@ -241,6 +255,21 @@ def write_prepared(plans: Sequence[SplitPlan], out: Path, *, source: str, class_
             document["info"]["sample"] = spec.model_dump(mode="json")
             stage.write_json(path, document)
     return summaries
+
+
+def check_oriented(plans: Sequence[SplitPlan]) -> None:
+    """Every object an oriented box (4 corners), or an InputError naming the first that is not."""
+    from ds2d2_cli.data.scenes import object_message
+
+    for plan in plans:
+        for scene in plan.scenes:
+            for obj in scene.objects:
+                if obj.polygon and len(obj.poly) == 4:
+                    continue
+                what = "a horizontal box" if not obj.polygon else f"a polygon of {len(obj.poly)} corners"
+                exc = object_message(scene, obj, f"{what}: --boxes obb needs oriented boxes (4 corners each)",
+                                     "not an oriented box")
+                raise InputError(exc.message, exc.path, exc.line)
 
 
 def _check_bands(checked: dict[int, _Checked], problems: Problems, scaling: str,
@@ -331,7 +360,7 @@ def _report_border(item: _Checked, problems: Problems) -> None:
         problems.repair(clipped_message(scene, item.objects[index], *item.size), "object", **scene.where)
 
 
-def _scene_annotations(writer: CocoWriter, image_id: int, item: _Checked) -> None:
+def _scene_annotations(writer: CocoWriter, image_id: int, item: _Checked, boxes: str = "hbb") -> None:
     placed = item.placed
     assert placed is not None
     for index, piece, box, area in zip(placed.kept, placed.pieces, placed.boxes, placed.areas):
@@ -345,6 +374,8 @@ def _scene_annotations(writer: CocoWriter, image_id: int, item: _Checked) -> Non
         }
         if obj.polygon:
             fields["segmentation"] = [[_r(v) for v in piece.reshape(-1)]]
+            if boxes == "obb":
+                fields["rbox"] = rbox_field(fields["segmentation"][0])
         fields.update(obj.keep)
         fields["difficult"] = obj.difficult
         writer.add_annotation(image_id, item.category_ids[index], fields)
@@ -354,8 +385,8 @@ def _image_fields(scene: Scene, out: Path, size: tuple[int, int]) -> dict[str, A
     return {"file_name": relpath(scene.image, out), "width": size[0], "height": size[1], **scene.fields}
 
 
-def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class_names: Sequence[str]
-                 ) -> tuple[CocoWriter, SplitStats]:
+def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class_names: Sequence[str],
+                 boxes: str = "hbb") -> tuple[CocoWriter, SplitStats]:
     writer = CocoWriter(class_names)
     stats = SplitStats()
     for scene in plan.scenes:
@@ -363,7 +394,7 @@ def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class
         if item.size is None:
             continue  # skipped as bad
         image_id = writer.add_image(_image_fields(scene, out, item.size), scene.image_id)
-        _scene_annotations(writer, image_id, item)
+        _scene_annotations(writer, image_id, item, boxes)
     return writer, stats
 
 
@@ -372,7 +403,7 @@ def _whole_split(plan: SplitPlan, out: Path, checked: dict[int, _Checked], class
 
 def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: dict[int, _Checked],
                  class_names: Sequence[str], tiling: Tiling, workers: int, problems: Problems, reporter: Reporter,
-                 band_names: tuple[str, ...]) -> tuple[CocoWriter, CocoWriter, SplitStats]:
+                 band_names: tuple[str, ...], boxes: str = "hbb") -> tuple[CocoWriter, CocoWriter, SplitStats]:
     """Cut one split's scenes into patches in `staged`; its two COCO files (scenes, patches) and figures."""
     items = [checked[id(scene)] for scene in plan.scenes if not checked[id(scene)].other_bands]
     jobs = [SceneJob(
@@ -380,7 +411,7 @@ def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: d
         category_ids=tuple(item.category_ids), difficult=tuple(o.difficult for o in item.objects), out_dir=staged,
         split=name, tiling=tiling, class_names=tuple(class_names), outlines=tuple(o.polygon for o in item.objects),
         crowd=tuple(o.iscrowd for o in item.objects), declared_size=item.scene.size,
-        label_path=item.scene.label_path, band_names=band_names,
+        label_path=item.scene.label_path, band_names=band_names, boxes=boxes,
     ) for item in items]
     results: list[dict[str, Any] | BadItem | None] = [None] * len(jobs)
     task = reporter.task(f"split {plan.name}", total=len(jobs))
@@ -413,7 +444,7 @@ def _tiled_split(plan: SplitPlan, name: str, staged: Path, out: Path, checked: d
         _report_border(item, problems)
         stats.add(result["stats"])
         scene_id = scenes.add_image(_image_fields(scene, out, item.size), scene.image_id)
-        _scene_annotations(scenes, scene_id, item)
+        _scene_annotations(scenes, scene_id, item, boxes)
         for patch in result["patches"]:
             image_id = patches.add_image({
                 "file_name": patch["file_name"], "width": patch["width"], "height": patch["height"],

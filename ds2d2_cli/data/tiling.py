@@ -14,6 +14,33 @@ with iof >= `iof_thr` are kept with the clipped polygon's extent as box; smaller
 dropped (`partial="drop"`) or kept with `iscrowd: 1` (`partial="crowd"`, the devkit's
 "difficult 2" pieces). Pieces of no size are dropped and counted.
 
+Oriented boxes (`boxes="obb"`): which objects a window holds, and which are crowd, is decided
+as above; the outline written for a cut object is then the one the devkit's `ImgSplit`
+(`splitbase.savepatches`, the same in `ImgSplit_multi_process.py`) writes, and its `rbox` is
+that outline's minimum-area rectangle (`coco_writer.rbox_field`). For an object cut by the
+window (`devkit_outline`):
+
+* the clipped polygon is put in positive (shoelace) order, as shapely's `orient(sign=1)`;
+* fewer than 4 corners (a corner cut off as a triangle): the devkit writes nothing, nor here;
+* 5 corners: the shortest edge (the first of equal ones, edge i joining corners i and i+1,
+  the last one closing the ring) is replaced by its midpoint, leaving 4 (`GetPoly4FromPoly5`);
+* more than 5 corners (an object cut across a window corner, say): the devkit leaves the
+  piece out ("not handled currently"), and so does obb mode, odd as it is: counted in
+  `dropped_shape`;
+* the 4 corners start where they best match the object's own 4 corners (the cyclic
+  rotation with the least summed squared distance, the first of equal ones:
+  `choose_best_pointorder_fit_another`, the devkit's default `choosebestpoint=True`);
+* in patch pixels, every coordinate is clamped to [1, window size] (the devkit's "<= 1 -> 1,
+  >= subsize -> subsize"), so a side on the window's left or top edge moves in to 1.
+
+Objects wholly inside keep their own corners, unclamped, as the devkit writes them. Two
+differences, both in every mode: the devkit truncates every written coordinate to a whole
+pixel (its label files are integers), here they keep 2 decimals like every coordinate of the
+JSON; and its last window in each direction ends one pixel short of the scene border
+(`min(left + subsize, width - 1)`), here at the border. Ties between equally short edges
+follow this module's corner order (Sutherland-Hodgman from the object's first corner);
+shapely's start corner is its own.
+
 Detections made window by window are merged back into scene detections with class-wise
 NMS (`merge_order`), so an object seen by two overlapping windows is reported once.
 """
@@ -29,6 +56,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ds2d2_cli.data.coco_writer import check_boxes, rbox_field
 from ds2d2_cli.data.coco_writer import round2 as _r
 from ds2d2_cli.data.polygons import clip_polygon, dedupe_vertices, polygon_area
 from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
@@ -144,10 +172,11 @@ class SplitStats:
     crowd: int = 0  # partial pieces kept with iscrowd 1
     dropped_iof: int = 0  # partial pieces dropped: iof < iof_thr
     degenerate: int = 0  # zero-area objects (once per scene) and zero-size pieces
+    dropped_shape: int = 0  # obb: cut pieces the devkit writes no outline for (< 4 or > 5 corners)
     annotations_per_class: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: "SplitStats") -> None:
-        for name in ("patches", "annotations", "crowd", "dropped_iof", "degenerate"):
+        for name in ("patches", "annotations", "crowd", "dropped_iof", "degenerate", "dropped_shape"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, value in other.annotations_per_class.items():
             self.annotations_per_class[key] = self.annotations_per_class.get(key, 0) + value
@@ -157,7 +186,8 @@ def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int],
                        window: tuple[float, float, float, float], iof_thr: float, partial: str,
                        stats: SplitStats | None = None, class_names: Sequence[str] | None = None,
                        outlines: Sequence[bool] | None = None,
-                       crowd: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                       crowd: Sequence[int] | None = None, boxes: str = "hbb",
+                       patch_size: int | None = None) -> list[dict[str, Any]]:
     """COCO annotations (no ids, no image_id) of the objects in one window, in patch pixels.
 
     `window` is (x0, y0, x1, y1) in (scaled) scene pixels, already clipped to the scene.
@@ -165,9 +195,15 @@ def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int],
     pieces with 0 < iof < iof_thr are dropped or kept as crowd (see module docstring).
     `outlines[i]` False: object i is a horizontal box, written without `segmentation`;
     `crowd[i]` 1: the source marked it crowd, and so is every piece of it.
+    `boxes="obb"`: cut objects get the devkit's outline (`devkit_outline`, clamped to
+    [1, `patch_size`]), every annotation its `rbox`; `bbox` and `area` are the written outline's.
     """
     stats = stats if stats is not None else SplitStats()
+    oriented = check_boxes(boxes) == "obb"
+    if oriented and patch_size is None:
+        raise ValueError("oriented boxes need the patch size (the devkit clamps cut outlines to it)")
     x0, y0, x1, y1 = window
+    origin = np.array([x0, y0])
     out: list[dict[str, Any]] = []
     if not polys:
         return out
@@ -192,7 +228,13 @@ def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int],
                     stats.dropped_iof += 1
                     continue
                 iscrowd = 1
-        local = piece - np.array([x0, y0])
+        local = piece - origin
+        if oriented and not inside:
+            outline = devkit_outline(piece, poly, origin, patch_size)  # type: ignore[arg-type]
+            if outline is None:
+                stats.dropped_shape += 1
+                continue
+            local, area = outline, polygon_area(outline)
         bx0, by0 = _r(local[:, 0].min()), _r(local[:, 1].min())
         bx1, by1 = _r(local[:, 0].max()), _r(local[:, 1].max())
         w, h = _r(bx1 - bx0), _r(by1 - by0)
@@ -201,8 +243,13 @@ def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int],
             continue
         ann: dict[str, Any] = {"category_id": int(category_ids[i]), "bbox": [bx0, by0, w, h], "area": _r(area),
                                "iscrowd": iscrowd}
-        if outlines is None or outlines[i]:
+        if oriented or outlines is None or outlines[i]:
             ann["segmentation"] = [[_r(v) for v in local.reshape(-1)]]
+        if oriented:
+            ann["rbox"] = rbox_field(ann["segmentation"][0])
+            if ann["rbox"][2] <= 0 or ann["rbox"][3] <= 0:
+                stats.degenerate += 1
+                continue
         ann["difficult"] = int(difficult[i])
         out.append(ann)
         stats.annotations += 1
@@ -211,6 +258,49 @@ def window_annotations(polys: Sequence[np.ndarray], category_ids: Sequence[int],
             name = class_names[int(category_ids[i]) - 1]
             stats.annotations_per_class[name] = stats.annotations_per_class.get(name, 0) + 1
     return out
+
+
+def devkit_outline(piece: np.ndarray, original: np.ndarray, origin: np.ndarray, patch_size: int
+                   ) -> np.ndarray | None:
+    """The 4-corner outline ImgSplit writes for an object cut by a window, in patch pixels; None: it writes none.
+
+    `piece` is the object clipped to the window (scene pixels), `original` the object's own
+    corners, `origin` the window's top-left corner. The rules are the module docstring's.
+    """
+    piece = np.asarray(piece, dtype=np.float64)
+    if _signed_area(piece) < 0:
+        piece = np.roll(piece[::-1], 1, axis=0)  # reversed, same first corner (shapely's orient)
+    if len(piece) < 4 or len(piece) > 5:
+        return None
+    if len(piece) == 5:
+        piece = four_from_five(piece)
+    if len(original) == 4:
+        piece = best_start(piece, np.asarray(original, dtype=np.float64))
+    return np.clip(piece - origin, 1, patch_size)
+
+
+def four_from_five(poly: np.ndarray) -> np.ndarray:
+    """A 5-corner polygon as 4: its shortest edge (the first of equal ones) becomes its midpoint (GetPoly4FromPoly5)."""
+    nxt = np.roll(poly, -1, axis=0)
+    lengths = np.sqrt((poly[:, 0] - nxt[:, 0]) ** 2 + (poly[:, 1] - nxt[:, 1]) ** 2)  # edge i: corner i -> i + 1
+    i = int(np.argmin(lengths))
+    out = [(poly[i] + poly[(i + 1) % 5]) / 2 if j == i else poly[j] for j in range(5) if j != (i + 1) % 5]
+    return np.array(out)
+
+
+def best_start(poly: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """`poly` (4 corners) turned cyclically to start where it best fits `original`.
+
+    The least summed squared distance, the first of equal ones (choose_best_pointorder_fit_another).
+    """
+    turns = [np.roll(poly, -k, axis=0) for k in range(4)]
+    distances = [float(np.sum((t - original) ** 2)) for t in turns]
+    return turns[int(np.argmin(distances))]
+
+
+def _signed_area(poly: np.ndarray) -> float:
+    x, y = poly[:, 0], poly[:, 1]
+    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
 
 
 # --------------------------------------------------------------------------- one scene (worker)
@@ -234,6 +324,7 @@ class SceneJob:
     declared_size: tuple[int, int] | None = None
     label_path: Path | None = None
     band_names: tuple[str, ...] = ()  # written as GeoTIFF band descriptions; () the file's own
+    boxes: str = "hbb"  # obb: devkit outlines for cut objects and an rbox for every annotation
 
 
 def cut_scene(job: SceneJob) -> dict[str, Any]:
@@ -284,7 +375,7 @@ def cut_scene(job: SceneJob) -> dict[str, Any]:
             for left, top in window_origins(sw, sh, tiling.size, tiling.gap):
                 window = (left, top, min(left + tiling.size, sw), min(top + tiling.size, sh))
                 anns = window_annotations(polys, category_ids, difficult, window, tiling.iof_thr, tiling.partial,
-                                          stats, job.class_names, outlines, crowd)
+                                          stats, job.class_names, outlines, crowd, job.boxes, tiling.size)
                 name = f"{job.stem}__{scale:g}__{left}___{top}{'.png' if rgb8 else '.tif'}"
                 written.append(images_dir / name)
                 try:

@@ -51,6 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ds2d2_cli.classes import ClassChoice
+from ds2d2_cli.data.coco_writer import check_boxes
 from ds2d2_cli.data.dota import MAX_COORDINATE
 from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, resolve_classes
@@ -234,14 +235,16 @@ def _read_scene(folder: Path, image: Path, label: Path | None, class_name: str |
 def prepare_ucas_aod(root: str | Path, out: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
                      classes: ClassChoice | None = None, tiling: Tiling | None = None, workers: int = 1,
                      skip_bad: bool = False, reporter: Reporter | None = None, scaling: str = "auto",
-                     band_names: Sequence[str] | None = None) -> PreparedSummary:
+                     band_names: Sequence[str] | None = None, boxes: str = "hbb") -> PreparedSummary:
     """Convert a UCAS-AOD folder into `out` with a seeded train/val split; the summary figures.
 
     Every label file is parsed (and errors raised) before anything is written; a failed run
     leaves no JSON and no patches (`ds2d2_cli.data.prepared`). The classes are `car` and
     `airplane` unless `classes` filters and orders them (a list) or checks them against a
-    shipped set.
+    shipped set. `boxes` "obb" adds each object's rotated box (`rbox`, le90: the minimum-area
+    rectangle of its polygon; the label's theta column is not used).
     """
+    check_boxes(boxes)
     if not 0 < val_fraction < 1:
         raise InputError(f"--val-fraction must be between 0 and 1, both excluded (got {val_fraction:g})")
     with held_progress(reporter if reporter is not None else NullReporter()) as held:
@@ -259,9 +262,9 @@ def prepare_ucas_aod(root: str | Path, out: str | Path, *, val_fraction: float =
                                  tiling=tiling, problems=problems, reporter=held, workers=workers,
                                  meta={"val_fraction": val_fraction, "seed": seed, "stratified_by": "folder"},
                                  report_splits={"train": [NO_SPLIT], "val": [NO_SPLIT]}, scaling=scaling,
-                                 band_names=band_names)
+                                 band_names=band_names, boxes=boxes)
         problems.flush()
         return PreparedSummary(source=str(root), out=str(out), classes=label, problems=problems.report(),
                                seconds=round(time.perf_counter() - started, 3), format="ucas-aod",
                                tiling=tiling.meta() if tiling is not None else None, splits=figures,
-                               filtered=filtered)
+                               filtered=filtered, boxes=boxes)

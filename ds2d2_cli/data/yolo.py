@@ -54,6 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ds2d2_cli.classes import ClassChoice, check_class_list, class_choice
+from ds2d2_cli.data.coco_writer import check_boxes
 from ds2d2_cli.data.prepared import PreparedSummary, write_prepared
 from ds2d2_cli.data.scenes import Scene, SceneObject, SplitPlan, box_corners, resolve_classes
 from ds2d2_cli.data.tiling import Tiling
@@ -471,7 +472,7 @@ class YoloSummary(PreparedSummary):
 def prepare_yolo(data_yaml: str | Path, out: str | Path, *, classes: ClassChoice | str | None = None,
                  tiling: Tiling | None = None, workers: int = 1, skip_bad: bool = False,
                  reporter: Reporter | None = None, scaling: str = "auto",
-                 band_names: Sequence[str] | None = None) -> YoloSummary:
+                 band_names: Sequence[str] | None = None, boxes: str = "hbb") -> YoloSummary:
     """Convert the YOLO dataset `data_yaml` describes into a prepared folder `out`; its summary.
 
     Every split (train, val, test when given) is read and checked before anything is
@@ -480,7 +481,11 @@ def prepare_yolo(data_yaml: str | Path, out: str | Path, *, classes: ClassChoice
     against a ds2d2 set or keeps and orders a list of them. Without `tiling` images stay
     whole (`OUT/<split>.json` points at them); with it they are cut as `prepare-data dota`
     cuts scenes. `skip_bad` skips bad images and lines instead of stopping, and lists them.
+    `boxes` "obb" reads YOLO-OBB labels (4 corners a line) and adds each object's rotated box
+    (`rbox`, le90); a box line or a polygon of another number of corners is then an
+    InputError naming the file and line.
     """
+    check_boxes(boxes)
     choice = class_choice(classes) if isinstance(classes, str) else classes
     with held_progress(reporter if reporter is not None else NullReporter()) as held:
         out = Path(out)
@@ -509,11 +514,12 @@ def prepare_yolo(data_yaml: str | Path, out: str | Path, *, classes: ClassChoice
                                  classes_label=choice.label if choice is not None else None, tiling=tiling,
                                  problems=problems, reporter=held, workers=workers,
                                  meta={"data_yaml": str(data.yaml_path.resolve()), "names": list(data.names)},
-                                 scaling=scaling, band_names=band_names)
+                                 scaling=scaling, band_names=band_names, boxes=boxes)
         problems.flush()
         return YoloSummary(source=str(data.yaml_path), out=str(out),
                            classes=choice.label if choice is not None else None, problems=problems.report(),
                            seconds=round(time.perf_counter() - started, 3), format="yolo",
                            tiling=tiling.meta() if tiling is not None else None, splits=figures, filtered=filtered,
+                           boxes=boxes,
                            images_without_labels={r.plan.name: len(r.without_labels) for r in reads
                                                   if r.plan.labelled})
