@@ -120,7 +120,9 @@ def print_metrics(metrics: dict[str, Any], title: str) -> None:
 def print_task1_metrics(metrics: dict[str, Any]) -> None:
     console = stdout_console()
     merged = " (patches merged into scenes)" if metrics.get("merged_patches") else ""
-    table = Table(title=f"DOTA Task 1: {metrics['results']} vs {metrics['labels']}{merged}, "
+    from rich.markup import escape
+
+    table = Table(title=f"DOTA Task 1: {escape(metrics['results'])} vs {escape(metrics['labels'])}{merged}, "
                         f"{metrics['ap']} AP at IoU > {metrics['iou_threshold']:g}")
     for column in ("class", "AP %", "objects", "difficult", "detections", "TP", "FP"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -136,10 +138,10 @@ def print_task1_metrics(metrics: dict[str, Any]) -> None:
     if absent:
         console.print(f"{len(absent)} of {len(metrics['per_class'])} classes have no (non-difficult) objects in "
                       f"these labels and count as AP 0 in the mean, as in the devkit ({', '.join(absent)}); "
-                      "--classes [a,b,...] scores only some", soft_wrap=True)
+                      "--classes [a,b,...] scores only some", soft_wrap=True, markup=False)
     if metrics.get("ignored_objects"):
         console.print(f"{metrics['ignored_objects']} objects of classes outside the list were left out "
-                      f"(first: {metrics['ignored_example']})", soft_wrap=True)
+                      f"(first: {metrics['ignored_example']})", soft_wrap=True, markup=False)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -286,7 +288,7 @@ def eval_command(
     dota_labels: Optional[Path] = typer.Option(None, "--dota-labels", help="DOTA labelTxt folder (<image>.txt) "
                                                "for --dota-task1", show_default=False),
     classes: Optional[str] = typer.Option(None, "--classes", help="with --dota-task1: the classes scored, a set "
-                                          "(dota-v1.0, dota-v1.5, ...) or a list [plane,ship]; mAP is their mean "
+                                          "(dota-v1.0, dota-v1.5, ...) or a list \\[plane,ship]; mAP is their mean "
                                           "[default: dota-v1.0]", show_default=False),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per inference batch"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
