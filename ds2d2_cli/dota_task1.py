@@ -405,29 +405,44 @@ def _score_class(dets: Task1Detections, truth: Mapping[str, Task1Truth], image_i
 # --------------------------------------------------------------------------- geometry helpers
 
 
-def _same_group_pairs(group_a: np.ndarray, group_b: np.ndarray, block: int = PAIR_BLOCK
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every (a, b) index pair with `group_a[a] == group_b[b]`, in blocks of about `block` pairs.
+def _ranges(first: np.ndarray, counts: np.ndarray, block: int = PAIR_BLOCK
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row, position) for every row r and position first[r] + i, i < counts[r], in blocks of about
+    `block` (all of one row's in the same block), rows ascending, positions ascending within a row."""
+    ends = np.cumsum(counts)
+    start = 0
+    while start < len(counts):
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + block, side="right")))
+        c = counts[start:stop]
+        total = int(c.sum())
+        if total:
+            rows = np.repeat(np.arange(start, stop), c)
+            within = np.arange(total) - np.repeat(np.cumsum(c) - c, c)
+            yield rows, np.repeat(first[start:stop], c) + within
+        start = stop
 
-    Pairs come by a, then b ascending; all pairs of one a are in the same block.
-    """
+
+def _same_group_pairs(group_a: np.ndarray, group_b: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every (a, b) index pair with `group_a[a] == group_b[b]`, in blocks; by a, then b ascending."""
     if not len(group_a) or not len(group_b):
         return
     order_b = np.argsort(group_b, kind="stable")
     sorted_b = group_b[order_b]
     lo = np.searchsorted(sorted_b, group_a, side="left")
     counts = np.searchsorted(sorted_b, group_a, side="right") - lo
-    ends = np.cumsum(counts)
-    start = 0
-    while start < len(group_a):
-        base = ends[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(ends, base + block, side="right")))
-        c = counts[start:stop]
-        if c.sum():
-            a = np.repeat(np.arange(start, stop), c)
-            within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
-            yield a, order_b[np.repeat(lo[start:stop], c) + within]
-        start = stop
+    for a, position in _ranges(lo, counts):
+        yield a, order_b[position]
+
+
+def _x_overlap_pairs(members: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The pairs of `members` whose x extents overlap (sweep over x0), each once, in blocks."""
+    swept = members[np.argsort(x0[members], kind="stable")]
+    starts = x0[swept]
+    k = np.arange(len(swept))
+    ends = np.searchsorted(starts, x1[swept], side="left")  # the first one starting at or past k's end
+    for row, position in _ranges(k + 1, np.maximum(ends - k - 1, 0)):
+        yield swept[row], swept[position]
 
 
 def _envelope(polys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -459,8 +474,9 @@ def polygon_nms(polys: np.ndarray, scores: np.ndarray, iou_threshold: float,
     The devkit's `py_cpu_nms_poly`: a polygon is dropped when a kept one of higher score
     (earlier in the input among equal scores) has polygon IoU > `iou_threshold` with it.
     With `groups`, only polygons of the same group meet. Only pairs whose envelopes overlap
-    are intersected; the greedy answer is then the fixed point of "kept = not suppressed by a
-    kept, better polygon", reached in as many vectorised sweeps as the longest suppression chain.
+    (found by a sweep along x) are intersected; the greedy answer is then the fixed point of
+    "kept = not suppressed by a kept, better polygon", reached in as many vectorised passes as
+    the longest suppression chain.
     """
     polys = np.asarray(polys, dtype=np.float64).reshape(-1, 8)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -471,14 +487,19 @@ def polygon_nms(polys: np.ndarray, scores: np.ndarray, iou_threshold: float,
     rank[order] = np.arange(n)
     better_parts, worse_parts = [], []
     x0, y0, x1, y1 = _envelope(polys)
-    for a, b in _same_group_pairs(groups, groups):
-        keep = ((rank[a] < rank[b]) & (np.minimum(x1[a], x1[b]) > np.maximum(x0[a], x0[b]))
-                & (np.minimum(y1[a], y1[b]) > np.maximum(y0[a], y0[b])))
-        a, b = a[keep], b[keep]
-        if len(a):
-            hit = _polygon_iou(polys[a], polys[b]) > iou_threshold
-            better_parts.append(rank[a[hit]])
-            worse_parts.append(rank[b[hit]])
+    by_group = np.argsort(groups, kind="stable")
+    cuts = np.flatnonzero(groups[by_group][1:] != groups[by_group][:-1]) + 1
+    for members in np.split(by_group, cuts) if n else []:
+        for a, b in _x_overlap_pairs(members, x0, x1):
+            keep = ((np.minimum(x1[a], x1[b]) > np.maximum(x0[a], x0[b]))
+                    & (np.minimum(y1[a], y1[b]) > np.maximum(y0[a], y0[b])))
+            a, b = a[keep], b[keep]
+            if len(a):
+                first = rank[a] < rank[b]
+                a, b = np.where(first, a, b), np.where(first, b, a)  # the better one first, as the devkit asks
+                hit = _polygon_iou(polys[a], polys[b]) > iou_threshold
+                better_parts.append(rank[a[hit]])
+                worse_parts.append(rank[b[hit]])
     better = np.concatenate(better_parts) if better_parts else np.zeros(0, dtype=np.int64)
     worse = np.concatenate(worse_parts) if worse_parts else np.zeros(0, dtype=np.int64)
     kept = np.ones(n, dtype=bool)  # by rank
