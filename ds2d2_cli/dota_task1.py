@@ -375,7 +375,7 @@ def _score_class(dets: Task1Detections, truth: Mapping[str, Task1Truth], image_i
         d, g = d[keep], g[keep]
         if not len(d):
             continue
-        iou = _polygon_iou(dpolys[d], gpolys[g])
+        iou = _polygon_iou(gpolys[g], dpolys[d])  # (object, detection), the devkit's order
         first = np.lexsort((g, -iou, d))  # per detection: highest IoU, then the earliest object
         d_sorted = d[first]
         head = first[np.r_[True, d_sorted[1:] != d_sorted[:-1]]]
