@@ -2,9 +2,10 @@
 
 Runs the devkit's `dota_evaluation_task1.py` (`voc_eval`) and `ResultMerge.py` (`mergebypoly`)
 straight from its git mirror, on the real DOTA sample's labels and detections made from them
-with noise (whole scenes; patches; patch detections merged back into scenes), and writes both sides' per-class AP and their largest difference to
-benchmarks/results/dota_task1_vs_devkit.json. Nothing of the devkit is copied into this
-repository: its files are read with `git show` into a temporary folder. Its `polyiou` (a
+with noise (whole scenes; patches; patch detections merged back into scenes), and writes both
+sides' per-class AP and their largest difference to benchmarks/results/dota_task1_vs_devkit.json.
+Nothing of the devkit is copied into this repository: its files are read with `git show` into a
+temporary folder. Its `polyiou` (a
 SWIG module) is built there from the mirror's own `polyiou.cpp` with a small C entry point
 when a C++ compiler is at hand, and is otherwise stood in for by shapely (exact for these
 simple polygons); the JSON says which.
@@ -189,7 +190,7 @@ def patch_labels(truth: dict[str, dota_task1.Task1Truth], extents: dict[str, np.
 
 def devkit_scores(evaluation: types.ModuleType, results: Path, labels: Path, images: list[str],
                   classes: list[str], use_07_metric: bool) -> dict[str, float]:
-    imageset = results.parent / f"{results.name}_imageset.txt"  # beside the results: mergebypoly reads every file in them
+    imageset = results.parent / f"{results.name}_imageset.txt"  # not in results: mergebypoly reads all there
     imageset.write_text("".join(f"{i}\n" for i in images))
     out = {}
     for name in classes:
@@ -315,7 +316,8 @@ def main() -> int:
     diffs = [report["scenes"]["voc07"]["max_abs_difference"], report["scenes"]["area"]["max_abs_difference"],
              report["patches"]["voc07"]["max_abs_difference"], report["merged_patches"]["voc07"]["max_abs_difference"]]
     report["max_abs_difference"] = max(diffs)
-    report["agrees_to_1e-12"] = bool(max(diffs) <= 1e-12 and all(report["merged_patches"]["merged_files_identical"].values()))
+    identical = all(report["merged_patches"]["merged_files_identical"].values())
+    report["agrees_to_1e-12"] = bool(max(diffs) <= 1e-12 and identical)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"max_abs_difference": report["max_abs_difference"],

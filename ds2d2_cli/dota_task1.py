@@ -16,7 +16,8 @@ mean over every class scored. `merge_scene_detections` is the devkit's `ResultMe
 detections (`<scene>__<scale>__<left>___<top>`) moved back into their scenes and thinned,
 class by class and scene by scene, by greedy polygon NMS.
 
-Where the devkit has no answer (it crashes or gives NaN) we give one, each a named choice:
+Where the devkit has no answer (it crashes, divides by zero or misreads a line) we give one, and
+in two places we read more than it does; each is a named choice:
 
 - equal confidences keep their order in the file (the devkit leaves it to numpy's unstable
   sort, which depends on numpy's version and the CPU); NMS alike keeps the earlier line first;
@@ -28,7 +29,9 @@ Where the devkit has no answer (it crashes or gives NaN) we give one, each a nam
   a ground-truth line other than the `imagesource:`/`gsd:` header with fewer than 9 fields,
   a bad difficult flag) are refused with the file and line;
 - ground-truth objects of classes outside the scored list are left out (the devkit too) and
-  counted; class names match spelling-insensitively (`ds2d2_cli.classes.canonical_name`);
+  counted; class names match spelling-insensitively (`ds2d2_cli.classes.canonical_name`:
+  `Small_Vehicle` is small-vehicle here, another class to the devkit);
+- a detection on an image without a label file is refused (the devkit stops with a KeyError);
 - an empty label file is an image without objects (ImgSplit writes those for empty patches);
 - a polygon pair whose union is not positive (two zero-area polygons) has IoU 0, where the
   devkit divides by zero;
@@ -541,8 +544,8 @@ def merge_scene_detections(by_class: Mapping[str, Task1Detections],
 
     A patch `<scene>__<scale>__<left>___<top>` holds scene pixels `(patch + (left, top)) / scale`.
     Per class and scene, greedy polygon NMS at `iou_threshold` (ResultMerge.py's 0.3 by
-    default). The output lists scenes in order of first appearance, each one's detections
-    best first, as the devkit writes them.
+    default; ResultMerge_multi_process.py merges at 0.1). The output lists scenes in order of
+    first appearance, each one's detections best first, as the devkit writes them.
     """
     merged = {}
     for name, dets in by_class.items():
