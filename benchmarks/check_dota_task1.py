@@ -253,6 +253,8 @@ def main() -> int:
                        "10% doubled, 5% given another class; 40 random rotated false alarms per scene; 'plane' "
                        "has detections but no ground truth; confidences all different; seed 22",
             },
+            "environment": {"python": sys.version.split()[0], "numpy": np.__version__,
+                            "torch": importlib.import_module("torch").__version__},
             "scenes": {},
         }
         for use_07 in (True, False):
