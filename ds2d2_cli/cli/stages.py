@@ -117,6 +117,33 @@ def print_metrics(metrics: dict[str, Any], title: str) -> None:
                       f"{metrics['detections']} detections")
 
 
+def print_task1_metrics(metrics: dict[str, Any]) -> None:
+    console = stdout_console()
+    merged = " (patches merged into scenes)" if metrics.get("merged_patches") else ""
+    from rich.markup import escape
+
+    table = Table(title=f"DOTA Task 1: {escape(metrics['results'])} vs {escape(metrics['labels'])}{merged}, "
+                        f"{metrics['ap']} AP at IoU > {metrics['iou_threshold']:g}")
+    for column in ("class", "AP %", "objects", "difficult", "detections", "TP", "FP"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    absent = []
+    for name, row in metrics["per_class"].items():
+        if row["ground_truth"] == 0:
+            absent.append(name)
+        table.add_row(name, _pct(row["AP"]), str(row["ground_truth"]), str(row["difficult"]),
+                      str(row["detections"]), str(row["true_positives"]), str(row["false_positives"]))
+    table.add_section()
+    table.add_row("mAP", _pct(metrics["mAP"]), "", "", str(metrics["detections"]), "", "")
+    console.print(table)
+    if absent:
+        console.print(f"{len(absent)} of {len(metrics['per_class'])} classes have no (non-difficult) objects in "
+                      f"these labels and count as AP 0 in the mean, as in the devkit ({', '.join(absent)}); "
+                      "--classes [a,b,...] scores only some", soft_wrap=True, markup=False)
+    if metrics.get("ignored_objects"):
+        console.print(f"{metrics['ignored_objects']} objects of classes outside the list were left out "
+                      f"(first: {metrics['ignored_example']})", soft_wrap=True, markup=False)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -250,21 +277,54 @@ def eval_command(
                                         show_default=False),
     merge_patches: bool = typer.Option(False, "--merge-patches",
                                        help="merge DOTA patch detections back into scenes and score whole scenes"),
-    predictions_out: Optional[Path] = typer.Option(None, "--predictions-out", help="write the COCO results JSON here"),
+    predictions_out: Optional[Path] = typer.Option(None, "--predictions-out", help="write the COCO results JSON here "
+                                                   "(with --dota-task1 --merge-patches: the merged Task1 files, "
+                                                   "to this folder)"),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="score this COCO results file (no model)"),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO annotations for --predictions"),
+    dota_task1: Optional[Path] = typer.Option(None, "--dota-task1", help="score the DOTA Task 1 submission files "
+                                              "(Task1_<class>.txt) in this folder as the DOTA devkit does (no model)",
+                                              show_default=False),
+    dota_labels: Optional[Path] = typer.Option(None, "--dota-labels", help="DOTA labelTxt folder (<image>.txt) "
+                                               "for --dota-task1", show_default=False),
+    classes: Optional[str] = typer.Option(None, "--classes", help="with --dota-task1: the classes scored, a set "
+                                          "(dota-v1.0, dota-v1.5, ...) or a list \\[plane,ship]; mAP is their mean "
+                                          "[default: dota-v1.0]", show_default=False),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per inference batch"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """COCO metrics (pycocotools) of a checkpoint, or of a results file.
+    """COCO metrics (pycocotools) of a checkpoint, or of a results file; DOTA Task 1 mAP of submission files.
 
     Examples: ds2d2 eval runs/student/model.safetensors --json metrics.json
 
               ds2d2 eval --predictions results.json --annotations data/DIOR-coco/test.json
-    """
-    from ds2d2_cli.stages.evaluate import evaluate_checkpoint, evaluate_predictions
 
+              ds2d2 eval --dota-task1 results/ --dota-labels DOTA/val/labelTxt
+
+              ds2d2 eval --dota-task1 patch_results/ --merge-patches --dota-labels DOTA/val/labelTxt
+    """
+    from ds2d2_cli.stages.evaluate import evaluate_checkpoint, evaluate_predictions, evaluate_task1_submission
+
+    if dota_task1 is not None or dota_labels is not None:
+        given = {"a checkpoint": checkpoint, "--data": data, "--split": split, "--predictions": predictions,
+                 "--annotations": annotations, "--batch-size": batch_size if batch_size != 8 else None,
+                 "--device": device if device != "auto" else None}
+        refused = [name for name, value in given.items() if value is not None]
+        if refused:
+            raise InputError(f"--dota-task1 scores submission files without a model: drop {', '.join(refused)}")
+        if dota_task1 is None or dota_labels is None:
+            raise InputError("--dota-task1 and --dota-labels go together")
+        if predictions_out is not None and not merge_patches:
+            raise InputError("--predictions-out with --dota-task1 writes merged files: it needs --merge-patches")
+        metrics = evaluate_task1_submission(dota_task1, dota_labels, classes or "dota-v1.0",
+                                            merge_patches=merge_patches, merged_out=predictions_out)
+        if not _json_to_stdout(json_out):
+            print_task1_metrics(metrics)
+        write_json_output(json_out, metrics)
+        return
+    if classes is not None:
+        raise InputError("--classes goes with --dota-task1 (a checkpoint scores its own classes)")
     if predictions is not None or annotations is not None:
         if checkpoint is not None:
             raise InputError("pass either a checkpoint or --predictions/--annotations, not both")

@@ -58,3 +58,38 @@ def evaluate_predictions(predictions: Path, annotations: Path) -> dict[str, Any]
     metrics = evaluate_results_file(Path(predictions), Path(annotations))
     metrics.update({"predictions": str(predictions), "annotations": str(annotations)})
     return metrics
+
+
+def evaluate_task1_submission(results_dir: Path, labels_dir: Path, classes: str | list[str] = "dota-v1.0", *,
+                              merge_patches: bool = False, merged_out: Path | None = None,
+                              merge_iou: float | None = None) -> dict[str, Any]:
+    """DOTA Task 1 mAP of `Task1_<class>.txt` files against a labelTxt folder, as the devkit scores them.
+
+    `merge_patches`: the files hold patch detections; they are merged into scenes first (the
+    devkit's ResultMerge) and, with `merged_out`, written there as the server wants them.
+    """
+    from ds2d2_cli import dota_task1
+    from ds2d2_cli.classes import class_choice
+
+    choice = class_choice(classes)
+    detections = dota_task1.read_task1_submission(results_dir, choice.names)
+    truth = dota_task1.read_task1_ground_truth(labels_dir, choice.names)
+    if merge_patches:
+        iou = dota_task1.MERGE_IOU_THRESHOLD if merge_iou is None else merge_iou
+        detections = dota_task1.merge_scene_detections(detections, iou)
+        if merged_out is not None:
+            dota_task1.write_task1_files(merged_out, detections)
+    score = dota_task1.score_task1(detections, truth.images, choice.names)
+    metrics = score.as_dict()
+    metrics.update({
+        "results": str(results_dir), "labels": str(labels_dir), "classes": choice.label,
+        "images": len(truth.images), "detections": sum(len(d) for d in detections.values()),
+        "merged_patches": merge_patches, "ignored_objects": truth.ignored_objects,
+    })
+    if merge_patches:
+        metrics["merge_iou"] = iou
+        if merged_out is not None:
+            metrics["merged_out"] = str(merged_out)
+    if truth.ignored_example:
+        metrics["ignored_example"] = truth.ignored_example
+    return metrics
