@@ -23,7 +23,7 @@ from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, REFERENCE_SETTING
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.sample import IMAGENET_MEAN, IMAGENET_STD, SampleSpec
 
-Detector = Literal["retinanet", "faster_rcnn"]
+Detector = Literal["retinanet", "faster_rcnn", "retinanet_obb"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d",
                    "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
 BACKBONE_LABELS = {"mobilenet_v3_large": "MNv3-L", "efficientnet_b0": "EffNet-B0", "regnet_y_400mf": "RegNetY-400MF",

@@ -118,7 +118,7 @@ def oriented_retinanet_implicit_loss(
     box_anchors: BoxAnchors = "all",
     normalizer: Normalizer = "per_image",
 ) -> dict[str, Tensor]:
-    """{"cls", "box"}: `retinanet_implicit_loss` for the oriented RetinaNet (`retinanet-obb`).
+    """{"cls", "box"}: `retinanet_implicit_loss` for the oriented RetinaNet (`retinanet_obb`).
 
     anchors: one `[A, 5]` set of rotated anchors per image; targets hold "rboxes" `[K, 5]` (le90);
     box_coder / assigner: the teacher's `OrientedBoxCoder` and `RotatedMaxIoUAssigner`.

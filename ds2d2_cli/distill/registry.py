@@ -265,5 +265,8 @@ REFERENCE_SETTINGS: dict[str, dict[str, dict[str, float | int]]] = {
         "fgd": {"temperature": 0.5, "levels": 4},  # P2-P5
     },
 }
+# The oriented RetinaNet is the RetinaNet body and head with a fifth regression output; no
+# baseline has a rotated-detector config, so it takes the RetinaNet values.
+REFERENCE_SETTINGS["retinanet_obb"] = REFERENCE_SETTINGS["retinanet"]
 
 DS2D2_STREAMS: tuple[str, ...] = METHODS["ds2d2"].terms

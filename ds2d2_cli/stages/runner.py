@@ -20,6 +20,7 @@ from ds2d2_cli.checkpoint import CheckpointMeta, save_checkpoint, save_tensors
 from ds2d2_cli.config import (UNREADABLE_CONFIG, RunConfig, config_differences, config_to_json, stored_config,
                               value_differences)
 from ds2d2_cli.data.dataset import DetectionDataset
+from ds2d2_cli.models.families import is_oriented
 from ds2d2_cli.engine import RESUME_FILE, TrainingTask, prepare_run_dir, remove_resume_state, train
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import read_json, write_json
@@ -120,7 +121,7 @@ def run_stage(
     out = Path(out)
     schedule = config.schedule(stage)  # type: ignore[arg-type]
     dataset = DetectionDataset(data.train, data.config.input, augment=schedule.augment, seed=schedule.seed,
-                               cache_images=schedule.cache_images)
+                               cache_images=schedule.cache_images, rboxes=scored is not None and is_oriented(scored))
     evaluate = None
     best_path = out / "best.safetensors"
     if scored is not None and data.eval is not None:

@@ -36,6 +36,7 @@ class DetectorFamily:
     name: ClassVar[str]
     model_type: ClassVar[type[nn.Module]]
     amplifier_prefix: ClassVar[str]  # teacher state-dict prefix of the module an amplifier replaces
+    oriented: ClassVar[bool] = False  # trains on and predicts rotated boxes (`rboxes`, le90)
 
     def build(self, cfg: ModelConfig, num_classes: int, input_cfg: InputConfig) -> nn.Module:
         """The detector reading `input_cfg.resolved`'s bands (one input channel each), normalised

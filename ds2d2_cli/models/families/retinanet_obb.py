@@ -1,4 +1,4 @@
-"""Oriented RetinaNet (`retinanet-obb`): MMRotate's rotated RetinaNet, OBB variant, angle version le90.
+"""Oriented RetinaNet (`retinanet_obb`): MMRotate's rotated RetinaNet, OBB variant, angle version le90.
 
 The reference is MMRotate's `configs/rotated_retinanet/rotated_retinanet_obb_r50_fpn_1x_dota_le90.py`
 (main branch; the 1.x config says the same) and the code it names:
@@ -383,7 +383,8 @@ def _check_target(target: dict[str, Tensor], index: int, num_slots: int) -> None
 
 
 class OrientedRetinaNetFamily(DetectorFamily):
-    name = "retinanet-obb"
+    name = "retinanet_obb"
+    oriented = True
     model_type = OrientedRetinaNet
     amplifier_prefix = "head."
 
