@@ -6,6 +6,7 @@ Public API, called from a training loop:
     disw_weights, disw_weights_levels               disw.py
     Adapter, explicit_losses, fitnet_loss           explicit.py
     retinanet_implicit_loss, faster_rcnn_implicit_loss   implicit.py (imports torchvision)
+    oriented_retinanet_implicit_loss                 implicit.py (rotated boxes, KLD box term)
 
 The baselines `ds2d2 study` compares against:
 
@@ -37,6 +38,7 @@ _WHERE = {
     "faster_rcnn_implicit_loss": "implicit",
     "fitnet_loss": "explicit",
     "high_frequency": "spectral",
+    "oriented_retinanet_implicit_loss": "implicit",
     "retinanet_implicit_loss": "implicit",
     "spectral_split": "spectral",
 }
@@ -50,7 +52,8 @@ if TYPE_CHECKING:
     from ds2d2_cli.distill.pkd import pkd_loss
     from ds2d2_cli.distill.disw import disw_weights, disw_weights_levels
     from ds2d2_cli.distill.explicit import Adapter, explicit_losses, fitnet_loss
-    from ds2d2_cli.distill.implicit import faster_rcnn_implicit_loss, retinanet_implicit_loss
+    from ds2d2_cli.distill.implicit import (faster_rcnn_implicit_loss, oriented_retinanet_implicit_loss,
+                                            retinanet_implicit_loss)
     from ds2d2_cli.distill.spectral import high_frequency, spectral_split
 
 
