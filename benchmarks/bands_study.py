@@ -26,34 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported by path too
+    sys.path.append(str(Path(__file__).resolve().parent))
+from _synthetic_study import ds2d2, sets, teacher_amplifier_study  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("rgbn", "sar")
 PRESET = "tiny-synthetic"
-TEACHER_RECIPE = ["teacher_train.max_iters=4800", "teacher_train.eval_every=600", "teacher_train.checkpoint_every=300"]
-
-
-def ds2d2(*args: str) -> None:
-    """One CLI command; its output goes to this log, a failure stops the benchmark."""
-    command = [sys.executable, "-m", "ds2d2_cli", *args]
-    print("$ ds2d2 " + " ".join(args), flush=True)
-    subprocess.run(command, check=True)
-
-
-def sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def stage(out: Path, *args: str) -> None:
-    """A training stage: skipped when finished, resumed when interrupted."""
-    if (out / "model.safetensors").is_file():
-        print(f"reused: {out}", flush=True)
-        return
-    resume = ["--resume"] if (out / "checkpoints").is_dir() else []
-    ds2d2(*args, "--out", str(out), *resume)
 
 
 def run_kind(kind: str, args: argparse.Namespace) -> Path:
@@ -68,23 +50,9 @@ def run_kind(kind: str, args: argparse.Namespace) -> Path:
         ds2d2("prepare-data", "dota", str(scenes), "--out", str(data), "--split", "128", "--gap", "32",
               "--classes", "synthetic", *scaling)
     common = ["--preset", PRESET, "--data", str(data), "--device", args.device, *sets(["data.classes=synthetic"])]
-    teacher_sets = [*TEACHER_RECIPE]
-    if args.teacher_iters is not None:
-        teacher_sets.append(f"teacher_train.max_iters={args.teacher_iters}")
-    stage(work / "teacher", "train-teacher", *common, *sets(teacher_sets))
-    teacher = work / "teacher" / "model.safetensors"
-    amplifier_sets = [] if args.student_iters is None else [f"amplifier_train.max_iters={args.student_iters}"]
-    stage(work / "amplifier", "train-amplifier", *common, *sets(amplifier_sets), "--teacher", str(teacher))
-    record = args.results / f"bands_study_{kind}.json"
-    limit = [] if args.student_iters is None else ["--max-iters", str(args.student_iters)]
-    ds2d2("study", *common, "--teacher", str(teacher), "--amplifier", str(work / "amplifier" / "model.safetensors"),
-          "--methods", "none,ds2d2,cwd", "--seeds", args.seeds, "--merge-patches", *limit,
-          "--out", str(work / "study"), "--json", str(record))
-    table = work / "study" / "study.md"
-    if table.is_file():
-        shutil.copyfile(table, record.with_suffix(".md"))
-    return record
-
+    return teacher_amplifier_study(work, common, args.results / f"bands_study_{kind}.json", seeds=args.seeds,
+                                   methods="none,ds2d2,cwd", teacher_iters=args.teacher_iters,
+                                   student_iters=args.student_iters)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
