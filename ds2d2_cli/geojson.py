@@ -21,9 +21,9 @@ Detections = dict[str, Any]  # predict's: boxes [K, 4] xyxy in image pixels, sco
 def map_corners(boxes: np.ndarray, transform: Sequence[float]) -> np.ndarray:
     """`[K, 4]` pixel boxes (x1, y1, x2, y2, pixel edges) -> `[K, 5, 2]` closed map rings.
 
-    Corners (x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1) through the affine transform
-    (x = a*col + b*row + c, y = d*col + e*row + f); on a north-up raster this ring runs
-    counter-clockwise on the map, as RFC 7946 asks of exterior rings.
+    Corners (x1, y1), (x2, y1), (x2, y2), (x1, y2) through the affine transform
+    (x = a*col + b*row + c, y = d*col + e*row + f), as `map_rings` orders them (counter-clockwise
+    on the map: on a north-up raster (x1, y1), (x1, y2), (x2, y2), (x2, y1), (x1, y1)).
     """
     x1, y1, x2, y2 = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T
     corners = np.stack([np.stack([x1, x2, x2, x1], axis=1), np.stack([y1, y1, y2, y2], axis=1)], axis=-1)
@@ -32,9 +32,9 @@ def map_corners(boxes: np.ndarray, transform: Sequence[float]) -> np.ndarray:
 
 def map_rings(polygons: np.ndarray, transform: Sequence[float]) -> np.ndarray:
     """`[K, N, 2]` pixel polygons (x, y: positions, pixel (0, 0) spans 0..1) -> `[K, N + 1, 2]` closed
-    map rings, the first corner repeated, through the affine transform. Polygons in positive
-    (shoelace, image axes) order, as `map_corners`' boxes and `rotated.rbox_to_poly`'s corners
-    are, run counter-clockwise on the map of a north-up raster."""
+    map rings through the affine transform, each starting and ending at its first corner and
+    running counter-clockwise on the map, as RFC 7946 asks of exterior rings (a ring that would
+    run clockwise, as a positive image-axes polygon does on a north-up raster, is reversed)."""
     from affine import Affine
     from rasterio.transform import xy
 
@@ -45,7 +45,11 @@ def map_rings(polygons: np.ndarray, transform: Sequence[float]) -> np.ndarray:
     cols, rows = ring[..., 0], ring[..., 1]
     # offset "ul": fractional pixel coordinates are positions, the corner of pixel (0, 0) is (0, 0)
     xs, ys = xy(Affine(*transform[:6]), rows.ravel(), cols.ravel(), offset="ul")
-    return np.stack([np.asarray(xs).reshape(cols.shape), np.asarray(ys).reshape(cols.shape)], axis=-1)
+    rings = np.stack([np.asarray(xs).reshape(cols.shape), np.asarray(ys).reshape(cols.shape)], axis=-1)
+    local = rings - rings[:, :1]  # about the first corner: map coordinates are large, areas small
+    area = (local[:, :-1, 0] * local[:, 1:, 1] - local[:, 1:, 0] * local[:, :-1, 1]).sum(axis=1)
+    rings[area < 0] = rings[area < 0, ::-1]
+    return rings
 
 
 def crs_member(crs: str) -> dict[str, Any]:
