@@ -650,6 +650,10 @@ def export_torchscript(checkpoint_path: str | Path, out: str | Path, *, verify: 
                        images: Sequence[ImageLike] | None = None) -> dict[str, Any]:
     """`torch.jit.script` of the detector; with `verify`, the saved file is reloaded and compared."""
     checkpoint = load_detector_checkpoint(checkpoint_path)
+    if is_oriented_checkpoint(checkpoint):
+        raise InputError(f"TorchScript cannot script the oriented detector {checkpoint.meta.model.detector}; "
+                         "export it with --format onnx (rotated NMS left to the caller) or safetensors",
+                         checkpoint.path)
     out = _check_out(out, checkpoint)
     model = _detector(checkpoint)
     try:

@@ -15,6 +15,21 @@ Models (`load_predictor`)
     to a square on the right/bottom, resized to S x S and its boxes are scaled back (the
     aspect ratio is kept, as the checkpoint's detector keeps it).
 
+Oriented models (``retinanet_obb``; `is_oriented_predictor`)
+    Their detections also carry ``rboxes`` ``[K, 5]`` (cx, cy, w, h, theta; le90, image
+    pixels) and ``boxes`` are those boxes' envelopes. An oriented ONNX export stops before
+    rotated NMS (see `ds2d2_cli.export`); its predictor finishes it with the checkpoint's own
+    last step (`retinanet_obb.select_oriented`: score cut-off, rotated NMS at the metadata's
+    ``nms_iou``, top ``detections_per_img``), so ``--score-thr`` can lower its cut-off too.
+    Tiles are merged by class-wise rotated NMS (`tiling.rotated_merge_order`) at the DOTA
+    devkit's ResultMerge threshold 0.3 (`dota_task1.MERGE_IOU_THRESHOLD`, the rule
+    ``eval --merge-patches`` uses; `merge_iou`), rotated boxes are not clipped to the scene
+    (those whose centre lies in a window's padding past the border are dropped), pictures
+    show their polygons and GeoJSON their own corners. ``task1=True`` (``--task1``) also
+    writes ``OUT/task1/Task1_<class>.txt`` (`dota_task1.write_task1_submission`; each image
+    named by its file stem, which must be unique and free of white space), the files the
+    DOTA evaluation server takes; a horizontal model refuses it.
+
 Bands (`image_bands`)
     Files are read by `raster.read_raster` (PNG/JPEG/BMP through PIL, TIFF/GeoTIFF through
     rasterio) and the model's bands picked from them by name; an image without one of them
@@ -28,13 +43,13 @@ Large scenes (`slice_windows`, `predict_scene`)
     ``slice_size - overlap``; the last window in each direction moved back to end at the
     border; a scene smaller than the window gets one window at 0, padded with zeros), each
     window is detected on its own, and the detections are shifted to scene coordinates,
-    clipped to the scene and merged with class-wise NMS (`torchvision.ops.batched_nms`),
+    clipped to the scene and merged with class-wise NMS (`torchvision.ops.batched_nms`, IoU 0.5),
     so an object seen by two overlapping windows is reported once. A TIFF is then read
     window by window from the file, never decoded whole, so scenes larger than memory work.
 
 Files (`predict_paths`)
     ``OUT/predictions.json``: a COCO results list ``[{image_id, category_id, bbox [x, y, w,
-    h], score}]``; ``OUT/images.json``: ``{"images": [{id, file_name (absolute), width,
+    h], score[, rbox]}]``; ``OUT/images.json``: ``{"images": [{id, file_name (absolute), width,
     height[, crs, transform]}], "categories": [{id, name}]}``, so ``COCO("images.json").loadRes(
     "predictions.json")`` pairs them; ``OUT/<stem>.png``: each image with its detections
     drawn (non-RGB8 images on a stretched picture, see `picture`); ``OUT/<stem>.geojson``
@@ -60,7 +75,8 @@ import torch
 from ds2d2_cli.data import raster, validate
 from ds2d2_cli.data.coco_writer import categories
 from ds2d2_cli.data.raster import RasterInfo
-from ds2d2_cli.data.tiling import check_window, merge_order, rotated_merge_order, slice_windows  # noqa: F401
+from ds2d2_cli.data.tiling import (check_window, merge_order, rotated_merge_order,  # noqa: F401
+                                   slice_windows)  # slice_windows: public API here too
 from ds2d2_cli.dota_task1 import MERGE_IOU_THRESHOLD
 from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
 from ds2d2_cli.evaluation import detections_to_coco

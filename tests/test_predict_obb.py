@@ -253,6 +253,13 @@ def test_onnx_export_of_an_oriented_checkpoint(obb_ckpt, image, tmp_path):
     assert figures["matched"] > 0 and figures["mismatched"] == 0, figures
 
 
+def test_torchscript_of_an_oriented_checkpoint_is_refused(obb_ckpt, tmp_path):
+    out = tmp_path / "model.pt"
+    result = runner.invoke(app, ["export", str(obb_ckpt), "--format", "torchscript", "--out", str(out)])
+    _one_line_error(result, "TorchScript cannot script the oriented detector retinanet_obb", "--format onnx")
+    assert not out.exists()
+
+
 def test_task1_is_refused_for_horizontal_models_and_ambiguous_names(module_tmp, image, tmp_path):
     horizontal = tiny_checkpoint(module_tmp("hbb") / "model.safetensors")
     out = tmp_path / "out"

@@ -171,7 +171,10 @@ def rotated_merge_order(rboxes: torch.Tensor, scores: torch.Tensor, labels: torc
     from ds2d2_cli.rotated import batched_rotated_nms
 
     labels = labels.to(torch.int64)
-    groups = labels if scenes is None else scenes.to(torch.int64) * ((int(labels.max()) + 1 if len(labels) else 1)) + labels
+    if scenes is None:
+        groups = labels
+    else:  # one group per (scene, class)
+        groups = scenes.to(torch.int64) * (int(labels.max()) + 1 if len(labels) else 1) + labels
     return batched_rotated_nms(rboxes, scores, groups, iou)
 
 
