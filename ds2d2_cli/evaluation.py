@@ -318,15 +318,16 @@ def _merge_oriented(results: Sequence[dict[str, Any]], offsets: np.ndarray, scal
     """Oriented patch rows in scene pixels, thinned class by class and scene by scene with rotated
     NMS at the devkit's ResultMerge threshold (`dota_task1.MERGE_IOU_THRESHOLD`)."""
     from ds2d2_cli.dota_task1 import MERGE_IOU_THRESHOLD
-    from ds2d2_cli.rotated import batched_rotated_nms, rbox_envelope
+    from ds2d2_cli.data.tiling import rotated_merge_order
+    from ds2d2_cli.rotated import rbox_envelope
 
     rboxes = torch.tensor([r["rbox"] for r in results], dtype=torch.float64)
     rboxes[:, :2] = (rboxes[:, :2] + torch.from_numpy(offsets)) / torch.from_numpy(scales)[:, None]
     rboxes[:, 2:4] = rboxes[:, 2:4] / torch.from_numpy(scales)[:, None]
     scores = torch.tensor([r["score"] for r in results], dtype=torch.float64)
     labels = torch.tensor([r["category_id"] for r in results], dtype=torch.int64)
-    groups = torch.from_numpy(scene_ids.astype(np.int64)) * (int(labels.max()) + 1) + labels
-    keep = batched_rotated_nms(rboxes, scores, groups, MERGE_IOU_THRESHOLD).tolist()
+    keep = rotated_merge_order(rboxes, scores, labels, MERGE_IOU_THRESHOLD,
+                               scenes=torch.from_numpy(scene_ids.astype(np.int64))).tolist()
     envelopes = rbox_envelope(rboxes)
     merged = []
     for i in keep:

@@ -15,6 +15,21 @@ ONNX (`export_onnx`)
            ``scores``: float32 ``[K]``, sorted high to low, all >= the model's score_thresh.
            ``labels``: int64 ``[K]``, category id 1..C: class name = classes[label - 1].
 
+    Oriented detectors (``retinanet_obb``): rotated NMS has no standard ONNX operator, so the
+    graph stops just before it (`ORIENTED_OUTPUTS`); the caller finishes with
+    `ds2d2_cli.models.families.retinanet_obb.select_oriented` (as ``ds2d2 predict`` does):
+
+    Output ``rboxes``:  float32 ``[M, 5]`` cx, cy, w, h, theta (le90: radians, w >= h up to
+                        `normalize_le90`, which select_oriented applies) in input pixels: the
+                        decoded boxes of each pyramid level's ``nms_pre`` best anchors.
+           ``scores``:  float32 ``[M, C]`` their per-class scores (column c is classes[c]).
+           ``anchors``: int64 ``[M]`` each row's anchor (index among all anchors, levels in order).
+
+    Then: every (row, class) with score > score_thresh, rotated NMS per class at ``nms_iou``
+    (`ds2d2_cli.rotated.batched_rotated_nms`, dropping IoU > nms_iou), the best
+    ``detections_per_img``; labels are column + 1. The metadata says so (``nms``: "caller",
+    ``nms_iou``, ``boxes``: "obb", ``angle``: "le90").
+
     ``metadata_props`` carry the class names (JSON), the bands (``bands``, JSON list), how
     stored values become the input floats (``sample``, the SampleSpec as JSON; in words:
     ``input_description``), normalisation (JSON), input size, detector, backbone, stage,
@@ -35,7 +50,9 @@ fp16 safetensors (`export_safetensors_fp16`)
     upcast to float32 when loaded into the model).
 
 Verification (`verify_onnx`, ``verify=True``) runs PyTorch (the reference) and the exported
-model on the same images and matches their detections (see `compare_detections`).
+model on the same images and matches their detections (see `compare_detections`); for an
+oriented detector also the pre-NMS outputs, row by row through their anchors
+(`compare_candidates`), and the detections are compared as rotated boxes (their corners).
 Everything is written atomically; a failed export or verification leaves no file.
 """
 
@@ -183,6 +200,20 @@ def _checkpoint_images(images: Sequence[ImageLike] | None, checkpoint: Checkpoin
     return verification_images(images, resolved.size, resolved.sample, resolved.bands)
 
 
+def is_oriented_checkpoint(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint's detector family predicts rotated boxes (`retinanet_obb`)."""
+    from ds2d2_cli.models.families import get_family
+
+    return bool(getattr(get_family(checkpoint.meta.model.detector), "oriented", False))
+
+
+def oriented_nms_iou(checkpoint: Checkpoint) -> float:
+    """The rotated NMS IoU threshold of the checkpoint's oriented detector (MMRotate's 0.1)."""
+    from ds2d2_cli.models.families.retinanet_obb import NMS_THRESH
+
+    return NMS_THRESH
+
+
 def export_metadata(checkpoint: Checkpoint) -> dict[str, str]:
     """What an exported file says about itself (all strings; JSON where structured)."""
     meta = checkpoint.meta
@@ -207,20 +238,51 @@ def export_metadata(checkpoint: Checkpoint) -> dict[str, str]:
     }
     if meta.method:
         data["method"] = meta.method
+    if is_oriented_checkpoint(checkpoint):
+        data.update({
+            "boxes": "obb", "angle": "le90", "nms": "caller", "nms_iou": str(oriented_nms_iou(checkpoint)),
+            "postprocess": "outputs stop before NMS: keep (row, class) with scores > score_thresh, rotated NMS "
+                           "per class at nms_iou (ds2d2_cli.rotated.batched_rotated_nms, drops IoU > nms_iou), "
+                           "best detections_per_img, labels = class column + 1, angles by normalize_le90 "
+                           "(ds2d2_cli.models.families.retinanet_obb.select_oriented does all of it)",
+        })
     return data
 
 
 # ----------------------------------------------------------------------------- comparison
 
 
-def _as_numpy(det: dict[str, Any]) -> dict[str, np.ndarray]:
-    def arr(value: Any, dtype: Any) -> np.ndarray:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        return np.asarray(value, dtype=dtype)
+def _arr(value: Any, dtype: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=dtype)
 
-    return {"boxes": arr(det["boxes"], np.float64).reshape(-1, 4), "scores": arr(det["scores"], np.float64).reshape(-1),
-            "labels": arr(det["labels"], np.int64).reshape(-1)}
+
+def _as_numpy(det: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Boxes as x1, y1, x2, y2 `[K, 4]`, or, where the detections carry "rboxes", their corners `[K, 8]`."""
+    if "rboxes" in det:
+        from ds2d2_cli.rotated import rbox_to_poly
+
+        boxes = rbox_to_poly(torch.from_numpy(_arr(det["rboxes"], np.float64).reshape(-1, 5))).numpy().reshape(-1, 8)
+    else:
+        boxes = _arr(det["boxes"], np.float64).reshape(-1, 4)
+    return {"boxes": boxes, "scores": _arr(det["scores"], np.float64).reshape(-1),
+            "labels": _arr(det["labels"], np.int64).reshape(-1)}
+
+
+def _box_gaps(box: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How far each of `others` `[C, D]` lies from `box` `[D]`: (largest coordinate difference, that
+    over max(|coordinate of box|, 1)). Rotated boxes (D = 8, corners) are compared as corner sets (the
+    larger of the two directed Chebyshev distances between them), so the first corner, a swap of w
+    and h with the angle turned by 90 degrees, or an angle at the le90 wrap change nothing."""
+    if box.shape[-1] == 8:
+        a = box.reshape(1, 4, 1, 2)
+        b = others.reshape(-1, 1, 4, 2)
+        dist = np.abs(a - b).max(axis=-1)  # [C, 4 (box corners), 4 (other corners)]
+        gap = np.maximum(dist.min(axis=2).max(axis=1), dist.min(axis=1).max(axis=1))
+        return gap, gap / max(float(np.abs(box).max(initial=0.0)), 1.0)
+    delta = np.abs(others - box)
+    return delta.max(axis=1), (delta / np.maximum(np.abs(box), 1.0)).max(axis=1)
 
 
 def compare_detections(reference: dict[str, Any], exported: dict[str, Any], *, score_thresh: float,
@@ -233,7 +295,8 @@ def compare_detections(reference: dict[str, Any], exported: dict[str, Any], *, s
     scores within SCORE_ATOL. Unpaired detections are allowed only near a cut-off (the
     score threshold, or the lowest kept score when the output is full): an untrained
     model's near-tied scores can fall either side of it by float noise. Anything else
-    is a mismatch. `tolerance` overrides box_rel / score_abs / cutoff_abs.
+    is a mismatch. `tolerance` overrides box_rel / score_abs / cutoff_abs. Detections with
+    "rboxes" (both sides) are compared by their corners (`_box_gaps`).
     """
     tol = {**STRICT_TOLERANCE, **(tolerance or {})}
     ref, exp = _as_numpy(reference), _as_numpy(exported)
@@ -249,16 +312,16 @@ def compare_detections(reference: dict[str, Any], exported: dict[str, Any], *, s
         if len(candidates) == 0:
             unmatched_ref.append(int(i))
             continue
-        diffs = np.abs(exp["boxes"][candidates] - ref["boxes"][i]).max(axis=1)
-        j = int(candidates[int(np.argmin(diffs))])
-        delta = np.abs(exp["boxes"][j] - ref["boxes"][i])
-        rel = float((delta / np.maximum(np.abs(ref["boxes"][i]), 1.0)).max())
+        gaps, rels = _box_gaps(ref["boxes"][i], exp["boxes"][candidates])
+        best = int(np.argmin(gaps))
+        j = int(candidates[best])
+        gap, rel = float(gaps[best]), float(rels[best])
         s_abs = float(abs(exp["scores"][j] - ref["scores"][i]))
         if rel > tol["box_rel"] or s_abs > tol["score_abs"]:
             unmatched_ref.append(int(i))
             continue
         used[j] = True
-        box_abs.append(float(delta.max()))
+        box_abs.append(gap)
         box_rel.append(rel)
         score_abs.append(s_abs)
         score_rel.append(s_abs / max(float(abs(ref["scores"][i])), 1e-12))
@@ -285,6 +348,42 @@ def compare_detections(reference: dict[str, Any], exported: dict[str, Any], *, s
         "example_mismatch": _describe(ref, bad_ref[0]) if bad_ref else (
             _describe(exp, bad_exp[0], "only in the export") if bad_exp else None),
     }
+
+
+def compare_candidates(reference: dict[str, Any], exported: dict[str, Any],
+                       tolerance: dict[str, float] | None = None) -> dict[str, Any]:
+    """An oriented export's pre-NMS outputs (rboxes `[M, 5]`, scores `[M, C]`, anchors `[M]`) against
+    PyTorch's (`OrientedRetinaNet.candidates`), row by row through the anchor index: the rboxes'
+    corners within box_rel (`_box_gaps`) and every class score within score_abs. An anchor kept
+    by one runtime's per-level top-k only is allowed when it pairs with one kept by the other only
+    whose best score lies within cutoff_abs (near-ties at the top-k cut-off); anything else is a
+    mismatch."""
+    tol = {**STRICT_TOLERANCE, **(tolerance or {})}
+    ref = {k: _arr(reference[k], np.float64 if k != "anchors" else np.int64) for k in ("rboxes", "scores", "anchors")}
+    exp = {k: _arr(exported[k], np.float64 if k != "anchors" else np.int64) for k in ("rboxes", "scores", "anchors")}
+    common, ref_rows, exp_rows = np.intersect1d(ref["anchors"], exp["anchors"], return_indices=True)
+    from ds2d2_cli.rotated import rbox_to_poly
+
+    def corners(rboxes: np.ndarray) -> np.ndarray:
+        return rbox_to_poly(torch.from_numpy(rboxes.reshape(-1, 5))).numpy().reshape(-1, 8)
+
+    ref_poly, exp_poly = corners(ref["rboxes"][ref_rows]), corners(exp["rboxes"][exp_rows])
+    box_abs = np.array([_box_gaps(r, e[None])[0][0] for r, e in zip(ref_poly, exp_poly)])
+    box_rel = np.array([_box_gaps(r, e[None])[1][0] for r, e in zip(ref_poly, exp_poly)])
+    score_abs = np.abs(ref["scores"][ref_rows] - exp["scores"][exp_rows]).max(axis=1, initial=0.0)
+    bad_rows = int(((box_rel > tol["box_rel"]) | (score_abs > tol["score_abs"])).sum())
+    only_ref = np.setdiff1d(np.arange(len(ref["anchors"])), ref_rows)
+    only_exp = np.setdiff1d(np.arange(len(exp["anchors"])), exp_rows)
+    best_ref = np.sort(ref["scores"][only_ref].max(axis=1, initial=0.0))
+    best_exp = np.sort(exp["scores"][only_exp].max(axis=1, initial=0.0))
+    unpaired = abs(len(best_ref) - len(best_exp))
+    n = min(len(best_ref), len(best_exp))
+    unpaired += int((np.abs(best_ref[:n] - best_exp[:n]) > tol["cutoff_abs"]).sum())
+    return {"rows_reference": int(len(ref["anchors"])), "rows_exported": int(len(exp["anchors"])),
+            "rows_matched": int(len(common)) - bad_rows, "rows_swapped_at_top_k": n,
+            "mismatched": bad_rows + unpaired,
+            "max_box_abs_diff": float(box_abs.max(initial=0.0)), "max_box_rel_diff": float(box_rel.max(initial=0.0)),
+            "max_score_abs_diff": float(score_abs.max(initial=0.0))}
 
 
 def _describe(det: dict[str, np.ndarray], index: int, where: str = "only in PyTorch") -> str:
@@ -324,6 +423,23 @@ def _torch_detections(model: nn.Module, images: list[torch.Tensor]) -> list[dict
 # ----------------------------------------------------------------------------- ONNX
 
 
+ORIENTED_OUTPUTS = ("rboxes", "scores", "anchors")
+DETECTION_OUTPUTS = ("boxes", "scores", "labels")
+
+
+class _OnnxOrientedCandidates(nn.Module):
+    """One [N, S, S] image in; an oriented detector's pre-NMS rboxes, scores, anchors out (see the module
+    docstring). The image has the input size, so the detector's resize keeps it and its pixels are the input's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        found = self.model.candidates([image])[0]
+        return found["rboxes"], found["scores"], found["anchors"]
+
+
 class _OnnxDetector(nn.Module):
     """One [N, S, S] image in; boxes, scores, labels out (fixed order for both detectors)."""
 
@@ -353,17 +469,22 @@ def _check_opset(opset: int) -> None:
 def onnx_bytes(model: nn.Module, size: int, opset: int = DEFAULT_OPSET) -> bytes:
     """The traced detector as an ONNX model (bytes), without metadata; its input has one
     channel per band the model normalises."""
+    from ds2d2_cli.models.families import is_oriented
+
     _check_opset(opset)
     buffer = io.BytesIO()
     example = synthetic_image(size, bands=len(model.transform.image_mean))
+    oriented = is_oriented(model)
+    wrapper = _OnnxOrientedCandidates(model) if oriented else _OnnxDetector(model)
+    outputs = ORIENTED_OUTPUTS if oriented else DETECTION_OUTPUTS
+    rows = "candidates" if oriented else "detections"
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer / deprecation chatter about torchvision internals
             torch.onnx.export(
-                _OnnxDetector(model).eval(), (example,), buffer, opset_version=opset, dynamo=False,
-                input_names=["image"], output_names=["boxes", "scores", "labels"],
-                dynamic_axes={"boxes": {0: "detections"}, "scores": {0: "detections"},
-                              "labels": {0: "detections"}},
+                wrapper.eval(), (example,), buffer, opset_version=opset, dynamo=False,
+                input_names=["image"], output_names=list(outputs),
+                dynamic_axes={name: {0: rows} for name in outputs},
                 do_constant_folding=True,
             )
     except Exception as exc:  # noqa: BLE001 - exporter failures are not the user's input
@@ -373,6 +494,7 @@ def onnx_bytes(model: nn.Module, size: int, opset: int = DEFAULT_OPSET) -> bytes
 
 
 def _onnx_with_metadata(data: bytes, metadata: dict[str, str], description: str) -> Any:
+    """The ONNX model with ds2d2's metadata and a doc string naming its input and outputs."""
     import onnx
 
     model = onnx.load_from_string(data)
@@ -380,10 +502,16 @@ def _onnx_with_metadata(data: bytes, metadata: dict[str, str], description: str)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.doc_string = (f"ds2d2 detector: input {description}; outputs boxes [K, 4] "
-                        "xyxy pixels, scores [K], labels [K] (classes[label - 1])")
+    model.doc_string = f"ds2d2 detector: input {description}; outputs {_outputs_text(metadata.get('boxes') == 'obb')}"
     onnx.checker.check_model(model)
     return model
+
+
+def _outputs_text(oriented: bool) -> str:
+    if oriented:
+        return ("rboxes [M, 5] le90 pixels, scores [M, C], anchors [M], before rotated NMS (left to the caller: "
+                "see the metadata's postprocess)")
+    return "boxes [K, 4] xyxy pixels, scores [K], labels [K] (classes[label - 1])"
 
 
 def onnx_session(model: Any | bytes | str | Path, *, device: str = "cpu", threads: int | None = None) -> Any:
@@ -410,21 +538,51 @@ def verify_onnx(onnx_model: Any | bytes | str | Path, checkpoint: Checkpoint | s
         checkpoint = load_detector_checkpoint(checkpoint)
     model = model if model is not None else _detector(checkpoint)
     inputs = _checkpoint_images(images, checkpoint)
+    oriented = is_oriented_checkpoint(checkpoint)
+    outputs = ORIENTED_OUTPUTS if oriented else DETECTION_OUTPUTS
     try:
         session = onnx_session(onnx_model)
         name = session.get_inputs()[0].name
-        exported = []
-        for image in inputs:
-            boxes, scores, labels = session.run(["boxes", "scores", "labels"], {name: image.numpy()})
-            exported.append({"boxes": boxes, "scores": scores, "labels": labels})
+        raw = [dict(zip(outputs, session.run(list(outputs), {name: image.numpy()}))) for image in inputs]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = (str(exc).strip().splitlines() or [""])[0]
         raise Ds2d2Error(f"onnxruntime cannot run the exported model ({type(exc).__name__}: {first})") from None
     reference = _torch_detections(model, inputs)
+    pre_nms = None
+    if oriented:
+        from ds2d2_cli.models.families.retinanet_obb import select_oriented
+
+        with torch.no_grad():
+            found = [model.candidates([image])[0] for image in inputs]
+        pre_nms = _summarise_candidates([compare_candidates(f, r) for f, r in zip(found, raw)])
+        meta = checkpoint.meta.model
+        exported = [select_oriented(torch.from_numpy(r["rboxes"]), torch.from_numpy(r["scores"]), meta.score_thresh,
+                                    oriented_nms_iou(checkpoint), meta.detections_per_img) for r in raw]
+    else:
+        exported = raw
     per_image = [compare_detections(r, e, score_thresh=checkpoint.meta.model.score_thresh,
                                     detections_per_img=checkpoint.meta.model.detections_per_img)
                  for r, e in zip(reference, exported)]
-    return _summarise(per_image, "onnxruntime")
+    summary = _summarise(per_image, "onnxruntime" + (" + select_oriented" if oriented else ""))
+    if pre_nms is not None:
+        summary["pre_nms"] = pre_nms
+    return summary
+
+
+def _summarise_candidates(per_image: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pre-NMS comparison over images; a Ds2d2Error when a row has no counterpart."""
+    summary: dict[str, Any] = {"images": len(per_image)}
+    for key in ("rows_reference", "rows_exported", "rows_matched", "rows_swapped_at_top_k", "mismatched"):
+        summary[key] = sum(r[key] for r in per_image)
+    for key in ("max_box_abs_diff", "max_box_rel_diff", "max_score_abs_diff"):
+        summary[key] = max((r[key] for r in per_image), default=0.0)
+    summary["passed"] = summary["mismatched"] == 0
+    if not summary["passed"]:
+        raise Ds2d2Error(
+            f"verification failed: onnxruntime and PyTorch differ before NMS ({summary['mismatched']} of "
+            f"{summary['rows_reference']} candidate rows; largest gaps: box {summary['max_box_abs_diff']:.3g} px, "
+            f"score {summary['max_score_abs_diff']:.3g})")
+    return summary
 
 
 def export_onnx(checkpoint_path: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, verify: bool = False,
@@ -441,8 +599,10 @@ def export_onnx(checkpoint_path: str | Path, out: str | Path, *, opset: int = DE
     figures = verify_onnx(onnx_model, checkpoint, inputs, model=model) if verify else None
     with atomic_path(out) as tmp:
         tmp.write_bytes(onnx_model.SerializeToString())
+    oriented = is_oriented_checkpoint(checkpoint)
+    extra = {"nms": "caller", "nms_iou": oriented_nms_iou(checkpoint)} if oriented else {}
     return _result(checkpoint, out, "onnx", figures, opset=opset, exporter=EXPORTER,
-                   input=input_description(checkpoint), outputs="boxes [K, 4], scores [K], labels [K]")
+                   input=input_description(checkpoint), outputs=_outputs_text(oriented), **extra)
 
 
 def _result(checkpoint: Checkpoint, out: Path, fmt: str, figures: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
@@ -490,6 +650,10 @@ def export_torchscript(checkpoint_path: str | Path, out: str | Path, *, verify: 
                        images: Sequence[ImageLike] | None = None) -> dict[str, Any]:
     """`torch.jit.script` of the detector; with `verify`, the saved file is reloaded and compared."""
     checkpoint = load_detector_checkpoint(checkpoint_path)
+    if is_oriented_checkpoint(checkpoint):
+        raise InputError(f"TorchScript cannot script the oriented detector {checkpoint.meta.model.detector}; "
+                         "export it with --format onnx (rotated NMS left to the caller) or safetensors",
+                         checkpoint.path)
     out = _check_out(out, checkpoint)
     model = _detector(checkpoint)
     try:

@@ -15,6 +15,21 @@ Models (`load_predictor`)
     to a square on the right/bottom, resized to S x S and its boxes are scaled back (the
     aspect ratio is kept, as the checkpoint's detector keeps it).
 
+Oriented models (``retinanet_obb``; `is_oriented_predictor`)
+    Their detections also carry ``rboxes`` ``[K, 5]`` (cx, cy, w, h, theta; le90, image
+    pixels) and ``boxes`` are those boxes' envelopes. An oriented ONNX export stops before
+    rotated NMS (see `ds2d2_cli.export`); its predictor finishes it with the checkpoint's own
+    last step (`retinanet_obb.select_oriented`: score cut-off, rotated NMS at the metadata's
+    ``nms_iou``, top ``detections_per_img``), so ``--score-thr`` can lower its cut-off too.
+    Tiles are merged by class-wise rotated NMS (`tiling.rotated_merge_order`) at the DOTA
+    devkit's ResultMerge threshold 0.3 (`dota_task1.MERGE_IOU_THRESHOLD`, the rule
+    ``eval --merge-patches`` uses; `merge_iou`), rotated boxes are not clipped to the scene
+    (those whose centre lies in a window's padding past the border are dropped), pictures
+    show their polygons and GeoJSON their own corners. ``task1=True`` (``--task1``) also
+    writes ``OUT/task1/Task1_<class>.txt`` (`dota_task1.write_task1_submission`; each image
+    named by its file stem, which must be unique and free of white space), the files the
+    DOTA evaluation server takes; a horizontal model refuses it.
+
 Bands (`image_bands`)
     Files are read by `raster.read_raster` (PNG/JPEG/BMP through PIL, TIFF/GeoTIFF through
     rasterio) and the model's bands picked from them by name; an image without one of them
@@ -28,13 +43,13 @@ Large scenes (`slice_windows`, `predict_scene`)
     ``slice_size - overlap``; the last window in each direction moved back to end at the
     border; a scene smaller than the window gets one window at 0, padded with zeros), each
     window is detected on its own, and the detections are shifted to scene coordinates,
-    clipped to the scene and merged with class-wise NMS (`torchvision.ops.batched_nms`),
+    clipped to the scene and merged with class-wise NMS (`torchvision.ops.batched_nms`, IoU 0.5),
     so an object seen by two overlapping windows is reported once. A TIFF is then read
     window by window from the file, never decoded whole, so scenes larger than memory work.
 
 Files (`predict_paths`)
     ``OUT/predictions.json``: a COCO results list ``[{image_id, category_id, bbox [x, y, w,
-    h], score}]``; ``OUT/images.json``: ``{"images": [{id, file_name (absolute), width,
+    h], score[, rbox]}]``; ``OUT/images.json``: ``{"images": [{id, file_name (absolute), width,
     height[, crs, transform]}], "categories": [{id, name}]}``, so ``COCO("images.json").loadRes(
     "predictions.json")`` pairs them; ``OUT/<stem>.png``: each image with its detections
     drawn (non-RGB8 images on a stretched picture, see `picture`); ``OUT/<stem>.geojson``
@@ -60,7 +75,9 @@ import torch
 from ds2d2_cli.data import raster, validate
 from ds2d2_cli.data.coco_writer import categories
 from ds2d2_cli.data.raster import RasterInfo
-from ds2d2_cli.data.tiling import check_window, merge_order, slice_windows  # slice_windows: public API here too
+from ds2d2_cli.data.tiling import (check_window, merge_order, rotated_merge_order,  # noqa: F401
+                                   slice_windows)  # slice_windows: public API here too
+from ds2d2_cli.dota_task1 import MERGE_IOU_THRESHOLD
 from ds2d2_cli.errors import Ds2d2Error, InputError, one_line
 from ds2d2_cli.evaluation import detections_to_coco
 from ds2d2_cli.fileio import staging, write_json
@@ -75,6 +92,7 @@ DEFAULT_BATCH_SIZE = 8
 LARGE_FACTOR = 2.0  # without slicing, warn about images whose longer side exceeds this x the input size
 PREDICTIONS_FILE = "predictions.json"
 IMAGES_FILE = "images.json"
+TASK1_FOLDER = "task1"  # OUT/task1/Task1_<class>.txt with --task1
 ONNX_META_KEYS = ("classes", "input_size", "score_thresh")
 STRETCH_PIXELS = 1 << 22  # pixels sampled for a picture's 1st..99th percentile stretch
 STRIP_ROWS = 512  # rows read at a time when a picture is made from a TIFF read window by window
@@ -122,15 +140,17 @@ class CheckpointPredictor:
         self.score_thresh = float(meta.model.score_thresh if score_thresh is None else score_thresh)
         self.description = f"{meta.stage}: {meta.model.detector} {meta.model.backbone}"
         self.model = model_from_checkpoint(checkpoint, self.device)
-        family_of(self.model).set_score_thresh(self.model, self.score_thresh)
+        family = family_of(self.model)
+        family.set_score_thresh(self.model, self.score_thresh)
+        self.oriented = bool(getattr(family, "oriented", False))
 
     @torch.no_grad()
     def __call__(self, images: list[torch.Tensor]) -> list[Detections]:
         if not images:
             return []
         outputs = self.model([image.to(self.device, torch.float32) for image in images])
-        return [{"boxes": out["boxes"].float().cpu(), "scores": out["scores"].float().cpu(),
-                 "labels": out["labels"].cpu()} for out in outputs]
+        keys = ("boxes", "scores", "labels", "rboxes") if self.oriented else ("boxes", "scores", "labels")
+        return [{k: (out[k].cpu() if k == "labels" else out[k].float().cpu()) for k in keys} for out in outputs]
 
 
 class OnnxPredictor:
@@ -139,8 +159,8 @@ class OnnxPredictor:
     kind = "onnx"
     device = torch.device("cpu")
 
-    def __init__(self, path: str | Path):
-        from ds2d2_cli.export import onnx_session
+    def __init__(self, path: str | Path, score_thresh: float | None = None):
+        from ds2d2_cli.export import DETECTION_OUTPUTS, ORIENTED_OUTPUTS, onnx_session
 
         self.path = Path(path)
         try:
@@ -161,13 +181,22 @@ class OnnxPredictor:
             self.bands = (tuple(str(b) for b in json.loads(meta["bands"])) if "bands" in meta
                           else self.sample.bands)
             reading_spec(self.sample, self.bands)
-        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            # an oriented export stops before rotated NMS, so its score cut-off is applied here and may be lowered
+            self.oriented = meta.get("boxes") == "obb"
+            if self.oriented:
+                self.nms_iou = float(meta["nms_iou"])
+                self.detections_per_img = int(meta["detections_per_img"])
+                if score_thresh is not None:
+                    self.score_thresh = float(score_thresh)
+        except (ValueError, TypeError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
             raise InputError(f"damaged ds2d2 metadata in this ONNX model ({one_line(exc)})", self.path) from None
         inputs = self.session.get_inputs()
         outputs = {o.name for o in self.session.get_outputs()}
-        if len(inputs) != 1 or not {"boxes", "scores", "labels"} <= outputs or self.input_size <= 0:
-            raise InputError("not a ds2d2 detector export (expected input `image` and outputs boxes, scores, "
-                             "labels)", self.path)
+        self.outputs = ORIENTED_OUTPUTS[:2] if self.oriented else DETECTION_OUTPUTS
+        expected = ORIENTED_OUTPUTS if self.oriented else DETECTION_OUTPUTS
+        if len(inputs) != 1 or not set(expected) <= outputs or self.input_size <= 0:
+            raise InputError(f"not a ds2d2 detector export (expected input `image` and outputs {', '.join(expected)})",
+                             self.path)
         channels = (list(inputs[0].shape) or [None])[0]
         if isinstance(channels, int) and channels != len(self.bands):
             raise InputError(f"damaged ds2d2 metadata in this ONNX model (its input has {channels} channels, "
@@ -191,16 +220,34 @@ class OnnxPredictor:
             if self.sample.is_rgb8:  # 0..1 values stay in 0..1; other scalings are not clipped
                 square = square.clamp_(0.0, 1.0)
         try:
-            boxes, scores, labels = self.session.run(["boxes", "scores", "labels"],
-                                                     {self.input_name: square.contiguous().numpy()})
+            found = self.session.run(list(self.outputs), {self.input_name: square.contiguous().numpy()})
         except Exception as exc:  # noqa: BLE001
             first = (str(exc).strip().splitlines() or [""])[0]
             raise Ds2d2Error(f"onnxruntime failed on an image ({type(exc).__name__}: {first})", self.path) from None
+        if self.oriented:
+            return self._oriented(*found, scale=side / size, width=width, height=height)
+        boxes, scores, labels = found
         boxes = torch.from_numpy(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * (side / size)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         return {"boxes": boxes, "scores": torch.from_numpy(np.asarray(scores, dtype=np.float32)).reshape(-1),
                 "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)).reshape(-1)}
+
+
+    def _oriented(self, rboxes: np.ndarray, scores: np.ndarray, *, scale: float, width: int,
+                  height: int) -> Detections:
+        """The export's pre-NMS rows finished as the checkpoint finishes them (`select_oriented`), then
+        scaled back to the image (one ratio: centres and sides, the angle kept), centres clamped into it."""
+        from ds2d2_cli.models.families.retinanet_obb import select_oriented
+        from ds2d2_cli.rotated import rbox_envelope
+
+        det = select_oriented(torch.from_numpy(np.asarray(rboxes, np.float32)).reshape(-1, 5),
+                              torch.from_numpy(np.asarray(scores, np.float32)).reshape(len(rboxes), -1),
+                              self.score_thresh, self.nms_iou, self.detections_per_img)
+        rb = det["rboxes"] * torch.tensor([scale, scale, scale, scale, 1.0])
+        rb[:, 0] = rb[:, 0].clamp(0, width)
+        rb[:, 1] = rb[:, 1].clamp(0, height)
+        return {"rboxes": rb, "boxes": rbox_envelope(rb), "scores": det["scores"], "labels": det["labels"]}
 
 
 def _require_onnxruntime() -> None:
@@ -214,15 +261,16 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu",
                    score_thresh: float | None = None) -> CheckpointPredictor | OnnxPredictor:
     """A `.onnx` export or a teacher/student checkpoint, ready to predict.
 
-    `score_thresh` replaces a checkpoint detector's own cut-off (lower finds more); an ONNX
-    export has its cut-off built in (`.score_thresh`), so there it only filters afterwards.
+    `score_thresh` replaces a checkpoint detector's own cut-off (lower finds more), and an
+    oriented export's (it stops before the cut-off); a horizontal ONNX export has its cut-off
+    built in (`.score_thresh`), so there it only filters afterwards.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise InputError("model file not found", path)
         _require_onnxruntime()
-        return OnnxPredictor(path)
+        return OnnxPredictor(path, score_thresh)
     from ds2d2_cli.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
@@ -325,15 +373,66 @@ def _window(scene: _Scene, origin: tuple[int, int] | None, size: int | None, rea
     return tile
 
 
-def _empty() -> Detections:
-    return {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+def is_oriented_predictor(predictor: Predictor) -> bool:
+    """Whether the predictor's detections carry rotated boxes ("rboxes", le90) beside their envelopes."""
+    return bool(getattr(predictor, "oriented", False))
+
+
+def merge_iou(predictor: Predictor, nms_iou: float | None = None) -> float:
+    """The IoU above which tile detections of one class are merged: `nms_iou`, or by default 0.5
+    (`DEFAULT_NMS_IOU`) for horizontal boxes and the DOTA devkit's ResultMerge threshold
+    (`dota_task1.MERGE_IOU_THRESHOLD`, 0.3) for rotated ones, the rule `eval --merge-patches` uses."""
+    if nms_iou is not None:
+        return float(nms_iou)
+    return MERGE_IOU_THRESHOLD if is_oriented_predictor(predictor) else DEFAULT_NMS_IOU
+
+
+def _empty(oriented: bool = False) -> Detections:
+    empty = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    if oriented:
+        empty["rboxes"] = torch.zeros((0, 5), dtype=torch.float64)
+    return empty
+
+
+def _merge_oriented(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, height: int,
+                    score_thresh: float, nms_iou: float) -> Detections:
+    """Oriented window detections -> scene detections: centres shifted (float64), detections whose
+    centre lies past the scene border (in a window's zero padding) dropped, class-wise rotated NMS
+    across windows (`tiling.rotated_merge_order`). Rotated boxes are not clipped (the devkit's
+    ResultMerge does not clip either), so their envelopes ("boxes") may reach past the border."""
+    from ds2d2_cli.rotated import rbox_envelope
+
+    if not pieces:
+        return _empty(oriented=True)
+    rboxes, scores, labels = [], [], []
+    for origin, det in pieces:
+        r = det["rboxes"].detach().cpu().to(torch.float64).reshape(-1, 5).clone()
+        if origin is not None:
+            r[:, 0] += origin[0]
+            r[:, 1] += origin[1]
+        rboxes.append(r)
+        scores.append(det["scores"].detach().float().cpu().reshape(-1))
+        labels.append(det["labels"].detach().cpu().reshape(-1).to(torch.int64))
+    rbox, score, label = torch.cat(rboxes), torch.cat(scores), torch.cat(labels)
+    keep = ((score >= score_thresh) & (label > 0) & (rbox[:, 2] > 0) & (rbox[:, 3] > 0)
+            & (rbox[:, 0] >= 0) & (rbox[:, 0] <= width) & (rbox[:, 1] >= 0) & (rbox[:, 1] <= height))
+    rbox, score, label = rbox[keep], score[keep], label[keep]
+    if len(pieces) > 1:
+        order = rotated_merge_order(rbox, score, label, nms_iou)
+    else:  # one window: the detector has already run its own NMS
+        order = torch.argsort(score, descending=True, stable=True)
+    rbox = rbox[order]
+    return {"boxes": rbox_envelope(rbox).float(), "scores": score[order], "labels": label[order], "rboxes": rbox}
 
 
 def _merge(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, height: int,
-           score_thresh: float, nms_iou: float) -> Detections:
-    """Window detections -> scene detections: shift, clip, filter, class-wise NMS across windows."""
+           score_thresh: float, nms_iou: float, oriented: bool = False) -> Detections:
+    """Window detections -> scene detections: shift, clip, filter, class-wise NMS across windows
+    (rotated boxes: `_merge_oriented`)."""
     from torchvision.ops import clip_boxes_to_image
 
+    if oriented:
+        return _merge_oriented(pieces, width, height, score_thresh, nms_iou)
     if not pieces:
         return _empty()
     boxes, scores, labels = [], [], []
@@ -357,7 +456,7 @@ def _merge(pieces: list[tuple[tuple[int, int] | None, Detections]], width: int, 
 
 
 def _predict(predictor: Predictor, scenes: Sequence[_Scene], reading: SampleSpec, slice_size: int | None,
-             overlap: int, nms_iou: float, threshold: float, batch_size: int) -> list[Detections]:
+             overlap: int, nms_iou: float | None, threshold: float, batch_size: int) -> list[Detections]:
     """Whole scenes (or all windows of all scenes) through the predictor `batch_size` at a time;
     windows are read and scaled only when their batch comes, so a huge scene never exists as floats."""
     jobs: list[tuple[int, tuple[int, int] | None]] = []
@@ -372,11 +471,13 @@ def _predict(predictor: Predictor, scenes: Sequence[_Scene], reading: SampleSpec
         outputs = predictor([_window(scenes[i], origin, slice_size, reading) for i, origin in batch])
         for (index, origin), det in zip(batch, outputs):
             pieces[index].append((origin, det))
-    return [_merge(pieces[i], s.width, s.height, threshold, nms_iou) for i, s in enumerate(scenes)]
+    oriented = is_oriented_predictor(predictor)
+    iou = merge_iou(predictor, nms_iou)
+    return [_merge(pieces[i], s.width, s.height, threshold, iou, oriented) for i, s in enumerate(scenes)]
 
 
 def predict_images(predictor: Predictor, images: Sequence[torch.Tensor | np.ndarray], *,
-                   slice_size: int | None = None, overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU,
+                   slice_size: int | None = None, overlap: int = DEFAULT_OVERLAP, nms_iou: float | None = None,
                    score_thresh: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Detections]:
     """Scene detections for each image, whole or tiled.
 
@@ -386,7 +487,8 @@ def predict_images(predictor: Predictor, images: Sequence[torch.Tensor | np.ndar
     `SampleSpec` exactly as in training (uint8 RGB: /255). Floats already scaled to 0..1
     are refused for a model trained on integer pixels, rather than scaled a second time.
     Returned boxes are in scene pixels, sorted by score, all scores >= `score_thresh`
-    (default: the predictor's own).
+    (default: the predictor's own); an oriented predictor's also carry "rboxes" (le90, float64).
+    Tiles are merged at `nms_iou` (default: `merge_iou`).
     """
     _check_numbers(nms_iou, score_thresh, batch_size)
     if slice_size is not None:
@@ -407,15 +509,15 @@ def predict_images(predictor: Predictor, images: Sequence[torch.Tensor | np.ndar
 
 
 def predict_scene(predictor: Predictor, image: torch.Tensor | np.ndarray, *, slice_size: int | None = None,
-                  overlap: int = DEFAULT_OVERLAP, nms_iou: float = DEFAULT_NMS_IOU, score_thresh: float | None = None,
+                  overlap: int = DEFAULT_OVERLAP, nms_iou: float | None = None, score_thresh: float | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> Detections:
     """One scene's detections in scene pixels (see `predict_images`)."""
     return predict_images(predictor, [image], slice_size=slice_size, overlap=overlap, nms_iou=nms_iou,
                           score_thresh=score_thresh, batch_size=batch_size)[0]
 
 
-def _check_numbers(nms_iou: float, score_thresh: float | None, batch_size: int) -> None:
-    if not 0.0 < nms_iou <= 1.0:
+def _check_numbers(nms_iou: float | None, score_thresh: float | None, batch_size: int) -> None:
+    if nms_iou is not None and not 0.0 < nms_iou <= 1.0:
         raise InputError(f"--nms-iou must be in (0, 1] (got {nms_iou})")
     if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
         raise InputError(f"--score-thr must be between 0 and 1 (got {score_thresh})")
@@ -552,8 +654,9 @@ def _put_text(draw: Any, xy: tuple[float, float], text: str, font: Any, fill: An
 def draw_detections(image: Any, detections: Detections, classes: Sequence[str]) -> Any:
     """The image (PIL, RGB) with its detections, for dense aerial scenes.
 
-    Thin boxes in the class colour (`plots.PALETTE`), the higher scores on top; a small
-    "class score" label on a dark background only where the box is wide enough to carry it
+    Thin boxes in the class colour (`plots.PALETTE`), the higher scores on top (rotated boxes,
+    "rboxes", as their polygons); a small "class score" label on a dark background at the
+    box's (or rotated box's envelope's) top left, only where it is wide enough to carry it
     and the label does not cover a better one; below the image, a legend strip with each
     class's colour and count. Returns a new image (the input is drawn on and pasted in).
     """
@@ -577,8 +680,16 @@ def draw_detections(image: Any, detections: Detections, classes: Sequence[str]) 
     def name(label: int) -> str:
         return classes[label - 1] if 0 < label <= len(classes) else str(label)
 
+    polygons = None
+    if "rboxes" in detections:
+        from ds2d2_cli.rotated import rbox_to_poly
+
+        polygons = rbox_to_poly(detections["rboxes"].detach().cpu().double()).numpy()
     by_score = np.argsort(scores, kind="stable")
     for i in by_score:
+        if polygons is not None:
+            draw.polygon([tuple(p) for p in polygons[i].tolist()], outline=colour(labels[i]), width=line)
+            continue
         x0, y0, x1, y1 = boxes[i]
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour(labels[i]), width=line)
     placed = np.zeros((0, 4))
@@ -637,6 +748,20 @@ def _per_stem_files(infos: Sequence[RasterInfo], draw: bool) -> list[tuple[Raste
     return files
 
 
+def _check_task1_names(infos: Sequence[RasterInfo]) -> None:
+    """Task1 lines name an image by its file stem (as the devkit does): one word, one image each."""
+    owners: dict[str, Path] = {}
+    for info in infos:
+        stem = info.path.stem
+        if not stem or any(c.isspace() for c in stem):
+            raise InputError("--task1 names images by their file stem, which here holds white space (a Task1 line "
+                             "cannot carry it); rename the file", info.path)
+        if stem in owners:
+            raise InputError(f"two inputs share the name {stem!r} ({owners[stem]}, {info.path}), so --task1 could "
+                             "not tell their detections apart; rename one", info.path)
+        owners[stem] = info.path
+
+
 def _check_outputs(infos: Sequence[RasterInfo], out: Path, draw: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError("--out must be a folder (this is a file)", out)
@@ -665,13 +790,25 @@ def _note_images(reporter: Reporter, infos: Sequence[RasterInfo], what: str) -> 
         reporter.note(f"{len(infos)} images (first: {infos[0].path}) {what}")
 
 
+def _task1_rows(det: Detections, num_classes: int) -> dict[str, Any]:
+    """One scene's detections as `dota_task1.write_task1_submission` takes them: polygons in scene
+    pixels, scores, class indices 0..C-1 (labels are 1..C)."""
+    from ds2d2_cli.rotated import rbox_to_poly
+
+    labels = det["labels"].detach().cpu().to(torch.int64)
+    keep = (labels >= 1) & (labels <= num_classes)
+    return {"polys": rbox_to_poly(det["rboxes"].detach().cpu().double()[keep]).numpy(),
+            "scores": det["scores"].detach().cpu().double()[keep].numpy(), "labels": (labels[keep] - 1).numpy()}
+
+
 def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], out: str | Path, *,
                   device: str | torch.device = "auto", slice_size: int | None = None, overlap: int | None = None,
-                  nms_iou: float = DEFAULT_NMS_IOU, score_thresh: float | None = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE, draw: bool = True,
+                  nms_iou: float | None = None, score_thresh: float | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, draw: bool = True, task1: bool = False,
                   reporter: Reporter | None = None) -> dict[str, Any]:
     """Detect on image files/folders; write OUT/predictions.json, OUT/images.json, OUT/<stem>.png
-    and, for georeferenced images, OUT/<stem>.geojson.
+    and, for georeferenced images, OUT/<stem>.geojson; with `task1` (oriented models only), the
+    DOTA devkit's submission files OUT/task1/Task1_<class>.txt (images named by file stem).
 
     `model`: a checkpoint or ONNX path (loaded with `load_predictor`) or a `Predictor`.
     `overlap` defaults to `default_overlap(slice_size)`. Every image must have the model's
@@ -689,6 +826,8 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     paths = collect_images(inputs)
     infos = [raster.probe(p) for p in paths]
     _check_outputs(infos, out, draw)
+    if task1:
+        _check_task1_names(infos)
 
     from ds2d2_cli.engine import resolve_device
 
@@ -698,6 +837,11 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         source = str(model)
     else:
         predictor, source = model, getattr(model, "description", type(model).__name__)
+    oriented = is_oriented_predictor(predictor)
+    if task1 and not oriented:
+        raise InputError(f"--task1 writes DOTA Task 1 files of rotated boxes; this model ({predictor.description}) "
+                         "detects horizontal boxes")
+    nms_iou = merge_iou(predictor, nms_iou)
     bands, reading = model_reading(predictor)
     band_index = [image_bands(info, bands, reading) for info in infos]
     kind = getattr(predictor, "kind", "custom")
@@ -729,6 +873,7 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     annotated: list[str] = []
     geojson: list[str] = []
     per_class = np.zeros(len(classes) + 1, dtype=np.int64)
+    task1_rows: dict[str, dict[str, Any]] = {}  # file stem -> polygons, scores, class indices
     tiles = 0
     # sliced: one scene at a time (its windows fill the batches); whole images: batch_size files at a time
     chunk = 1 if slice_size is not None else batch_size
@@ -755,6 +900,8 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
                         entry.update(crs=info.crs, transform=list(info.transform))
                     images_meta.append(entry)
                     rows.extend(detections_to_coco(image_id, det))
+                    if task1:
+                        task1_rows[path.stem] = _task1_rows(det, len(classes))
                     counts = np.bincount(det["labels"].numpy().clip(0, len(classes)), minlength=len(classes) + 1)
                     per_class += counts[:len(classes) + 1]
                     record = {"id": image_id, "file": str(path), "width": info.width, "height": info.height,
@@ -776,8 +923,18 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
                     progress.update(1, detections=len(rows))
                 del stored, scenes
             seconds = time.perf_counter() - start
+            if task1:
+                from ds2d2_cli.dota_task1 import write_task1_submission
+
+                write_task1_submission(folder / TASK1_FOLDER, task1_rows, classes)
+                stage.publish_contents(folder / TASK1_FOLDER, out / TASK1_FOLDER, "the Task1 files")
+            info = {"description": f"ds2d2 predict: {source}", "model": source}
+            if oriented:
+                info.update(boxes="obb", angle="le90",
+                            rbox="cx, cy, w, h (pixels), theta (radians; w >= h, clockwise on screen); bbox: its "
+                                 "envelope")
             write_json(folder / IMAGES_FILE, {
-                "info": {"description": f"ds2d2 predict: {source}", "model": source},
+                "info": info,
                 "licenses": [], "images": images_meta, "categories": categories(classes),
             }, indent=1)
             write_json(folder / PREDICTIONS_FILE, rows)
@@ -789,6 +946,7 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         "model": source, "model_format": kind, "model_description": predictor.description,
         "classes": classes, "input_size": predictor.input_size, "bands": list(bands),
         "device": str(getattr(predictor, "device", resolved)),
+        "oriented": oriented,
         "slice": slice_size, "overlap": overlap if slice_size is not None else None, "nms_iou": nms_iou,
         "score_thr": threshold, "batch_size": batch_size,
         "images": len(paths), "tiles": tiles, "detections": len(rows),
@@ -796,5 +954,6 @@ def predict_paths(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 3) if seconds > 0 else 0.0,
         "out": str(out), "predictions": str(out / PREDICTIONS_FILE), "images_json": str(out / IMAGES_FILE),
         "annotated": [str(out / n) for n in annotated], "geojson": [str(out / n) for n in geojson],
+        "task1": str(out / TASK1_FOLDER) if task1 else None,
         "per_image": per_image,
     }

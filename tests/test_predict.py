@@ -161,10 +161,11 @@ def ckpt(module_tmp) -> Path:
     return tiny_checkpoint(module_tmp("ckpt") / "model.safetensors")
 
 
-def tiny_checkpoint(path: Path, sample: SampleSpec | None = None) -> Path:
-    """An untrained tiny RetinaNet student reading `sample`'s bands (8-bit RGB by default), its
-    input resolved as stages record it, head widened for spread scores."""
-    config = load_config("tiny-synthetic", TINY)
+def tiny_checkpoint(path: Path, sample: SampleSpec | None = None, preset: str = "tiny-synthetic") -> Path:
+    """An untrained tiny RetinaNet student (of `preset`: tiny-synthetic-obb for the oriented one)
+    reading `sample`'s bands (8-bit RGB by default), its input resolved as stages record it,
+    head widened for spread scores."""
+    config = load_config(preset, TINY)
     config = config.model_copy(update={"input": config.input.resolve(sample or SampleSpec())})
     torch.manual_seed(0)
     model = build_detector(config.student, len(SYNTHETIC), config.input).eval()
@@ -172,8 +173,7 @@ def tiny_checkpoint(path: Path, sample: SampleSpec | None = None) -> Path:
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.weight, std=0.1)
     torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, -2.0)
-    return save_checkpoint(path, model.state_dict(), meta_for("student", config, "student", SYNTHETIC,
-                                                               "tiny-synthetic"))
+    return save_checkpoint(path, model.state_dict(), meta_for("student", config, "student", SYNTHETIC, preset))
 
 
 @pytest.fixture(scope="module")

@@ -91,10 +91,11 @@ def geotiff(tmp_path) -> Path:
 
 
 def _expected_rings(boxes) -> np.ndarray:
-    """The closed ring of each box's pixel-edge corners, in map units, by rasterio (not our arithmetic)."""
+    """The closed ring of each box's pixel-edge corners, in map units, by rasterio (not our arithmetic):
+    counter-clockwise on the north-up map (west edge south first, then east, then north)."""
     rings = []
     for x1, y1, x2, y2 in boxes:
-        xs, ys = rasterio.transform.xy(Affine(*TRANSFORM), [y1, y1, y2, y2, y1], [x1, x2, x2, x1, x1], offset="ul")
+        xs, ys = rasterio.transform.xy(Affine(*TRANSFORM), [y1, y2, y2, y1, y1], [x1, x1, x2, x2, x1], offset="ul")
         rings.append(np.stack([xs, ys], axis=1))
     return np.array(rings)
 
@@ -135,10 +136,11 @@ def test_map_corners_follow_a_rotated_transform():
     boxes = np.array([[10.5, 20.25, 30.0, 41.0], [0.0, 0.0, 1.0, 1.0]])
     rings = map_corners(boxes, rotated)
     for ring, (x1, y1, x2, y2) in zip(rings, boxes):
-        xs, ys = rasterio.transform.xy(Affine(*rotated), [y1, y1, y2, y2, y1], [x1, x2, x2, x1, x1], offset="ul")
+        xs, ys = rasterio.transform.xy(Affine(*rotated), [y1, y2, y2, y1, y1], [x1, x1, x2, x2, x1], offset="ul")
         assert np.allclose(ring, np.stack([xs, ys], axis=1), rtol=0, atol=1e-6)
-    assert rings[1].tolist() == [[500000.0, 4000000.0], [500000.25, 4000000.05], [500000.35, 3999999.8],
-                                 [500000.1, 3999999.75], [500000.0, 4000000.0]]
+    # counter-clockwise on the map (RFC 7946's exterior rings): south, east, north, back west
+    assert rings[1].tolist() == [[500000.0, 4000000.0], [500000.1, 3999999.75], [500000.35, 3999999.8],
+                                 [500000.25, 4000000.05], [500000.0, 4000000.0]]
 
 
 def test_a_crs_without_an_epsg_code_is_written_as_wkt():

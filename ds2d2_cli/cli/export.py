@@ -12,7 +12,8 @@ from ds2d2_cli.cli.common import handle_errors, stdout_console, write_json_outpu
 from ds2d2_cli.errors import InputError
 
 FORMAT_HELP = ("onnx (full detector incl. resize/normalise and NMS; input one float32 [N, S, S] image of the "
-               "checkpoint's N bands, scaled as in training: RGB 0..1), "
+               "checkpoint's N bands, scaled as in training: RGB 0..1; oriented detectors stop before rotated NMS, "
+               "which ds2d2 predict applies), "
                "torchscript (torch.jit.script, List[Tensor] in, List[Dict] out) or safetensors (fp16 weights)")
 
 

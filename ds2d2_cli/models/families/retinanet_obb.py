@@ -320,27 +320,56 @@ class OrientedRetinaNet(nn.Module):
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
                                image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Per image, from per-level head outputs and anchors: see the module docstring (Test)."""
-        detections = []
+        return [select_oriented(found["rboxes"], found["scores"], self.score_thresh, self.nms_thresh,
+                                self.detections_per_img)
+                for found in self.candidates_from_head(head_outputs, anchors, image_sizes)]
+
+    def candidates_from_head(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                             image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per image, what goes into rotated NMS before any score cut-off: on each level the `nms_pre`
+        anchors of highest class score, decoded (centres clamped into the image), levels concatenated:
+        "rboxes" `[M, 5]` (le90 up to `normalize_le90`), "scores" `[M, K]` (sigmoid of slots 1..K) and
+        "anchors" `[M]` (each row's index among the image's anchors, levels in order)."""
+        found = []
         for index, (height, width) in enumerate(image_sizes):
-            boxes, scores, labels = [], [], []
+            boxes, scores, rows = [], [], []
+            offset = 0
             for logits, deltas, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
                                                      anchors[index]):
                 level_scores = torch.sigmoid(logits[index][:, 1:])  # slot 0 is no class
                 level_deltas = deltas[index]
-                if len(level_scores) > self.nms_pre:
+                count = len(level_scores)
+                if count > self.nms_pre:
                     top = level_scores.max(dim=1).values.topk(self.nms_pre).indices
                     level_scores, level_deltas, level_anchors = level_scores[top], level_deltas[top], level_anchors[top]
-                decoded = self.box_coder.decode(level_anchors, level_deltas, max_shape=(height, width))
-                anchor_index, class_index = (level_scores > self.score_thresh).nonzero(as_tuple=True)
-                boxes.append(decoded[anchor_index])
-                scores.append(level_scores[anchor_index, class_index])
-                labels.append(class_index + 1)
-            rboxes, score, label = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-            keep = batched_rotated_nms(rboxes, score, label, self.nms_thresh)[:self.detections_per_img]
-            rboxes = normalize_le90(rboxes[keep])
-            detections.append({"rboxes": rboxes, "boxes": rbox_envelope(rboxes), "scores": score[keep],
-                               "labels": label[keep]})
-        return detections
+                else:
+                    top = torch.arange(count, device=level_scores.device)
+                boxes.append(self.box_coder.decode(level_anchors, level_deltas, max_shape=(height, width)))
+                scores.append(level_scores)
+                rows.append(top + offset)
+                offset += count
+            found.append({"rboxes": torch.cat(boxes), "scores": torch.cat(scores), "anchors": torch.cat(rows)})
+        return found
+
+    def candidates(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """`candidates_from_head` of images (eval): what `forward` gives `select_oriented`, in the
+        detector's resized pixels (the input pixels when an image already has the input size)."""
+        batch, _ = self.transform(images, None)
+        features = self.backbone(batch.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        features = list(features.values())
+        split, anchors = self._per_level(self.head(features), self.anchors(batch, features), features)
+        return self.candidates_from_head(split, anchors, batch.image_sizes)
+
+    @staticmethod
+    def _per_level(head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                   features: list[Tensor]) -> tuple[dict[str, list[Tensor]], list[list[Tensor]]]:
+        per_level = [f.shape[-2] * f.shape[-1] for f in features]
+        per_location = head_outputs["cls_logits"].shape[1] // sum(per_level)
+        sizes = [n * per_location for n in per_level]
+        split = {name: list(value.split(sizes, dim=1)) for name, value in head_outputs.items()}
+        return split, [list(a.split(sizes)) for a in anchors]
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         if self.training:
@@ -358,12 +387,23 @@ class OrientedRetinaNet(nn.Module):
         anchors = self.anchors(batch, features)
         if self.training:
             return self.compute_loss(targets, head_outputs, anchors)
-        per_level = [f.shape[-2] * f.shape[-1] for f in features]
-        per_location = head_outputs["cls_logits"].shape[1] // sum(per_level)
-        sizes = [n * per_location for n in per_level]
-        split = {name: list(value.split(sizes, dim=1)) for name, value in head_outputs.items()}
-        detections = self.postprocess_detections(split, [list(a.split(sizes)) for a in anchors], batch.image_sizes)
+        split, level_anchors = self._per_level(head_outputs, anchors, features)
+        detections = self.postprocess_detections(split, level_anchors, batch.image_sizes)
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+
+def select_oriented(rboxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float,
+                    detections_per_img: int) -> dict[str, Tensor]:
+    """Detections from `OrientedRetinaNet.candidates_from_head`'s rboxes `[M, 5]` and scores `[M, K]`:
+    every (row, class) scoring above `score_thresh`, rotated NMS per class at `nms_thresh`
+    (`batched_rotated_nms`), the best `detections_per_img`, angles by `normalize_le90`.
+    The detector's own last step, and the one an ONNX export (which stops before it) leaves to
+    its caller. Returns "rboxes", their envelopes "boxes", "scores" (best first), "labels" 1..K."""
+    row, column = (scores > score_thresh).nonzero(as_tuple=True)
+    score, label = scores[row, column], column + 1
+    keep = batched_rotated_nms(rboxes[row], score, label, nms_thresh)[:detections_per_img]
+    kept = normalize_le90(rboxes[row][keep])
+    return {"rboxes": kept, "boxes": rbox_envelope(kept), "scores": score[keep], "labels": label[keep]}
 
 
 def _check_target(target: dict[str, Tensor], index: int, num_slots: int) -> None:
