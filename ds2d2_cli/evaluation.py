@@ -76,11 +76,11 @@ def detections_to_coco(image_id: int, detections: dict[str, torch.Tensor]) -> li
     """COCO result rows (bbox x, y, w, h to 2 decimals, score to 5) of one image's detections (x1, y1, x2, y2)."""
     from torchvision.ops import box_convert
 
-    boxes = detections["boxes"].detach().float().cpu()
+    boxes = detections["boxes"].detach().double().cpu()
     if boxes.numel() == 0:
         return []
     xywh = box_convert(boxes, "xyxy", "xywh").numpy().round(2).tolist()
-    scores = detections["scores"].detach().float().cpu().numpy().round(5).tolist()
+    scores = detections["scores"].detach().double().cpu().numpy().round(5).tolist()
     labels = detections["labels"].cpu().tolist()
     rows = [
         {"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
