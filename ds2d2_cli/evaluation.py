@@ -167,6 +167,9 @@ def oriented_metrics(gt: dict[str, Any], results: Sequence[dict[str, Any]]) -> d
 
     names = {c["id"]: c["name"] for c in gt["categories"]}
     class_names = [names[k] for k in sorted(names)]
+    unknown = {r["category_id"] for r in results} - set(names)
+    if unknown:
+        raise InputError(f"predictions use category ids {sorted(unknown)} that the annotations do not define")
     truth_rows: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in gt["images"]}
     for ann in gt["annotations"]:
         truth_rows.setdefault(ann["image_id"], []).append(ann)
