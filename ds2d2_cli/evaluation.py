@@ -229,6 +229,7 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
 
 
 def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any]:
+    """COCO metrics of a results file; DOTA Task 1 (`oriented_metrics`) when its rows carry `rbox`."""
     gt = load_coco_json(annotations)
     results = load_coco_json(predictions)
     if isinstance(results, dict) and "annotations" in results:
@@ -244,7 +245,17 @@ def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any
     stray = {r["image_id"] for r in results} - gt_ids
     if stray:
         raise InputError(f"predictions for image ids not in the annotations: {sorted(stray)[:5]}", predictions)
-    return coco_metrics(gt, results)
+    oriented = [i for i, row in enumerate(results) if "rbox" in row]
+    if not oriented:
+        return coco_metrics(gt, results)
+    # an oriented model's rows (`eval --predictions-out`): scored as `eval CKPT` scores them
+    for i, row in enumerate(results):
+        rbox = row.get("rbox")
+        if not (isinstance(rbox, list) and len(rbox) == 5
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rbox)):
+            raise InputError(f"result {i} has no rbox [cx, cy, w, h, theta] (result {oriented[0]} has one: "
+                             "oriented rows are scored by DOTA Task 1, all of them)", predictions)
+    return oriented_metrics(gt, results)
 
 
 def match_detections(ground_truth: Sequence[dict[str, Any]], detections: Sequence[dict[str, Any]], *,

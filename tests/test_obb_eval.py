@@ -156,6 +156,23 @@ def test_unknown_category_is_refused_like_coco():
         oriented_metrics(_gt(), [*RESULTS, _row(1, 7, A1, 0.5)])
 
 
+def test_eval_predictions_file_of_oriented_rows_is_task1(tmp_path):
+    """`eval --predictions` of the rows `eval --predictions-out` wrote for an oriented model: Task 1, as `eval CKPT`."""
+    annotations, predictions = tmp_path / "gt.json", tmp_path / "rows.json"
+    annotations.write_text(json.dumps(_gt()))
+    rows = [{**r, "bbox": [0.0, 0.0, 1.0, 1.0]} for r in RESULTS]
+    predictions.write_text(json.dumps(rows))
+    result = runner.invoke(app, ["eval", "--predictions", str(predictions), "--annotations", str(annotations),
+                                 "--json", "-"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["metric"] == "dota-task1" and metrics["AP50"] == pytest.approx(23 / 33, abs=1e-12)
+    del rows[3]["rbox"]
+    predictions.write_text(json.dumps(rows))
+    result = runner.invoke(app, ["eval", "--predictions", str(predictions), "--annotations", str(annotations)])
+    assert result.exit_code != 0 and "result 3 has no rbox" in result.output and "Traceback" not in result.output
+
+
 # --------------------------------------------------------------------------- rows and merging
 
 
@@ -262,7 +279,8 @@ def test_study_table_with_undefined_size_metrics():
     points = {k: ap_points(metrics.get(k)) for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")}
     assert points == {"mAP": 10.0, "AP50": 20.0, "AP75": 5.0, "APs": None, "APm": None, "APl": None}
     outcomes = [{"method": m, "seed": s, "status": "finished", "seconds_per_iteration": 1.0,
-                 "metrics": {**points, "AP50": 20.0 + s + 2 * (m == "ds2d2")}} for m in ("none", "ds2d2") for s in (0, 1)]
+                 "metrics": {**points, "AP50": 20.0 + s + 2 * (m == "ds2d2")}}
+                for m in ("none", "ds2d2") for s in (0, 1)]
     record = analyse(outcomes, ["none", "ds2d2"], [0, 1])
     assert record["table"]["ds2d2"]["mean"]["APs"] is None and record["table"]["ds2d2"]["gain"]["AP50"]["mean"] == 2.0
     record = {**record, "eval_split": "val", "teacher_metrics": {"all": points}}
