@@ -107,8 +107,9 @@ def compare_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None
 
     Returns {"reference", "runs": [{name, path, metrics, deltas, per_class_AP50,
     per_class_delta, info}], "classes", "warnings"}. Runs scored on different splits or
-    class lists, or a mix of merged-scene (`eval --merge-patches`) and patch-level scores,
-    still compare, with a warning: the numbers are then not like for like.
+    class lists, a mix of merged-scene (`eval --merge-patches`) and patch-level scores, or of
+    COCO and DOTA Task 1 scores (oriented models), still compare, with a warning: the numbers
+    are then not like for like.
     """
     if len(paths) < 2:
         raise InputError("compare needs at least two runs (the first is the reference)")
@@ -128,6 +129,12 @@ def compare_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None
     if merged and per_patch:
         warnings.append(f"the runs mix merged-scene scores ({', '.join(merged)}) with patch-level scores "
                         f"({', '.join(per_patch)})")
+    metrics_used: dict[str, list[str]] = {}  # coco_metrics' rows carry no "metric"; Task 1's say dota-task1
+    for r in runs:
+        metrics_used.setdefault(str(r.metrics.get("metric") or "coco"), []).append(r.name)
+    if len(metrics_used) > 1:
+        mix = "; ".join(f"{metric}: {', '.join(names)}" for metric, names in metrics_used.items())
+        warnings.append(f"the runs mix metrics ({mix}): the numbers are not like for like")
     class_lists = [list((r.metrics.get("per_class") or {}).keys()) for r in runs]
     classes = [c for c in class_lists[0] if all(c in other for other in class_lists[1:])]
     if any(set(c) != set(class_lists[0]) for c in class_lists[1:]):

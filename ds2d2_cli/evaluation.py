@@ -76,11 +76,11 @@ def detections_to_coco(image_id: int, detections: dict[str, torch.Tensor]) -> li
     """COCO result rows (bbox x, y, w, h to 2 decimals, score to 5) of one image's detections (x1, y1, x2, y2)."""
     from torchvision.ops import box_convert
 
-    boxes = detections["boxes"].detach().float().cpu()
+    boxes = detections["boxes"].detach().double().cpu()
     if boxes.numel() == 0:
         return []
     xywh = box_convert(boxes, "xyxy", "xywh").numpy().round(2).tolist()
-    scores = detections["scores"].detach().float().cpu().numpy().round(5).tolist()
+    scores = detections["scores"].detach().double().cpu().numpy().round(5).tolist()
     labels = detections["labels"].cpu().tolist()
     rows = [
         {"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
@@ -167,6 +167,9 @@ def oriented_metrics(gt: dict[str, Any], results: Sequence[dict[str, Any]]) -> d
 
     names = {c["id"]: c["name"] for c in gt["categories"]}
     class_names = [names[k] for k in sorted(names)]
+    unknown = {r["category_id"] for r in results} - set(names)
+    if unknown:
+        raise InputError(f"predictions use category ids {sorted(unknown)} that the annotations do not define")
     truth_rows: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in gt["images"]}
     for ann in gt["annotations"]:
         truth_rows.setdefault(ann["image_id"], []).append(ann)
@@ -226,6 +229,7 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
 
 
 def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any]:
+    """COCO metrics of a results file; DOTA Task 1 (`oriented_metrics`) when its rows carry `rbox`."""
     gt = load_coco_json(annotations)
     results = load_coco_json(predictions)
     if isinstance(results, dict) and "annotations" in results:
@@ -241,7 +245,17 @@ def evaluate_results_file(predictions: Path, annotations: Path) -> dict[str, Any
     stray = {r["image_id"] for r in results} - gt_ids
     if stray:
         raise InputError(f"predictions for image ids not in the annotations: {sorted(stray)[:5]}", predictions)
-    return coco_metrics(gt, results)
+    oriented = [i for i, row in enumerate(results) if "rbox" in row]
+    if not oriented:
+        return coco_metrics(gt, results)
+    # an oriented model's rows (`eval --predictions-out`): scored as `eval CKPT` scores them
+    for i, row in enumerate(results):
+        rbox = row.get("rbox")
+        if not (isinstance(rbox, list) and len(rbox) == 5
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rbox)):
+            raise InputError(f"result {i} has no rbox [cx, cy, w, h, theta] (result {oriented[0]} has one: "
+                             "oriented rows are scored by DOTA Task 1, all of them)", predictions)
+    return oriented_metrics(gt, results)
 
 
 def match_detections(ground_truth: Sequence[dict[str, Any]], detections: Sequence[dict[str, Any]], *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from PIL import Image, ImageDraw
@@ -113,10 +114,17 @@ def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
-def train_every_stage(data: Path, runs: Path) -> tuple[Path, Path]:
-    """train-teacher, train-amplifier and distill on `data` (tiny, 2 iterations); teacher and student."""
-    common = ["--preset", "tiny-synthetic", "--data", data, "--max-iters", "2", "--device", "cpu",
-              *_sets([*TINY, "data.classes=auto"])]
+def stage_options(data: Path, preset: str = "tiny-synthetic") -> list:
+    """What every training stage of these runs is given: `preset` on `data`, tiny, 2 iterations, CPU."""
+    return ["--preset", preset, "--data", data, "--max-iters", "2", "--device", "cpu",
+            *_sets([*TINY, "data.classes=auto"])]
+
+
+def train_every_stage(data: Path, runs: Path, preset: str = "tiny-synthetic",
+                      extra: Sequence[str] = ()) -> tuple[Path, Path]:
+    """train-teacher, train-amplifier and distill (DS2D2) on `data` (`stage_options`, then `extra`);
+    teacher and student."""
+    common = [*stage_options(data, preset), *extra]
     _run(["train-teacher", *common, "--out", runs / "teacher"])
     teacher = runs / "teacher" / "model.safetensors"
     _run(["train-amplifier", *common, "--teacher", teacher, "--out", runs / "amplifier"])

@@ -280,7 +280,8 @@ def eval_command(
     predictions_out: Optional[Path] = typer.Option(None, "--predictions-out", help="write the COCO results JSON here "
                                                    "(with --dota-task1 --merge-patches: the merged Task1 files, "
                                                    "to this folder)"),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="score this COCO results file (no model)"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="score this COCO results file "
+                                               "(no model; rows with `rbox`: DOTA Task 1)"),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO annotations for --predictions"),
     dota_task1: Optional[Path] = typer.Option(None, "--dota-task1", help="score the DOTA Task 1 submission files "
                                               "(Task1_<class>.txt) in this folder as the DOTA devkit does (no model)",
