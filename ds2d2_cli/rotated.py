@@ -28,6 +28,7 @@ from torch import Tensor
 TOLERANCE = 1e-6
 PAIR_CHUNK = 1 << 16  # polygon pairs per vectorised pass (bounds memory)
 CANDIDATE_CHUNK = 1 << 18  # envelope pairs tested per block of the sweep
+NMS_BLOCK = 1024  # boxes settled per NMS round when there are more
 CPU_PAIR_CHUNK = 1 << 13  # rotated-box pairs per pass on a CPU (temporaries stay in cache)
 
 
@@ -367,13 +368,39 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: floa
     if idxs is not None:  # one diagonal step per category: envelopes of different ones never meet
         reach = envelope.abs().max() * 2 + 1
         envelope = envelope + (idxs[order].to(torch.float64) * reach)[:, None]
+    if len(order) <= NMS_BLOCK:
+        return order[_greedy_keep(ranked, envelope, iou_threshold)]
+    # Many boxes, possibly piled up (an untrained model's thousands of candidates on one patch):
+    # the best NMS_BLOCK still standing are settled among themselves, then the kept ones remove
+    # what they suppress from the rest, so piles cost (kept x rest), not (all x all). Exact:
+    # every box is settled only after every better kept box has had its say.
+    alive = torch.arange(len(order), device=boxes.device)
+    kept: list[Tensor] = []
+    while alive.numel():
+        block, rest = alive[:NMS_BLOCK], alive[NMS_BLOCK:]
+        winners = block[_greedy_keep(ranked[block], envelope[block], iou_threshold)]
+        kept.append(winners)
+        if rest.numel():
+            i, j = overlapping_envelopes(envelope[winners], envelope[rest])
+            a, b = winners[i], rest[j]
+            possible = _iou_bound(ranked, envelope, a, b) > iou_threshold
+            a, b, j = a[possible], b[possible], j[possible]
+            suppressed = torch.zeros(len(rest), dtype=torch.bool, device=boxes.device)
+            suppressed[j[rotated_iou_pairs(ranked[a], ranked[b]) > iou_threshold]] = True
+            rest = rest[~suppressed]
+        alive = rest
+    return order[torch.cat(kept)]
+
+
+def _greedy_keep(ranked: Tensor, envelope: Tensor, iou_threshold: float) -> Tensor:
+    """Which of `ranked` (best first) greedy NMS keeps: the fixed point over the suppression pairs."""
     i, j = _self_overlaps(envelope)
     better, worse = torch.minimum(i, j), torch.maximum(i, j)  # ranks: lower is better
     possible = _iou_bound(ranked, envelope, better, worse) > iou_threshold
     better, worse = better[possible], worse[possible]
     hit = rotated_iou_pairs(ranked[better], ranked[worse]) > iou_threshold
     rows, cols = better[hit], worse[hit]
-    kept = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
+    kept = torch.ones(len(ranked), dtype=torch.bool, device=ranked.device)
     while True:
         suppressed = torch.zeros_like(kept)
         suppressed[cols[kept[rows]]] = True
@@ -381,7 +408,7 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: floa
         if torch.equal(updated, kept):
             break
         kept = updated
-    return order[kept]
+    return kept
 
 
 def _iou_bound(boxes: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:

@@ -313,6 +313,22 @@ def test_batched_rotated_nms_is_greedy_nms_per_category():
     assert kept.tolist() == expected
 
 
+@pytest.mark.parametrize("seed", [10, 14])
+def test_nms_in_rounds_is_greedy_nms(seed, monkeypatch):
+    """Past NMS_BLOCK boxes NMS settles the best block first and lets its kept boxes thin the
+    rest: the same answer, including in a pile where everything overlaps."""
+    import ds2d2_cli.rotated as rotated
+
+    monkeypatch.setattr(rotated, "NMS_BLOCK", 16)
+    spread = random_boxes(150, seed=seed)
+    pile = random_boxes(150, seed=seed, scene=20)
+    gen = torch.Generator().manual_seed(seed)
+    for b in (spread, pile):
+        scores = torch.randint(0, 6, (150,), generator=gen).double() / 5  # many ties
+        for threshold in (0.1, 0.5):
+            assert rotated_nms(b, scores, threshold).tolist() == greedy_nms(b, scores, threshold)
+
+
 def test_nms_empty_and_single():
     empty = torch.zeros(0, 5)
     assert rotated_nms(empty, torch.zeros(0), 0.5).tolist() == []
