@@ -8,7 +8,6 @@ devkit's own code is benchmarks/check_dota_task1.py (results/dota_task1_vs_devki
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -381,12 +380,9 @@ def test_cli_merges_patches(tmp_path):
 
 
 def dota_sample() -> Path:
-    env = os.environ.get("DS2D2_DOTA_SAMPLE")
-    for path in ([Path(env)] if env else [Path(__file__).resolve().parents[2] / "shared/data/dota-devkit-example",
-                                          Path("/work/shared/data/dota-devkit-example")]):
-        if (path / "train" / "labelTxt").is_dir():
-            return path / "train" / "labelTxt"
-    pytest.skip("real DOTA sample not found (set DS2D2_DOTA_SAMPLE)")
+    from test_prepare_cli import _sample  # the one locator of the real DOTA sample, or a skip
+
+    return _sample() / "train" / "labelTxt"
 
 
 SAMPLE_CLASSES = ["harbor", "large-vehicle", "ship", "small-vehicle"]  # the classes P0706 and P1888 hold

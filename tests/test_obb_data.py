@@ -135,8 +135,16 @@ def _by_patch(data: dict) -> dict[str, list[dict]]:
     return out
 
 
-# train.json of `prepare-data dota SAMPLE/train --split 512 --gap 128` before oriented boxes existed (main, 287345d)
-HBB_SAMPLE_SHA256 = "e778e7d0df418e7224cf32486dbe8c89e6f6889855024dff775d04261467c044"
+# train.json of `prepare-data dota SAMPLE/train --split 512 --gap 128` before oriented boxes existed (main, 287345d),
+# with the problem report's file paths made relative to the sample and the keys sorted (CI lays the sample elsewhere)
+HBB_SAMPLE_SHA256 = "f9cd5fbc44feed3a3c49d77c16593d78aaec34e919a7140bd7b680a141f6f012"
+
+
+def _location_free_sha256(data: dict, sample: Path) -> str:
+    data = json.loads(json.dumps(data))
+    for row in data["info"]["repaired"] + data["info"]["skipped"]:
+        row["file"] = Path(row["file"]).resolve().relative_to(sample.resolve()).as_posix()
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def test_real_sample_obb(tmp_path):
@@ -145,9 +153,8 @@ def test_real_sample_obb(tmp_path):
     sample = _sample() / "train"
     prepare_dota(sample, tmp_path / "hbb", size=512, gap=128)
     summary = prepare_dota(sample, tmp_path / "obb", size=512, gap=128, boxes="obb")
-    hbb_bytes = (tmp_path / "hbb" / "train.json").read_bytes()
-    assert hashlib.sha256(hbb_bytes).hexdigest() == HBB_SAMPLE_SHA256  # horizontal boxes: the same bytes
-    hbb = json.loads(hbb_bytes)
+    hbb = json.loads((tmp_path / "hbb" / "train.json").read_text())
+    assert _location_free_sha256(hbb, sample.parent) == HBB_SAMPLE_SHA256  # horizontal boxes: the same content
     assert "boxes" not in hbb["info"]["ds2d2"] and all("rbox" not in a for a in hbb["annotations"])
 
     data = json.loads((tmp_path / "obb" / "train.json").read_text())

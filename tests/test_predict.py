@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -242,13 +241,9 @@ def test_cli_checkpoint_and_onnx_end_to_end(ckpt, onnx_model, image, tmp_path):
 
 
 def _dota_sample() -> Path:
-    env = os.environ.get("DS2D2_DOTA_SAMPLE")
-    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "shared/data/dota-devkit-example",
-                                          Path("/work/shared/data/dota-devkit-example")]
-    for path in candidates:
-        if (path / "train" / "images").is_dir():
-            return path / "train" / "images"
-    pytest.skip("real DOTA sample not found (set DS2D2_DOTA_SAMPLE)")
+    from test_prepare_cli import _sample  # the one locator of the real DOTA sample, or a skip
+
+    return _sample() / "train" / "images"
 
 
 def test_cli_on_the_real_dota_sample(ckpt, tmp_path):
