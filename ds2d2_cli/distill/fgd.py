@@ -167,7 +167,8 @@ def fgd_losses(student_levels: Features, teacher_levels: Features, boxes: Sequen
 
     student_levels: student FPN levels with the teacher's channels (adapter when widths
         differ); teacher_levels: the teacher's, detached here.
-    boxes: one `[K_i, 4]` xyxy tensor per image in input pixels; image_sizes: each image's
+    boxes: one `[K_i, 4]` xyxy tensor per image in input pixels (or, for every image,
+        `[K_i, 5]` rotated boxes: cx, cy, w, h, theta; le90); image_sizes: each image's
         (h, w) before batch padding (the authors scale boxes by it).
     context_blocks: one `FGDContext` per level (`fgd_context_blocks`).
     """
