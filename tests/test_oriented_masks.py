@@ -269,9 +269,10 @@ def test_ds2d2_and_fgd_distill_an_oriented_student_end_to_end(tmp_path: Path):
         assert result.exit_code == 0, result.output
         return result
 
-    generate_synthetic(tmp_path / "scenes", images=4, size=256, seed=3, val_fraction=0.5)
+    generate_synthetic(tmp_path / "scenes", images=3, size=128, seed=3, val_fraction=0.34)  # 2 train, 1 val
     prepare_dota(tmp_path / "scenes", tmp_path / "data", size=128, gap=32, classes="synthetic", boxes="obb")
-    sets = [arg for item in [*TINY, "train.max_iters=2"] for arg in ("--set", item)]
+    quick = ["train.max_iters=2", "train.eval_every=100", "train.checkpoint_every=100"]  # scored once, at the end
+    sets = [arg for item in [*TINY, *quick] for arg in ("--set", item)]
     common = ["--preset", "tiny-synthetic-obb", "--data", str(tmp_path / "data"), *sets]
     teacher = tmp_path / "teacher/model.safetensors"
     run("train-teacher", *common, "--out", str(teacher.parent))
