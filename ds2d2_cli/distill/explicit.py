@@ -60,7 +60,8 @@ def explicit_losses(
     student_feats: ADAPTED student FPN levels `[N, C_t, h, w]` (apply `Adapter` first), a
         sequence or a dict (its `.values()` order); same order and sizes as the teacher's.
     teacher_feats: teacher FPN levels; detached here.
-    boxes: one `[K_i, 4]` xyxy tensor per image, in padded-input pixels (DISW).
+    boxes: one `[K_i, 4]` xyxy tensor per image, in padded-input pixels (DISW), or, for
+        every image, `[K_i, 5]` rotated boxes (cx, cy, w, h, theta; le90).
     input_hw: (H_in, W_in), the padded batch input size (DISW).
     wavelet: any pywt discrete wavelet; Haar has an exact fast path.
     disw: False weighs every band cell 1 (boxes / input_hw are then unused, may be None).

@@ -40,7 +40,14 @@ class DistillStep:
     aligned: dict[str, Any] | None = None  # NEEDS_ALIGNED
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's size before padding
     parts: dict[str, Any] = field(default_factory=dict)  # a method's own trainable modules, by PARTS name
+    rboxes: list[Any] | None = None  # oriented students: rotated boxes per image, le90 input pixels
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def object_boxes(self) -> list[Any]:
+        """What DISW and FGD's masks take the objects' cells from: the rotated boxes when the
+        student is oriented (their envelopes would mark background as object), else `boxes`."""
+        return self.rboxes if self.rboxes is not None else self.boxes
 
     def finest(self, features: dict[str, Any], count: int | None) -> dict[str, Any]:
         """The `count` finest FPN levels (all with None): reference configs distill a prefix."""
@@ -53,7 +60,7 @@ class DistillStep:
             from ds2d2_cli.distill.explicit import explicit_losses
 
             self._cache["explicit"] = explicit_losses(
-                list(self.adapted.values()), list(self.teacher_features.values()), self.boxes, self.input_hw,
+                list(self.adapted.values()), list(self.teacher_features.values()), self.object_boxes, self.input_hw,
                 wavelet=self.settings.wavelet, disw=self.settings.disw)
         return self._cache["explicit"]
 
@@ -191,7 +198,7 @@ def _fgd(part: str) -> Callable[[DistillStep], dict[str, Any]]:
 
             fgd = step.settings.fgd
             step._cache["fgd"] = fgd_losses(
-                step.finest(step.aligned, fgd.levels), step.finest(step.teacher_features, fgd.levels), step.boxes,
+                step.finest(step.aligned, fgd.levels), step.finest(step.teacher_features, fgd.levels), step.object_boxes,
                 step.image_sizes, step.parts["fgd"], temperature=fgd.temperature)
         return {f"fgd_{part}": step._cache["fgd"][part]}
 

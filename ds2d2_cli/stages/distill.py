@@ -73,6 +73,7 @@ class DistillTask:
                  amplifier_head: nn.Module | None = None):
         self.settings = config.distill
         self.family = family_of(student)
+        self.oriented = bool(self.family.oriented)  # DISW / FGD masks from the rotated boxes
         method = get_method(config.distill.method)
         self.terms = active_terms(method, config.distill.streams, has_amplifier=amplifier_head is not None)
         self.streams = {t.name for t in self.terms} if method.ablatable else set()
@@ -133,6 +134,7 @@ class DistillTask:
             student_features=features, teacher_features=teacher_features, adapted=adapted,
             implicit_features=adapted if self.implicit_input == "adapted" else features,
             boxes=[t["boxes"] for t in targets], input_hw=tuple(batch.tensors.shape[-2:]),
+            rboxes=[t["rboxes"] for t in targets] if self.oriented else None,
             settings=self.settings, implicit=implicit,
             aligned=features if self.same_width else adapted,
             image_sizes=[tuple(size) for size in batch.image_sizes],
