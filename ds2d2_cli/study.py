@@ -28,6 +28,7 @@ from ds2d2_cli import distributed
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS
 from ds2d2_cli.errors import Ds2d2Error, InputError
+from ds2d2_cli.models.families import FAMILIES
 from ds2d2_cli.fileio import atomic_path, read_json, write_json
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.provenance import machine
@@ -243,7 +244,8 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
     amplifiers = sorted({str(r.amplifier) for r in runs if r.amplifier is not None})
     record.update({
         "study": "ds2d2 study",
-        "units": "AP points (COCO metric x 100); gains paired by seed (method - none), 95% t-interval",
+        "units": (f"AP points ({'DOTA Task 1' if FAMILIES[first.config.student.detector].oriented else 'COCO'} "
+                  "metric x 100); gains paired by seed (method - none), 95% t-interval"),
         "preset": preset,
         "data": str(data_dir),
         "eval_split": first.config.data.eval_split,
