@@ -14,6 +14,13 @@ clip + SGD step, as `engine.train` does) for:
 - `fitnet`, `cwd`, `pkd`, `mgd`, `fgd`: the study's baselines (`DistillTask` with that
   method, its reference settings for the detector family: what `ds2d2 study` trains);
 - `student`: the plain student step alone (`none`).
+- `minimum`: what DS2D2 cannot avoid without changing its losses: the plain student step, the
+  teacher backbone forward, and each implicit stream's own pass (the frozen head on the
+  student's features -- for the high stream on their high-frequency part -- forward and
+  backward to those features, and the head on the teacher's features; Faster R-CNN: RoI
+  pooling and box head on the sampled RoIs) run on the step's features. `ds2d2 / minimum`
+  is the overhead the implementation adds on top of the method (the explicit streams, the
+  loss arithmetic, anything done twice).
 
 Variants are interleaved (the order rotates every repeat) on the same batch and the
 same student weights; times are medians after warm-up. Ratios: ds2d2 / (student+teacher)
@@ -38,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -59,7 +67,7 @@ from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 BOXES_PER_IMAGE = 50
 METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd")  # DistillTask with that method
-VARIANTS = (*METHOD_VARIANTS, "student+teacher", "student")
+VARIANTS = (*METHOD_VARIANTS, "student+teacher", "minimum", "student")
 
 # (row name, preset, --set overrides, batch); "full" rows only with --full.
 MAIN_CONFIGS = (
@@ -151,6 +159,43 @@ def teacher_forward_fn(teacher, images, targets, is_retinanet: bool, gen: torch.
     return forward
 
 
+def implicit_passes_fn(task: DistillTask, images, targets):
+    """Both implicit streams of `task` (ds2d2) on features computed once, outside the timing:
+    the heads' forward on student and teacher features and the backward to the student's."""
+    student = task.module.detector
+    with torch.no_grad():
+        batch, tgts = student.transform(images, [dict(t) for t in targets])
+        features = student.backbone(batch.tensors)
+        teacher_features = OrderedDict((k, f.float()) for k, f in
+                                       task.teacher.backbone(batch.tensors.to(task.teacher_dtype)).items())
+        detection = task.family.detection_step(student, batch, tgts, features)
+    if task.implicit_input != "raw":
+        raise SystemExit("minimum: the benchmark's presets feed raw student features to the amplifiers")
+
+    def passes() -> None:
+        inputs = OrderedDict((k, f.detach().requires_grad_()) for k, f in features.items())
+        total = None
+        for high in (False, True):
+            s, t = task._inputs(high, inputs, teacher_features)
+            head = task.amplifier_head if high else task.family.head(task.teacher)
+            kd = task.family.implicit_loss(detection, task.teacher, head, s, t, task.settings)
+            loss = kd["cls"] + kd["box"]
+            total = loss if total is None else total + loss
+        total.backward()
+
+    return passes
+
+
+def teacher_backbone_fn(task: DistillTask, images):
+    batch, _ = task.teacher.transform(images, None)
+
+    def forward() -> None:
+        with torch.no_grad():
+            task.teacher.backbone(batch.tensors.to(task.teacher_dtype))
+
+    return forward
+
+
 def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, warmup: int, repeats: int,
                  device: torch.device, weights_dir: Path) -> dict:
     config = _imagenet_like(load_config(preset, overrides), weights_dir)
@@ -184,6 +229,9 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     steps["student+teacher"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets,
                                                teacher_forward))
     steps["student"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets))
+    teacher_backbone, passes = teacher_backbone_fn(ds2d2, images), implicit_passes_fn(ds2d2, images, targets)
+    steps["minimum"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets,
+                                       lambda: (teacher_backbone(), passes())))
     sync = _sync(device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(warmup + repeats):
@@ -213,6 +261,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     ratio_kd = med["ds2d2"] / med["student+teacher"]
     ratio_student = med["ds2d2"] / med["student"]
     ratio_fitnet = med["ds2d2"] / med["fitnet"]
+    ratio_minimum = med["ds2d2"] / med["minimum"]
     vs_student = {v: round(med[v] / med["student"], 3) for v in VARIANTS}
     # Per-repeat ratios (same repeat, adjacent in time) show how stable the medians are.
     paired = [a / b for a, b in zip(times["ds2d2"], times["student+teacher"])]
@@ -237,11 +286,13 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
         "ratio_ds2d2_vs_student_plus_teacher": round(ratio_kd, 3),
         "ratio_ds2d2_vs_student": round(ratio_student, 3),
         "ratio_ds2d2_vs_fitnet": round(ratio_fitnet, 3),
+        "ratio_ds2d2_vs_minimum": round(ratio_minimum, 3),
+        "ratio_minimum_vs_student_plus_teacher": round(med["minimum"] / med["student+teacher"], 3),
         "ratio_vs_student": vs_student,
         "paired_ratio_vs_student_plus_teacher_min_max": [round(min(paired), 3), round(max(paired), 3)],
         "summary": f"{name} ({size} px, batch {batch}): student {med['student']:.3f} s; per step vs student: "
                    + ", ".join(f"{v} x{vs_student[v]:.2f}" for v in VARIANTS if v != "student")
-                   + f"; ds2d2/(student+teacher) x{ratio_kd:.2f}",
+                   + f"; ds2d2/(student+teacher) x{ratio_kd:.2f}; ds2d2/minimum x{ratio_minimum:.2f}",
     }
 
 

@@ -306,3 +306,66 @@ def test_implicit_only_raw_run_has_no_adapter_and_other_widths_fall_back_to_adap
     assert narrow.implicit_input == "adapted" and narrow.module.adapter is not None
     assert "16 channels" in narrow.implicit_input_note and "adapter" in narrow.implicit_input_note
     assert {"implicit_full_cls", "implicit_full_box"} <= narrow.losses(images, targets).keys()
+
+
+@pytest.mark.parametrize("preset", ["tiny-synthetic", "tiny-synthetic-obb"])
+def test_both_amplifiers_share_one_anchor_match_and_the_losses_do_not_move(preset, monkeypatch):
+    """The anchors are matched once per step for both implicit streams; each stream's loss equals the
+    loss function computing its own match (the behaviour before the match was shared)."""
+    import importlib
+
+    from ds2d2_cli.distill import implicit as implicit_module
+    from ds2d2_cli.models.amplifier import amplifier_head
+    from ds2d2_cli.models.detectors import build_detector
+    from ds2d2_cli.stages.distill import DistillTask
+
+    config = load_config(preset, [*TINY, "student.fpn_channels=32"])  # raw student features reach the heads
+    torch.manual_seed(0)
+    student = build_detector(config.student, 5, config.input)
+    teacher = build_detector(config.teacher, 5, config.input)
+    task = DistillTask(student, teacher, config, amplifier_head(teacher))
+    assert task.implicit_input == "raw"
+    task.train_mode()
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    corners = [torch.tensor([[10.0, 12, 30, 40], [60, 60, 70, 72]]), torch.tensor([[5.0, 80, 50, 120]])]
+    targets = []
+    for boxes, labels in zip(corners, (torch.tensor([1, 3]), torch.tensor([2]))):
+        target = {"boxes": boxes, "labels": labels}
+        if task.oriented:  # the envelope's rotated box turned a little: a rotated match
+            centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+            target["rboxes"] = torch.cat([centre, size.max(1, keepdim=True).values,
+                                          size.min(1, keepdim=True).values, torch.full((len(boxes), 1), 0.3)], 1)
+        targets.append(target)
+
+    name = "oriented_matches" if task.oriented else "retinanet_matches"
+    family_module = importlib.import_module(type(task.family).__module__)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return getattr(implicit_module, name)(*args, **kwargs)
+
+    monkeypatch.setattr(family_module, name, counted)
+    terms = task.losses(images, targets)
+    assert len(calls) == 1 and {"implicit_full_cls", "implicit_high_cls"} <= terms.keys()
+
+    # Each stream again, its loss function matching on its own.
+    loss = implicit_module.oriented_retinanet_implicit_loss if task.oriented else implicit_module.retinanet_implicit_loss
+    assign = {"assigner": teacher.assigner} if task.oriented else {"matcher": teacher.proposal_matcher}
+    student_model = task.module.detector
+    batch, batch_targets = student_model.transform(images, targets)
+    with torch.no_grad():
+        features = student_model.backbone(batch.tensors)
+        teacher_features = task.teacher.backbone(batch.tensors)
+        levels = list(teacher_features.values())
+        anchors = (teacher.anchors(batch, levels) if task.oriented else teacher.anchor_generator(batch, levels))
+        weights = config.distill.weights
+        for high, prefix, weight in ((False, "implicit_full", weights.implicit_full),
+                                     (True, "implicit_high", weights.implicit_high)):
+            s, t = task._inputs(high, features, teacher_features)
+            head = task.amplifier_head if high else task.family.head(task.teacher)
+            alone = loss(head, list(s.values()), list(t.values()), anchors, batch_targets, box_coder=teacher.box_coder,
+                         beta=config.distill.qfl_beta, box_anchors=config.distill.box_kd_anchors,
+                         normalizer=config.distill.kd_normalizer, **assign)
+            for part in ("cls", "box"):
+                assert torch.equal(terms[f"{prefix}_{part}"].detach(), weight * alone[part]), (prefix, part)

@@ -33,7 +33,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from ds2d2_cli.errors import Ds2d2Error
 from ds2d2_cli.rotated import kld_loss
 
-__all__ = ["faster_rcnn_implicit_loss", "oriented_retinanet_implicit_loss", "retinanet_implicit_loss", "sample_rois"]
+__all__ = ["faster_rcnn_implicit_loss", "oriented_matches", "oriented_retinanet_implicit_loss", "retinanet_implicit_loss",
+           "retinanet_matches", "sample_rois"]
 
 BoxAnchors = Literal["all", "not_ignored"]
 Normalizer = Literal["per_image", "batch"]
@@ -44,10 +45,13 @@ def _level_list(feats: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
     return list(feats.values()) if isinstance(feats, Mapping) else list(feats)
 
 
-def _retinanet_matches(
+@torch.no_grad()
+def retinanet_matches(
     anchors: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], matcher: det_utils.Matcher
 ) -> list[Tensor]:
-    """Per image, the matched GT index of every anchor (as `RetinaNet.compute_loss` does)."""
+    """Per image, the matched GT index of every anchor (as `RetinaNet.compute_loss` does).
+
+    Both amplifiers of a step read the same anchors and boxes: match once, pass `matched`."""
     matched = []
     for anchors_per_image, target in zip(anchors, targets):
         gt = target["boxes"]
@@ -59,6 +63,13 @@ def _retinanet_matches(
         else:
             matched.append(matcher(box_iou(gt.to(anchors_per_image.dtype), anchors_per_image)))
     return matched
+
+
+@torch.no_grad()
+def oriented_matches(anchors: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]],
+                     assigner: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+    """Per image, the rotated assigner's GT index of every rotated anchor (-1 negative, -2 ignored)."""
+    return [assigner(a, t["rboxes"].to(a.dtype)) for a, t in zip(anchors, targets)]
 
 
 def retinanet_implicit_loss(
@@ -73,6 +84,7 @@ def retinanet_implicit_loss(
     beta: float = 1.0,
     box_anchors: BoxAnchors = "all",
     normalizer: Normalizer = "per_image",
+    matched: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """{"cls", "box"}: RetinaNet amplifier KD between student and teacher FPN features.
 
@@ -95,10 +107,12 @@ def retinanet_implicit_loss(
     image's sampling result) or "batch" `max(1, sum_i #pos_i)`; they differ only when an
     image has no positive. (torchvision's own RetinaNet loss normalises per image and
     averages images.)
+    matched: `retinanet_matches(anchors, targets, matcher)` when the caller already has it
+        (the other amplifier of the step); computed here otherwise.
     """
     _check_targets(anchors, targets)
-    with torch.no_grad():
-        matched = _retinanet_matches(anchors, targets, matcher)
+    if matched is None:
+        matched = retinanet_matches(anchors, targets, matcher)
     return _dense_amplifier_kd(
         head, student_feats, teacher_feats, anchors, matched, decode=box_coder.decode_single,
         box_loss=lambda s, t: generalized_box_iou_loss(s, t, reduction="none"), beta=beta, box_anchors=box_anchors,
@@ -117,6 +131,7 @@ def oriented_retinanet_implicit_loss(
     beta: float = 1.0,
     box_anchors: BoxAnchors = "all",
     normalizer: Normalizer = "per_image",
+    matched: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """{"cls", "box"}: `retinanet_implicit_loss` for the oriented RetinaNet (`retinanet_obb`).
 
@@ -127,10 +142,11 @@ def oriented_retinanet_implicit_loss(
     no rotated form, a rotated IoU has no gradient once the boxes are apart and jumps at the le90
     angle boundary, while KLD is smooth in every parameter, the same for every representation of a
     box, and is MMRotate's loss of choice for rotated RetinaNet (its KLD le90 config, log1p, tau 1).
+    matched: `oriented_matches(anchors, targets, assigner)`, or None to assign here.
     """
     _check_targets(anchors, targets)
-    with torch.no_grad():
-        matched = [assigner(a, t["rboxes"].to(a.dtype)) for a, t in zip(anchors, targets)]
+    if matched is None:
+        matched = oriented_matches(anchors, targets, assigner)
     return _dense_amplifier_kd(
         head, student_feats, teacher_feats, anchors, matched, decode=lambda d, a: box_coder.decode(a, d),
         box_loss=kld_loss, beta=beta, box_anchors=box_anchors, normalizer=normalizer)

@@ -19,7 +19,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ds2d2_cli.config import DistillConfig, InputConfig, ModelConfig
-from ds2d2_cli.distill.implicit import retinanet_implicit_loss
+from ds2d2_cli.distill.implicit import retinanet_implicit_loss, retinanet_matches
 from ds2d2_cli.distill.spectral import high_frequency
 from ds2d2_cli.models.backbones import build_fpn_backbone
 from ds2d2_cli.models.families._base import AmplifierRPN, DetectionStep, DetectorFamily
@@ -92,10 +92,13 @@ class RetinaNetFamily(DetectorFamily):
         levels = list(teacher_features.values())
         if "teacher_anchors" not in step.cache:  # anchors depend on shapes only: one set per step
             step.cache["teacher_anchors"] = teacher.anchor_generator(step.batch, levels)
+            step.cache["teacher_matches"] = retinanet_matches(  # both amplifiers: one match
+                step.cache["teacher_anchors"], step.targets, teacher.proposal_matcher)
         return retinanet_implicit_loss(
             head, list(student_features.values()), levels, step.cache["teacher_anchors"], step.targets,
             box_coder=teacher.box_coder, matcher=teacher.proposal_matcher, beta=settings.qfl_beta,
             box_anchors=settings.box_kd_anchors, normalizer=settings.kd_normalizer,
+            matched=step.cache["teacher_matches"],
         )
 
     def head(self, model: nn.Module) -> nn.Module:

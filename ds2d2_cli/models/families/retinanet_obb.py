@@ -64,7 +64,7 @@ from ds2d2_cli.models.families.retinanet import (
     head_norm_layer,
     silence_no_class_slot,
 )
-from ds2d2_cli.distill.implicit import oriented_retinanet_implicit_loss
+from ds2d2_cli.distill.implicit import oriented_matches, oriented_retinanet_implicit_loss
 from ds2d2_cli.rotated import batched_rotated_nms, normalize_le90, rbox_envelope, rotated_box_iou, wrap_angle
 
 # MMRotate's anchor ratios (h / w) and test settings of the reference config.
@@ -456,10 +456,13 @@ class OrientedRetinaNetFamily(DetectorFamily):
         levels = list(teacher_features.values())
         if "teacher_anchors" not in step.cache:  # anchors depend on shapes only: one set per step
             step.cache["teacher_anchors"] = teacher.anchors(step.batch, levels)
+            step.cache["teacher_matches"] = oriented_matches(  # both amplifiers: one match
+                step.cache["teacher_anchors"], step.targets, teacher.assigner)
         return oriented_retinanet_implicit_loss(
             head, list(student_features.values()), levels, step.cache["teacher_anchors"], step.targets,
             box_coder=teacher.box_coder, assigner=teacher.assigner, beta=settings.qfl_beta,
             box_anchors=settings.box_kd_anchors, normalizer=settings.kd_normalizer,
+            matched=step.cache["teacher_matches"],
         )
 
     def head(self, model: nn.Module) -> nn.Module:
