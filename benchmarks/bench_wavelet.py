@@ -1,10 +1,14 @@
 """Wavelet split on FPN-shaped tensors: exact torch Haar path vs ptwt, forward+backward.
 
-Batch 2, 256 channels, RetinaNet P3-P7 of a 1024 px input (128 ... 8 px maps). Also the
-whole explicit loss (both streams, DISW weights): ours (`explicit_losses`: Haar path, one
-transform of the student-teacher difference, DISW maps built inside the call) vs method.md
-transcribed literally (ptwt on student and on teacher, DISW maps precomputed outside the
-timed call). Medians of repeats, same process, same tensors.
+The split on the paper's shapes, batch 2, 256 channels: RetinaNet P3-P7 of a 1024 px input
+(128 ... 8 px maps) and Faster R-CNN P2-P6 of an 800 px input (200 ... 13 px), each with one
+torch thread and with all of them, on contiguous and on channels-last features; beside ours
+and ptwt, the strided form our Haar path had before its corners were unshuffled (same
+values bit for bit). Variants take turns (`interleaved_medians`), so each ratio is measured
+under one load. Also the whole explicit loss (both streams, DISW weights): ours
+(`explicit_losses`: Haar path, one transform of the student-teacher difference, DISW maps
+built inside the call) vs method.md transcribed literally (ptwt on student and on teacher,
+DISW maps precomputed outside the timed call).
 """
 
 from __future__ import annotations
@@ -22,10 +26,58 @@ from ds2d2_cli.distill.spectral import _ptwt_split, band_shape, spectral_split
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # run_all loads us by path
     sys.path.append(str(Path(__file__).resolve().parent))
-from _timing import median_time  # noqa: E402
+from _timing import interleaved_medians, median_time  # noqa: E402
 
 INPUT, BATCH, CHANNELS = 1024, 2, 256
 STRIDES = (8, 16, 32, 64, 128)
+SPLIT_SHAPES = (("RetinaNet P3-P7 @1024", 1024, (8, 16, 32, 64, 128)),
+                ("Faster R-CNN P2-P6 @800", 800, (4, 8, 16, 32, 64)))
+
+
+def _strided_haar(x: torch.Tensor):
+    """Our Haar path before this change: strided views of the 2x2 blocks (same values, bit for bit)."""
+    n, c, h, w = x.shape
+    x = torch.nn.functional.pad(x, (0, w % 2, 0, h % 2)).reshape(n, c, (h + 1) // 2, 2, (w + 1) // 2, 2)
+    top, bottom = x[:, :, :, 0], x[:, :, :, 1]
+    rows_sum, rows_diff = (top + bottom) * 0.5, (top - bottom) * 0.5
+    details = (rows_diff[..., 0] + rows_diff[..., 1], rows_sum[..., 0] - rows_sum[..., 1],
+               rows_diff[..., 0] - rows_diff[..., 1])
+    return rows_sum[..., 0] + rows_sum[..., 1], torch.stack(details, dim=2)
+
+
+def split_cases(quick: bool, device: str) -> list[dict]:
+    """ours / strided / ptwt on both paper shapes, 1 and all threads, contiguous and channels-last."""
+    gen = torch.Generator().manual_seed(0)
+    repeats = 3 if quick else 9
+    all_threads = torch.get_num_threads()
+    threads = [1] if device != "cpu" or all_threads == 1 else [1, all_threads]
+    cases = []
+    for name, size, strides in SPLIT_SHAPES:
+        base = [torch.randn(BATCH, CHANNELS, -(-size // s), -(-size // s), generator=gen).to(device) for s in strides]
+        for layout in ("contiguous", "channels_last"):
+            feats = [(f.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else f.clone())
+                     .requires_grad_() for f in base]
+            fns = {"ours": _split_fwd_bwd(spectral_split, feats), "strided": _split_fwd_bwd(_strided_haar, feats),
+                   "ptwt": _split_fwd_bwd(lambda f: _ptwt_split(f, "haar"), feats)}
+            for n_threads in threads:
+                torch.set_num_threads(n_threads)
+                try:
+                    med = interleaved_medians(fns, repeats, device)
+                finally:
+                    torch.set_num_threads(all_threads)
+                cases.append({
+                    "case": f"spectral_split fwd+bwd, {name}, {layout}, {n_threads} thread(s)",
+                    "shapes": f"{BATCH}x{CHANNELS}x[{', '.join(str(f.shape[-1]) for f in feats)}]",
+                    "layout": layout, "threads": n_threads,
+                    "ms": {k: round(v * 1e3, 2) for k, v in med.items()},
+                    "speedup_vs_ptwt": round(med["ptwt"] / med["ours"], 2),
+                    "speedup_vs_strided": round(med["strided"] / med["ours"], 2),
+                    "strided_vs_ptwt": round(med["ptwt"] / med["strided"], 2),
+                    "summary": f"split {name}, {layout}, {n_threads} thr: ours {med['ours'] * 1e3:.0f} ms, "
+                               f"strided {med['strided'] * 1e3:.0f} ms, ptwt {med['ptwt'] * 1e3:.0f} ms: "
+                               f"x{med['ptwt'] / med['ours']:.2f} vs ptwt (strided x{med['ptwt'] / med['strided']:.2f})",
+                })
+    return cases
 
 
 def _split_fwd_bwd(split: Callable, feats: list[torch.Tensor]) -> Callable[[], None]:
@@ -94,7 +146,7 @@ def run(quick: bool, device: str = "cpu") -> dict:
     return {
         "shapes": shape,
         "repeats": repeats,
-        "cases": [
+        "cases": [*split_cases(quick, device),
             {
                 "case": "spectral_split fwd+bwd, 5 levels",
                 "torch_haar_ms": round(t_torch * 1e3, 2),

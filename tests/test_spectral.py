@@ -126,3 +126,35 @@ def test_cuda_matches_cpu(wavelet: str) -> None:
     torch.testing.assert_close(high.cpu(), ref_high, rtol=1e-5, atol=1e-5)
     with torch.autocast("cuda", dtype=torch.float16):
         assert high_frequency(x.cuda().half(), wavelet).dtype == torch.float32
+
+
+def _strided_haar(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The Haar path as it was before the corners were unshuffled: strided views of the 2x2 blocks."""
+    n, c, h, w = x.shape
+    x = torch.nn.functional.pad(x, (0, w % 2, 0, h % 2))
+    x = x.reshape(n, c, (h + 1) // 2, 2, (w + 1) // 2, 2)
+    top, bottom = x[:, :, :, 0], x[:, :, :, 1]
+    rows_sum, rows_diff = (top + bottom) * 0.5, (top - bottom) * 0.5
+    return (rows_sum[..., 0] + rows_sum[..., 1], rows_diff[..., 0] + rows_diff[..., 1],
+            rows_sum[..., 0] - rows_sum[..., 1], rows_diff[..., 0] - rows_diff[..., 1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 8, 6), torch.float32), ((1, 3, 7, 9), torch.float32),
+                                         ((2, 4, 13, 13), torch.float64)])
+def test_haar_bands_bit_identical_to_the_strided_form(shape, dtype, layout) -> None:
+    """Values and gradients equal, bit for bit, to the strided form (the demo's figures depend on it)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(shape[0], shape[1] + 2, shape[2], shape[3] + 1, dtype=dtype)[:, 1:-1, :, 1:]
+    x.requires_grad_(True)
+    ours, reference = haar_bands(x), _strided_haar(x)
+    weights = [torch.randn_like(r) for r in reference]
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    (grad_ours,) = torch.autograd.grad(ours, x, weights)
+    (grad_reference,) = torch.autograd.grad(reference, x, weights)
+    assert torch.equal(grad_ours, grad_reference)

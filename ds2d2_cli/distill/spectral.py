@@ -80,14 +80,17 @@ def haar_bands(features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if h % 2 or w % 2:
         x = F.pad(x, (0, w % 2, 0, h % 2))
     h2, w2 = (h + 1) // 2, (w + 1) // 2
-    x = x.reshape(n, c, h2, 2, w2, 2)
-    top, bottom = x[:, :, :, 0], x[:, :, :, 1]  # [n, c, h2, w2, 2]
-    rows_sum = (top + bottom) * 0.5
-    rows_diff = (top - bottom) * 0.5
-    low = rows_sum[..., 0] + rows_sum[..., 1]
-    horizontal = rows_diff[..., 0] + rows_diff[..., 1]
-    vertical = rows_sum[..., 0] - rows_sum[..., 1]
-    diagonal = rows_diff[..., 0] - rows_diff[..., 1]
+    # One copy puts the four corners of every 2x2 block in contiguous planes (top-left,
+    # top-right, bottom-left, bottom-right), so each sum below streams through memory
+    # instead of striding by 2; the arithmetic, and so every bit, is that of the strided form.
+    corners = F.pixel_unshuffle(x, 2).view(n, c, 4, h2, w2)
+    top_left, top_right, bottom_left, bottom_right = corners.unbind(2)
+    sum_left, sum_right = (top_left + bottom_left) * 0.5, (top_right + bottom_right) * 0.5
+    diff_left, diff_right = (top_left - bottom_left) * 0.5, (top_right - bottom_right) * 0.5
+    low = sum_left + sum_right
+    horizontal = diff_left + diff_right
+    vertical = sum_left - sum_right
+    diagonal = diff_left - diff_right
     return low, horizontal, vertical, diagonal
 
 
