@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup test demo demo-teacher bench clean
+.PHONY: setup test demo demo-teacher bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo-teacher: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py
+
+# Every stage on one CUDA GPU in under 8 minutes -> benchmarks/results/gpu_check.json (README, Benchmarks);
+# GPU_CHECK_ARGS=--dry-run-cpu runs the same plan on the CPU at tiny sizes.
+gpu-check: $(STAMP)
+	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

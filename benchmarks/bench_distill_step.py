@@ -32,6 +32,7 @@ with ImageNet weights) at a reduced 512 px input and batch 2.
 
     python benchmarks/bench_distill_step.py --quick
     python benchmarks/bench_distill_step.py --full --threads 1
+    python benchmarks/bench_distill_step.py --device cuda --quick --full --size 800   # the GPU check's call
     python benchmarks/run_all.py --only distill_step
 """
 
@@ -310,17 +311,32 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def run(quick: bool, device: str = "cpu", full: bool = False) -> dict:
+def _resized(name: str, overrides: list[str], batch: int, size: int | None,
+             batch_override: int | None) -> tuple[str, list[str], int]:
+    """A configuration at another input size and batch (`--size`, `--batch`), named accordingly."""
+    if size is not None:
+        overrides = [o for o in overrides if not o.startswith("input.size=")] + [f"input.size={size}"]
+        name = f"{name.split('@')[0]}@{size}"
+    return name, overrides, batch_override or batch
+
+
+def run(quick: bool, device: str = "cpu", full: bool = False, size: int | None = None,
+        batch: int | None = None, repeats: int | None = None) -> dict:
+    """`size` / `batch` replace every configuration's input size and images per step, `repeats` the
+    timed rounds (None: their own)."""
     dev = torch.device(device)
-    warmup, repeats = (1, 5) if quick else (2, 11)
+    warmup, default_repeats = (1, 5) if quick else (2, 11)
+    main_repeats, full_repeats = repeats or default_repeats, repeats or max(3, default_repeats // 2)
     cases = []
     with tempfile.TemporaryDirectory(prefix="ds2d2-bench-") as tmp:
-        for name, preset, overrides, batch in MAIN_CONFIGS:
-            cases.append(bench_config(name, preset, overrides, batch, warmup=warmup, repeats=repeats,
+        for name, preset, overrides, n in MAIN_CONFIGS:
+            name, overrides, n = _resized(name, overrides, n, size, batch)
+            cases.append(bench_config(name, preset, overrides, n, warmup=warmup, repeats=main_repeats,
                                       device=dev, weights_dir=Path(tmp)))
         if full:
-            for name, preset, overrides, batch in FULL_CONFIGS:
-                cases.append(bench_config(name, preset, overrides, batch, warmup=1, repeats=max(3, repeats // 2),
+            for name, preset, overrides, n in FULL_CONFIGS:
+                name, overrides, n = _resized(name, overrides, n, size, batch)
+                cases.append(bench_config(name, preset, overrides, n, warmup=1, repeats=full_repeats,
                                           device=dev, weights_dir=Path(tmp)))
     return {"machine": machine_info(device), "variants": list(VARIANTS), "cases": cases}
 
@@ -331,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="also the paper's R101->R18 FPN-256 architectures at 512 px, batch 2 (slow on CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input size in px of every configuration (default: 128 for the tiny presets, 512 "
+                             "with --full; 800 is the paper presets' own)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per step of every configuration (default: 8 tiny presets, 2 with --full)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds of every variant (default: 5 with --quick, else 11; --full rows half)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is steadier on a busy machine)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "distill_step.json")
@@ -340,11 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
     start = time.perf_counter()
-    results = run(quick=args.quick, device=args.device, full=args.full)
+    for option in ("size", "batch", "repeats"):
+        if getattr(args, option) is not None and getattr(args, option) <= 0:
+            parser.error(f"--{option} must be positive")
+    results = run(quick=args.quick, device=args.device, full=args.full, size=args.size, batch=args.batch,
+                  repeats=args.repeats)
     record = {  # the layout run_all.py writes
         "benchmark": "distill_step",
         "quick": args.quick,
         "full": args.full,
+        "size": args.size,
+        "batch": args.batch,
+        "repeats": args.repeats,
         "torch": torch.__version__,
         "device": args.device,
         "device_name": results["machine"].get("gpu") or

@@ -93,6 +93,20 @@ def prepare_stage(config: RunConfig, out: Path, resume: bool) -> None:
     distributed.barrier()
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """This process's peak CUDA memory held by tensors since the stage began in it (a resumed
+    run: since the resume), in MiB (`torch.cuda.max_memory_allocated`); None off CUDA, where
+    torch keeps no such count."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 def run_stage(
     *,
     task: TrainingTask,
@@ -120,6 +134,7 @@ def run_stage(
     reporter = (reporter or NullReporter()) if main else NullReporter()
     out = Path(out)
     schedule = config.schedule(stage)  # type: ignore[arg-type]
+    _reset_peak_memory(device)  # what the models built so far hold counts; earlier stages' peaks do not
     dataset = DetectionDataset(data.train, data.config.input, augment=schedule.augment, seed=schedule.seed,
                                cache_images=schedule.cache_images, rboxes=scored is not None and is_oriented(scored))
     evaluate = None
@@ -168,6 +183,8 @@ def run_stage(
         # five significant digits: the explicit streams' weighted terms are 1e-8..1e-5
         "final_losses": {k: float(f"{v:.5g}") for k, v in result.final_losses.items()},
         "skipped_steps": result.skipped_steps,
+        # training and its evaluations, this process (rank 0 under torchrun); None on CPU
+        "peak_cuda_memory_mb": peak_memory_mb(device),
         "metrics": final_metrics,
         "eval_split": data.eval.path.stem if data.eval is not None else None,
         **(extra_summary or {}),
