@@ -9,8 +9,8 @@ clip + SGD step, as `engine.train` does) for:
   implicit full/high through the teacher head and the amplifier head);
 - `student+teacher`: a plain student step (`DetectorTask`) plus one frozen teacher forward
   under no_grad: `teacher.backbone` and its head (RetinaNet: the head on every level;
-  Faster R-CNN: the box head on 512 RoIs per image sampled from 2000 proposals, as
-  the implicit stream does) -- what any teacher-based KD costs at the least;
+  Faster R-CNN: the box head on 512 RoIs per image sampled from the proposals a training
+  RPN keeps, 1000 in the authors' recipe, as the implicit stream does) -- what any teacher-based KD costs at the least;
 - `fitnet`, `cwd`, `pkd`, `mgd`, `fgd`: the study's baselines (`DistillTask` with that
   method, its reference settings for the detector family: what `ds2d2 study` trains);
 - `student`: the plain student step alone (`none`).
@@ -134,16 +134,16 @@ def step_fn(task, optimizer, schedule, images, targets, extra: Callable[[], obje
     return step
 
 
-def teacher_forward_fn(teacher, images, targets, is_retinanet: bool, gen: torch.Generator):
+def teacher_forward_fn(teacher, images, targets, is_retinanet: bool, gen: torch.Generator, proposals_per_image: int):
     """Frozen teacher backbone + head under no_grad on the batch (the minimum a KD method pays)."""
     batch, tgts = teacher.transform(images, [dict(t) for t in targets])
     proposals = None
-    if not is_retinanet:  # 2000 proposals per image, as a training-mode RPN hands the RoI heads
+    if not is_retinanet:  # as many proposals per image as a training-mode RPN hands the RoI heads
         h, w = batch.tensors.shape[-2:]
         proposals = []
         for _ in images:
-            xy = torch.rand(2000, 2, generator=gen) * torch.tensor([w, h])
-            wh = 8 + torch.rand(2000, 2, generator=gen) * (min(h, w) / 3)
+            xy = torch.rand(proposals_per_image, 2, generator=gen) * torch.tensor([w, h])
+            wh = 8 + torch.rand(proposals_per_image, 2, generator=gen) * (min(h, w) / 3)
             proposals.append(torch.cat([xy, xy + wh], 1).to(batch.tensors.device))
 
     def forward() -> None:
@@ -217,7 +217,8 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     ds2d2 = tasks["ds2d2"]
     plain = DetectorTask(student)
     images, targets = random_batch(batch, size, num_classes, gen, device, config.input.channels)
-    teacher_forward = teacher_forward_fn(teacher, images, targets, config.student.detector == "retinanet", gen)
+    teacher_forward = teacher_forward_fn(teacher, images, targets, config.student.detector == "retinanet", gen,
+                                         config.student.rpn_post_nms_top_n_train)
 
     def optimizer_for(task):
         opt = build_optimizer(task.module, schedule)

@@ -10,7 +10,8 @@ and a timestamp, so numbers in docs can be traced to a run.
 Registered benchmarks (found by file name): disw, wavelet, distill_step, inference
 (teacher vs student and eager vs onnxruntime images/s, parameters, FLOPs), rotated_ops
 (rotated-box IoU and NMS against shapely and torchvision; needs shapely, a dev dependency,
-for the IoU reference). The step
+for the IoU reference), frcnn_recipe (the DS2D2 Faster R-CNN step with the authors' recipe
+against each of its settings as ds2d2 had it before). The step
 benchmark's larger R101 configuration needs its own script:
 `python benchmarks/bench_distill_step.py --full`. The seed-averaged accuracy gain trains
 dozens of models (about an hour per seed on a 2-core CPU), so it runs only when asked:

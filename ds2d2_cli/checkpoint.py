@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ds2d2_cli import __version__
-from ds2d2_cli.config import InputConfig, ModelConfig, RunConfig
+from ds2d2_cli.config import InputConfig, ModelConfig, RunConfig, stored_config, stored_model
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.fileio import atomic_path
 from ds2d2_cli.sample import SampleSpec, bands_text
@@ -81,7 +81,7 @@ class CheckpointMeta:
                 )
             return cls(
                 stage=meta["stage"],  # type: ignore[arg-type]
-                model=ModelConfig.model_validate_json(meta["model"]),
+                model=ModelConfig.model_validate(stored_model(json.loads(meta["model"]))),
                 classes=json.loads(meta["classes"]),
                 input=InputConfig.model_validate_json(meta["input"]),
                 preset=meta.get("preset", ""),
@@ -106,10 +106,9 @@ class Checkpoint:
     sha256: str
 
     def run_config(self) -> RunConfig | None:
-        from ds2d2_cli.config import RunConfig
-
+        """The config of the run that wrote it, settings it predates filled as that run behaved."""
         try:
-            return RunConfig.model_validate(self.meta.config)
+            return stored_config(self.meta.config)
         except Exception:  # noqa: BLE001 - older or foreign configs: callers fall back to the preset
             return None
 

@@ -174,6 +174,15 @@ class ModelConfig(_Strict):
     )
     anchor_base: float = Field(4.0, gt=0, description="RetinaNet anchor size = anchor_base x stride (octave base)")
     rpn_anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    rpn_post_nms_top_n_train: int = Field(
+        1000, gt=0, description="Faster R-CNN: proposals per image the RPN hands the RoI head in training, the "
+        "best after NMS (the authors' rpn_proposal max_per_img; torchvision's default is 2000); inference keeps 1000")
+    roi_sampling_ratio: int = Field(
+        0, ge=0, description="Faster R-CNN RoIAlign: sampling points per bin side; 0 adapts to the RoI, "
+        "ceil(RoI side in feature cells / 7) (the authors, mmcv's RoIAlign); torchvision's default is a fixed 2")
+    roi_aligned: bool = Field(
+        True, description="Faster R-CNN RoIAlign: half-pixel-corrected coordinates, no clamp of small RoIs to one cell "
+        "(the authors, mmcv's default); false: the legacy sampling torchvision's own pooler uses")
     score_thresh: float = Field(0.05, ge=0, le=1)
     detections_per_img: int = Field(100, gt=0)
 
@@ -295,6 +304,9 @@ class DistillConfig(_Strict):
     roi_kd_reduction: Literal["sum", "mean"] = Field(
         "sum", description="Faster R-CNN classification KD over sampled RoIs: summed (the authors' code, whose "
         "weights assume it) or averaged (the paper's formula)")
+    implicit_roi_draw: Literal["per_stream", "shared"] = Field(
+        "per_stream", description="Faster R-CNN implicit streams: each amplifier samples its own RoIs from the "
+        "student's proposals (the authors run assign and sample again per stream) or both compare on one draw")
     amplifier_rpn: Literal["high_frequency", "frozen"] = Field(
         "high_frequency", description="Faster R-CNN amplifier: its RPN is trained on high-frequency features too "
         "(the authors) or the teacher's RPN stays frozen on full features")
@@ -559,14 +571,29 @@ UNREADABLE_CONFIG = "(config.json unreadable)"
 # authors' way. amplifier_rpn changed Faster R-CNN amplifiers only.
 BEFORE_FIDELITY = {"implicit_input": "adapted", "box_kd_anchors": "not_ignored", "kd_normalizer": "batch",
                    "roi_kd_reduction": "mean"}
+# The Faster R-CNN recipe settings that followed (proposals kept in training, RoIAlign sampling,
+# RoI draws), with what a Faster R-CNN built or distilled before them did: torchvision's
+# defaults, and one RoI draw shared by both implicit streams. Other families never read them.
+BEFORE_FRCNN_RECIPE = {"rpn_post_nms_top_n_train": 2000, "roi_sampling_ratio": 2, "roi_aligned": False}
+BEFORE_FRCNN_DRAW = {"implicit_roi_draw": "shared"}
+
+
+def stored_model(raw: Any) -> Any:
+    """A recorded model section (a run's teacher/student, a checkpoint's `model`), the Faster
+    R-CNN settings it predates filled as that model was built."""
+    if isinstance(raw, dict) and raw.get("detector") == "faster_rcnn":
+        return {**BEFORE_FRCNN_RECIPE, **raw}
+    return raw
 
 
 def stored_config(raw: dict[str, Any], source: str = "config.json") -> RunConfig:
     """A run folder's config.json as a config, settings it predates filled as that run behaved."""
+    if isinstance(raw, dict):
+        raw = {**raw, **{role: stored_model(raw[role]) for role in ("teacher", "student") if role in raw}}
     if isinstance(raw, dict) and isinstance(raw.get("distill"), dict):
         legacy = dict(BEFORE_FIDELITY)
         if (raw.get("teacher") or {}).get("detector") == "faster_rcnn":
-            legacy["amplifier_rpn"] = "frozen"
+            legacy.update(amplifier_rpn="frozen", **BEFORE_FRCNN_DRAW)
         raw = {**raw, "distill": {**{k: v for k, v in legacy.items() if k not in raw["distill"]}, **raw["distill"]}}
     return config_from_dict(raw, source)
 

@@ -258,8 +258,9 @@ def faster_rcnn_implicit_loss(
     box: L1 between student and teacher class-specific deltas of the teacher's most likely
         foreground class c* = argmax_{k>=1} softmax(t)_k, weighted by that probability
         p* (at T = 1), normalised by `4 * sum(p*)` (clamped away from 0).
-    rois: RoIs already drawn with `sample_rois` (pass the same ones to both amplifiers
-        of a step: one draw, and both streams compare the predictions on the same boxes).
+    rois: RoIs already drawn with `sample_rois` (None: drawn here). The authors draw anew for
+        each amplifier; passing one draw to both (`distill.implicit_roi_draw=shared`) makes
+        both streams compare predictions on the same boxes.
     """
     if list(student_feats) != list(teacher_feats):
         raise Ds2d2Error(f"student FPN levels {list(student_feats)} do not match teacher {list(teacher_feats)}")

@@ -1,20 +1,33 @@
 """Faster R-CNN (method.md): FPN P2-P6, RPN with 3 ratios and one size per level, RoIAlign 7x7,
 2-FC box head.
 
-Its implicit loss samples RoIs from the student's proposals (one draw per step, shared by
-both amplifiers) and compares the amplifier box head's outputs on student and teacher
-features. The authors' high-frequency amplifier trains RPN and RoI head on `HF(features)`
-(`amplifier_rpn="high_frequency"`); `"frozen"` keeps the teacher's RPN on full features.
+The authors' recipe (their MMDetection config) where torchvision's defaults differ, each a
+`ModelConfig` setting: 1000 proposals per image in training (`rpn_post_nms_top_n_train`),
+RoIAlign with adaptive sampling (`roi_sampling_ratio=0`) and half-pixel alignment
+(`roi_aligned`). Everything else of the two stages is torchvision's default, which is theirs
+(2000 per level before NMS in training, 1000 / 1000 at inference, NMS 0.7 and 0.5, 512 RoIs
+at 25% positive, 100 detections).
+
+Its implicit loss samples RoIs from the student's proposals and compares the amplifier box
+head's outputs on student and teacher features; each amplifier draws its own RoIs (the
+authors) or both share one draw (`distill.implicit_roi_draw`). The authors' high-frequency
+amplifier trains RPN and RoI head on `HF(features)` (`amplifier_rpn="high_frequency"`);
+`"frozen"` keeps the teacher's RPN on full features.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Dict, List, Tuple
 
+import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _onnx_merge_levels, _setup_scales
 
 from ds2d2_cli.config import DistillConfig, InputConfig, ModelConfig
 from ds2d2_cli.distill.implicit import faster_rcnn_implicit_loss, sample_rois
@@ -50,6 +63,50 @@ class HighFrequencyRoIHeads(nn.Module):
         return self.roi_heads(hf, proposals, image_shapes, targets)
 
 
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's FPN pooler (same level mapping and scales) with RoIAlign's `aligned` flag,
+    which its own pooler never passes (always the legacy `aligned=False`). Scriptable and
+    ONNX-traceable as the original (opset >= 16 for `aligned=True`)."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        self.aligned = aligned
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        scales, mapper = self.scales, self.map_levels
+        assert scales is not None and mapper is not None  # set above (TorchScript needs the refinement)
+        rois = _convert_to_roi_format(boxes)
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, scales[0], self.sampling_ratio, self.aligned)
+        levels = mapper(boxes)
+        pooled = torch.zeros((rois.shape[0], features[0].shape[1]) + self.output_size, dtype=features[0].dtype,
+                             device=features[0].device)
+        per_level: List[Tensor] = []
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            index = torch.where(levels == level)[0]
+            out = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, self.aligned)
+            if torchvision._is_tracing():  # ONNX cannot trace the indexed write below
+                per_level.append(out.to(pooled.dtype))
+            else:
+                pooled[index] = out.to(pooled.dtype)  # levels may differ in dtype under autocast
+        if torchvision._is_tracing():
+            pooled = _onnx_merge_levels(levels, per_level)
+        return pooled
+
+
+def roi_pooler(cfg: ModelConfig) -> MultiScaleRoIAlign:
+    """The box head's RoIAlign 7x7 on P2-P5 with `cfg`'s sampling; torchvision's own pooler
+    when not aligned (what it builds by default with sampling ratio 2)."""
+    names = ["0", "1", "2", "3"]
+    if cfg.roi_aligned:
+        return AlignedMultiScaleRoIAlign(names, 7, cfg.roi_sampling_ratio, aligned=True)
+    return MultiScaleRoIAlign(names, 7, cfg.roi_sampling_ratio)
+
+
 class FasterRCNNFamily(DetectorFamily):
     name = "faster_rcnn"
     model_type = FasterRCNN
@@ -66,6 +123,7 @@ class FasterRCNNFamily(DetectorFamily):
             backbone, num_classes + 1, rpn_anchor_generator=anchors, box_score_thresh=cfg.score_thresh,
             box_detections_per_img=cfg.detections_per_img, min_size=input_cfg.size, max_size=input_cfg.size,
             image_mean=list(resolved.mean), image_std=list(resolved.std),
+            rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train, box_roi_pool=roi_pooler(cfg),
         )
 
     def detection_step(self, model, batch, targets, features) -> DetectionStep:
@@ -79,11 +137,13 @@ class FasterRCNNFamily(DetectorFamily):
                       student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
                       settings: DistillConfig) -> dict[str, Tensor]:
         proposals = step.cache["proposals"]
-        if "rois" not in step.cache:  # one RoI draw per step, shared by the full and high streams
-            step.cache["rois"] = sample_rois(teacher.roi_heads, proposals, step.targets)
+        draws = step.cache.setdefault("rois", [])  # every draw of the step, in order (tests read them)
+        if settings.implicit_roi_draw == "per_stream" or not draws:
+            # per_stream: each amplifier assigns and samples anew, as the authors' implicit() does
+            draws.append(sample_rois(teacher.roi_heads, proposals, step.targets))
         return faster_rcnn_implicit_loss(
             head, student_features, teacher_features, proposals, step.batch.image_sizes, step.targets,
-            temperature=settings.kd_temperature, cls_weight=settings.kd_cls_weight, rois=step.cache["rois"],
+            temperature=settings.kd_temperature, cls_weight=settings.kd_cls_weight, rois=draws[-1],
             roi_reduction=settings.roi_kd_reduction,
         )
 
