@@ -18,7 +18,6 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -66,9 +65,7 @@ def _tasks(preset: str, device: torch.device, batch: int, weights_dir: Path):
         if not streams:  # the step DistillTask runs before any term: detection loss + teacher backbone
             task.terms = []
         task.module.to(device)
-        optimizer = steps.build_optimizer(task.module, schedule)
-        for group in optimizer.param_groups:  # a warm-up step's lr keeps random models finite
-            group["lr"] *= schedule.warmup_ratio
+        optimizer = steps.warmup_optimizer(task, schedule)
         out[label] = (task, steps.step_fn(task, optimizer, schedule, images, targets))
     return config, out
 
@@ -76,18 +73,7 @@ def _tasks(preset: str, device: torch.device, batch: int, weights_dir: Path):
 def profile_family(family: str, preset: str, *, device: torch.device, repeats: int, weights_dir: Path) -> dict:
     config, variants = _tasks(preset, device, 8, weights_dir)
     sync = steps._sync(device)
-    times: dict[str, list[float]] = {label: [] for label in variants}
-    labels = list(variants)
-    for r in range(1 + repeats):  # round 0 warms up
-        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-            task, step = variants[label]
-            task.train_mode()
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            if r:
-                times[label].append(time.perf_counter() - start)
+    times = steps.time_steps(variants, warmup=1, repeats=repeats, device=device)
     med = {label: statistics.median(t) for label, t in times.items()}
     bare = med["bare (detection + teacher backbone)"]
 

@@ -197,6 +197,55 @@ def teacher_backbone_fn(task: DistillTask, images):
     return forward
 
 
+def warmup_optimizer(task, schedule):
+    """The task's optimizer at a run's first (warm-up) step's lr, which keeps random models finite."""
+    optimizer = build_optimizer(task.module, schedule)
+    for group in optimizer.param_groups:
+        group["lr"] *= schedule.warmup_ratio
+    return optimizer
+
+
+def time_steps(steps: dict, *, warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per round of each `(task, step)` variant. The order rotates every round, so every
+    variant runs in every position under the same background load; warm-up rounds are dropped."""
+    sync = _sync(device)
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            task, step = steps[name]
+            task.train_mode()
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def save_record(benchmark: str, output: Path, results: dict, started: float, device: str, **options) -> dict:
+    """Write `results` in the layout run_all.py writes (with this script's options) and print its summaries."""
+    record = {
+        "benchmark": benchmark,
+        **options,
+        "torch": torch.__version__,
+        "device": device,
+        "device_name": results["machine"].get("gpu") or
+        f"{results['machine']['processor']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - started, 2),
+        "results": results,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"[{benchmark}]")
+    for case in results["cases"]:
+        print("  " + case["summary"])
+    print(f"  -> {output} ({record['wall_s']} s)")
+    return record
+
+
 def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, warmup: int, repeats: int,
                  device: torch.device, weights_dir: Path) -> dict:
     config = _imagenet_like(load_config(preset, overrides), weights_dir)
@@ -221,10 +270,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
                                          config.student.rpn_post_nms_top_n_train)
 
     def optimizer_for(task):
-        opt = build_optimizer(task.module, schedule)
-        for group in opt.param_groups:  # the lr of a run's first (warm-up) step: keeps random models finite
-            group["lr"] *= schedule.warmup_ratio
-        return opt
+        return warmup_optimizer(task, schedule)
 
     steps = {method: (task, step_fn(task, optimizer_for(task), schedule, images, targets))
              for method, task in tasks.items()}
@@ -235,18 +281,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     steps["minimum"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets,
                                        lambda: (teacher_backbone(), passes())))
     sync = _sync(device)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(warmup + repeats):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
-        for variant in order:
-            task, step = steps[variant]
-            task.train_mode()
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            if r >= warmup:
-                times[variant].append(time.perf_counter() - start)
+    times = time_steps(steps, warmup=warmup, repeats=repeats, device=device)
     # Teacher forward alone (not interleaved: a small term, for the breakdown only).
     teacher_forward()
     t_teacher = []
@@ -369,27 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option} must be positive")
     results = run(quick=args.quick, device=args.device, full=args.full, size=args.size, batch=args.batch,
                   repeats=args.repeats)
-    record = {  # the layout run_all.py writes
-        "benchmark": "distill_step",
-        "quick": args.quick,
-        "full": args.full,
-        "size": args.size,
-        "batch": args.batch,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "device": args.device,
-        "device_name": results["machine"].get("gpu") or
-        f"{results['machine']['processor']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.perf_counter() - start, 2),
-        "results": results,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print("[distill_step]")
-    for case in results["cases"]:
-        print("  " + case["summary"])
-    print(f"  -> {args.output} ({record['wall_s']} s)")
+    save_record("distill_step", args.output, results, start, args.device, quick=args.quick, full=args.full,
+                size=args.size, batch=args.batch, repeats=args.repeats)
     return 0
 
 

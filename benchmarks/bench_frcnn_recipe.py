@@ -23,14 +23,11 @@ count costs most.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -43,12 +40,13 @@ for path in (ROOT, HERE):  # run from a checkout without installing; the step be
         sys.path.insert(0, str(path))
 
 from _timing import interleaved_medians  # noqa: E402
-from bench_distill_step import _imagenet_like, _sync, machine_info, random_batch, step_fn  # noqa: E402
+from bench_distill_step import (  # noqa: E402
+    _imagenet_like, machine_info, random_batch, save_record, step_fn, time_steps, warmup_optimizer,
+)
 
 from ds2d2_cli.classes import get_class_set  # noqa: E402
 from ds2d2_cli.distill.implicit import sample_rois  # noqa: E402
 from ds2d2_cli.config import load_config  # noqa: E402
-from ds2d2_cli.engine import build_optimizer  # noqa: E402
 from ds2d2_cli.models.amplifier import amplifier_head  # noqa: E402
 from ds2d2_cli.models.detectors import build_detector  # noqa: E402
 from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
@@ -125,24 +123,11 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     for variant, extra in VARIANTS:
         config, task = _variant(preset, overrides, extra, weights_dir, num_classes, device)
         schedule = config.train.model_copy(update={"batch_size": batch})
-        optimizer = build_optimizer(task.module, schedule)
-        for group in optimizer.param_groups:  # the lr of a run's first (warm-up) step: keeps random models finite
-            group["lr"] *= schedule.warmup_ratio
+        optimizer = warmup_optimizer(task, schedule)
         proposals[variant] = _proposals_per_image(task, images, targets)
         steps[variant] = (task, step_fn(task, optimizer, schedule, images, targets))
-    sync = _sync(device)
     names = [v for v, _ in VARIANTS]
-    times: dict[str, list[float]] = {v: [] for v in names}
-    for r in range(warmup + repeats):
-        for variant in names[r % len(names):] + names[: r % len(names)]:
-            task, step = steps[variant]
-            task.train_mode()
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            if r >= warmup:
-                times[variant].append(time.perf_counter() - start)
+    times = time_steps({v: steps[v] for v in names}, warmup=warmup, repeats=repeats, device=device)
     parts = {v: _components(steps[v][0], images, targets) for v in names}
     component = {  # interleaved medians, ms: each part for the variants that change it
         "roi_align": {v: parts[v]["roi_align"] for v in ("authors", "sampling ratio 2", "not aligned")},
@@ -201,21 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: CUDA is not available here")
     start = time.perf_counter()
     results = run(quick=args.quick, device=args.device, full=args.full)
-    record = {  # the layout run_all.py writes
-        "benchmark": "frcnn_recipe", "quick": args.quick, "full": args.full, "torch": torch.__version__,
-        "device": args.device,
-        "device_name": results["machine"].get("gpu") or
-        f"{results['machine']['processor']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.perf_counter() - start, 2),
-        "results": results,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print("[frcnn_recipe]")
-    for case in results["cases"]:
-        print("  " + case["summary"])
-    print(f"  -> {args.output} ({record['wall_s']} s)")
+    save_record("frcnn_recipe", args.output, results, start, args.device, quick=args.quick, full=args.full)
     return 0
 
 

@@ -47,6 +47,7 @@ NMS (`merge_order`), so an object seen by two overlapping windows is reported on
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -497,7 +498,11 @@ def cut_scenes(jobs: list[SceneJob], workers: int, receive: Any) -> None:
     `receive` may raise (a bad image without --skip-bad): the remaining work is cancelled.
     """
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+        # forkserver, not fork: a process forked while torch, GDAL or onnxruntime threads hold a lock
+        # inherits the lock held forever (a worker hung that way in a test run).
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_ignore_sigint,
+                                 mp_context=context) as pool:
             futures = {pool.submit(_cut_scene_safe, job): i for i, job in enumerate(jobs)}
             pending = set(futures)
             try:
