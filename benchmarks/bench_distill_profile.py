@@ -11,13 +11,16 @@ batch 8; randomly initialised models and random boxes as in `bench_distill_step.
   self time (CPU time on CPU; CUDA kernel time as well on a GPU), and their share of it.
 
     OMP_NUM_THREADS=1 python benchmarks/run_all.py --only distill_profile [--quick] [--device cuda]
+    python benchmarks/bench_distill_profile.py --device cuda --size 800   # what a GPU step spends
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,11 +33,8 @@ if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
 import bench_distill_step as steps  # noqa: E402
-from ds2d2_cli.classes import get_class_set  # noqa: E402
 from ds2d2_cli.config import load_config  # noqa: E402
 from ds2d2_cli.distill.registry import DS2D2_STREAMS  # noqa: E402
-from ds2d2_cli.models.amplifier import amplifier_head  # noqa: E402
-from ds2d2_cli.models.detectors import build_detector  # noqa: E402
 from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
 
 CONFIGS = (("retinanet", "tiny-synthetic"), ("faster_rcnn", "tiny-synthetic-frcnn"))
@@ -48,15 +48,12 @@ STREAM_SETS = {
 TOP_OPS = 15
 
 
-def _tasks(preset: str, device: torch.device, batch: int, weights_dir: Path):
-    config = steps._imagenet_like(load_config(preset), weights_dir)
-    num_classes = len(get_class_set(config.data.classes))
+def _tasks(preset: str, device: torch.device, batch: int, weights_dir: Path, size: int | None = None):
+    overrides = [f"input.size={size}"] if size is not None else []
+    config = steps._imagenet_like(load_config(preset, overrides), weights_dir)
     schedule = config.train.model_copy(update={"batch_size": batch})
-    torch.manual_seed(0)
+    num_classes, teacher, student, amplifier = steps.models_for(config, device)
     gen = torch.Generator().manual_seed(0)
-    teacher = build_detector(config.teacher, num_classes, config.input).to(device)
-    student = build_detector(config.student, num_classes, config.input).to(device)
-    amplifier = amplifier_head(teacher).to(device)
     images, targets = steps.random_batch(batch, config.input.size, num_classes, gen, device, config.input.channels)
     out = {}
     for label, streams in STREAM_SETS.items():
@@ -70,8 +67,9 @@ def _tasks(preset: str, device: torch.device, batch: int, weights_dir: Path):
     return config, out
 
 
-def profile_family(family: str, preset: str, *, device: torch.device, repeats: int, weights_dir: Path) -> dict:
-    config, variants = _tasks(preset, device, 8, weights_dir)
+def profile_family(family: str, preset: str, *, device: torch.device, repeats: int, weights_dir: Path,
+                   batch: int = 8, size: int | None = None) -> dict:
+    config, variants = _tasks(preset, device, batch, weights_dir, size)
     sync = steps._sync(device)
     times = steps.time_steps(variants, warmup=1, repeats=repeats, device=device)
     med = {label: statistics.median(t) for label, t in times.items()}
@@ -98,22 +96,48 @@ def profile_family(family: str, preset: str, *, device: torch.device, repeats: i
         "family": family,
         "preset": preset,
         "input": config.input.size,
-        "batch": 8,
+        "batch": batch,
         "repeats": repeats,
         "streams": streams,
         "profiled": "self device time" if cuda else "self CPU time",
         "top_ops": top,
-        "summary": f"{family} ({preset}): bare {bare:.2f} s; "
+        "summary": f"{family} ({preset}, {config.input.size} px, batch {batch}): bare {bare:.2f} s; "
                    + ", ".join(f"{label.split(' (')[0]} +{s['over_bare_s']:.2f} s" for label, s in streams.items()
                                if not label.startswith("bare"))
                    + f"; top ops: {head}",
     }
 
 
-def run(quick: bool, device: str = "cpu") -> dict:
+def run(quick: bool, device: str = "cpu", size: int | None = None, batch: int = 8) -> dict:
+    """`size` replaces the presets' 128 px (on a GPU, 800 px shows what launch overhead hides)."""
     dev = torch.device(device)
     repeats = 2 if quick else 5
     with tempfile.TemporaryDirectory(prefix="ds2d2-profile-") as tmp:
-        cases = [profile_family(family, preset, device=dev, repeats=repeats, weights_dir=Path(tmp))
+        cases = [profile_family(family, preset, device=dev, repeats=repeats, weights_dir=Path(tmp),
+                                batch=batch, size=size)
                  for family, preset in CONFIGS]
     return {"machine": steps.machine_info(device), "cases": cases}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 timed rounds instead of 5")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--size", type=int, default=None, help="input size in px (default: the presets' 128)")
+    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "distill_profile.json")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    for option in ("size", "batch"):
+        if getattr(args, option) is not None and getattr(args, option) <= 0:
+            parser.error(f"--{option} must be positive")
+    start = time.perf_counter()
+    results = run(args.quick, args.device, args.size, args.batch)
+    steps.save_record("distill_profile", args.output, results, start, args.device, quick=args.quick,
+                      size=args.size, batch=args.batch)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -246,17 +246,23 @@ def save_record(benchmark: str, output: Path, results: dict, started: float, dev
     return record
 
 
+def models_for(config: RunConfig, device: torch.device):
+    """The class count, teacher, student and amplifier head every step benchmark times, seeded
+    the same way so that each benchmark's variants share weights."""
+    num_classes = len(get_class_set(config.data.classes))
+    torch.manual_seed(0)
+    teacher = build_detector(config.teacher, num_classes, config.input).to(device)
+    student = build_detector(config.student, num_classes, config.input).to(device)
+    return num_classes, teacher, student, amplifier_head(teacher).to(device)
+
+
 def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, warmup: int, repeats: int,
                  device: torch.device, weights_dir: Path) -> dict:
     config = _imagenet_like(load_config(preset, overrides), weights_dir)
-    num_classes = len(get_class_set(config.data.classes))
     size = config.input.size
     schedule = config.train.model_copy(update={"batch_size": batch})
-    torch.manual_seed(0)
+    num_classes, teacher, student, amp_head = models_for(config, device)
     gen = torch.Generator().manual_seed(0)
-    teacher = build_detector(config.teacher, num_classes, config.input).to(device)
-    student = build_detector(config.student, num_classes, config.input).to(device)
-    amp_head = amplifier_head(teacher).to(device)
 
     tasks = {}
     for method in METHOD_VARIANTS:  # the same student weights; each method its own adapter and parts

@@ -250,6 +250,22 @@ class Plan:
             **info: Any) -> None:
         self.steps.append(Step(name, kind, args, needs, facts, info, dict(env or {})))
 
+    def keep_only(self, prefixes: list[str]) -> None:
+        """Drop every step but those whose name starts with one of `prefixes` and the steps
+        they need, directly or not (to rerun part of a check in what is left of a lease)."""
+        by_name = {step.name: step for step in self.steps}
+        unknown = [p for p in prefixes if not any(name.startswith(p) for name in by_name)]
+        if unknown:
+            raise ValueError(f"--only {','.join(unknown)}: no step's name starts so; steps: {', '.join(by_name)}")
+        keep = {name for name in by_name if any(name.startswith(p) for p in prefixes)}
+        todo = list(keep)
+        while todo:
+            for need in by_name[todo.pop()].needs:
+                if need not in keep:
+                    keep.add(need)
+                    todo.append(need)
+        self.steps = [step for step in self.steps if step.name in keep]
+
     def run_dir(self, name: str) -> Path:
         return self.work / "runs" / name.replace("/", "-")
 
@@ -413,14 +429,37 @@ class Plan:
 
     def _paper_weights(self) -> None:
         """torchvision state dicts of randomly initialised bodies: `--backbone-weights` makes the
-        runs what ImageNet weights would (frozen BN, 3 trainable stages) without a download."""
+        runs what ImageNet weights would (frozen BN, 3 trainable stages) without a download.
+
+        Frozen BN with a fresh module's running statistics (mean 0, variance 1) is the identity,
+        so a random ResNet-101 multiplies activations block after block (classification loss
+        ~5e5 at step 1, NaN under fp16 AMP by step 3). Like real weights, these get statistics
+        measured on their own activations: a few train-mode passes over noise images."""
         import torch
         import torchvision
 
         self.weights.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         for name in ("resnet101", "resnet18"):
-            torch.save(torchvision.models.get_model(name, weights=None).state_dict(), self.weights / f"{name}.pt")
+            body = torchvision.models.get_model(name, weights=None)
+            calibrate_batch_norm(body, device=self.p.device)
+            torch.save(body.state_dict(), self.weights / f"{name}.pt")
+
+
+def calibrate_batch_norm(model: Any, device: str = "cpu", batches: int = 4, batch: int = 8, size: int = 224) -> None:
+    """Set every BatchNorm's running mean and variance to the average over `batches` of
+    standard-normal images (cumulative average, momentum None), as a trained body's would be."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.to(device).train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, 3, size, size, device=device))
+    model.to("cpu").eval()
 
 
 # ----------------------------------------------------------------------------- running it
@@ -698,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"no step starts after this many seconds and processes stop at it (default "
                              f"{GPU.budget_s:.0f}; {CPU_DRY_RUN.budget_s:.0f} with --dry-run-cpu)")
+    parser.add_argument("--only", default=None, metavar="PREFIX[,PREFIX...]",
+                        help="run only the steps whose names start so (e.g. paper), and the steps they need")
     args = parser.parse_args(argv)
     profile = CPU_DRY_RUN if args.dry_run_cpu else GPU
     if profile is GPU:
@@ -715,7 +756,14 @@ def main(argv: list[str] | None = None) -> int:
     if why is not None:
         print(f"gpu_check: {why}", file=sys.stderr)
         return 2
-    return Check(profile, work, out, budget).run(Plan(profile, work))
+    plan = Plan(profile, work)
+    if args.only:
+        try:
+            plan.keep_only([p.strip() for p in args.only.split(",") if p.strip()])
+        except ValueError as error:
+            print(f"gpu_check: {error}", file=sys.stderr)
+            return 2
+    return Check(profile, work, out, budget).run(plan)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,37 @@ def test_the_plan_covers_every_method_on_both_families(tmp_path):
     assert names[-1] == "compile/retinanet"  # the least known duration goes last: the budget cuts it first
 
 
+def test_only_keeps_the_named_steps_and_what_they_need(tmp_path):
+    check = _module()
+    plan = check.Plan(check.GPU, tmp_path)
+    plan.keep_only(["paper-retinanet"])
+    assert [s.name for s in plan.steps] == [
+        "data/scenes", "data/patches", "paper/weights",
+        "paper-retinanet/teacher", "paper-retinanet/amplifier", "paper-retinanet/distill/ds2d2"]
+    with pytest.raises(ValueError, match="--only nope: no step's name starts so"):
+        check.Plan(check.GPU, tmp_path).keep_only(["nope"])
+
+
+def test_random_paper_weights_get_measured_batch_norm_statistics():
+    """Frozen BN on a fresh module's statistics is the identity and a random ResNet's outputs
+    explode (NaN under fp16 AMP on the first GPU run); measured statistics keep them at scale."""
+    import torchvision
+
+    check = _module()
+    torch.manual_seed(0)
+    body = torchvision.models.get_model("resnet101", weights=None)
+    features = torch.nn.Sequential(*list(body.children())[:-2])  # C5, what the FPN reads
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = features.eval()(images).abs().max().item()  # about 3.6e4
+        check.calibrate_batch_norm(body, batches=2, batch=4, size=64)
+        calibrated = features(images).abs().max().item()  # about 10
+    assert not body.training
+    assert body.bn1.momentum is None and body.bn1.num_batches_tracked.item() == 2
+    assert body.bn1.running_var.mean().item() != pytest.approx(1.0, abs=0.05)
+    assert calibrated < 100 and raw > 1000
+
+
 @pytest.mark.slow
 def test_dry_run_on_cpu_runs_every_step(tmp_path):
     """The whole plan at 64 px and 2 iterations (5 to 7 minutes on 2 shared slow cores)."""
