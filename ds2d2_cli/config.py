@@ -307,6 +307,10 @@ class DistillConfig(_Strict):
     implicit_roi_draw: Literal["per_stream", "shared"] = Field(
         "per_stream", description="Faster R-CNN implicit streams: each amplifier samples its own RoIs from the "
         "student's proposals (the authors run assign and sample again per stream) or both compare on one draw")
+    implicit_every: int = Field(
+        1, ge=1, description="approximation, off at 1 (the paper): the implicit streams run on every k-th step "
+        "only (iterations 1, 1+k, ...), weighted k times there so that their average weight is the paper's; the "
+        "steps between skip the two head passes")
     amplifier_rpn: Literal["high_frequency", "frozen"] = Field(
         "high_frequency", description="Faster R-CNN amplifier: its RPN is trained on high-frequency features too "
         "(the authors) or the teacher's RPN stays frozen on full features")

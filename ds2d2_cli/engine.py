@@ -52,6 +52,9 @@ class TrainingTask(Protocol):
 
     def train_mode(self) -> None: ...
 
+    # Optional: `begin_iteration(iteration)` is called with the 1-based iteration before each
+    # step's forward (DistillTask's `distill.implicit_every` keys on it).
+
 
 @dataclass
 class TrainState:
@@ -309,6 +312,7 @@ class Trainer:
         if schedule.compile:
             _compile_backbones(task.module)
         self.forward = _distributed_forward(task, schedule, device)
+        self._begin_iteration = getattr(task, "begin_iteration", None)
         self.optimizer = build_optimizer(task.module, schedule, self.world)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, total, schedule))
         self.use_amp = device.type == "cuda" and schedule.amp
@@ -392,6 +396,8 @@ class Trainer:
         state = self.state
         state.in_step = True
         images, targets = _to_device(images, targets, self.device)
+        if self._begin_iteration is not None:
+            self._begin_iteration(iteration)
         with _autocast(self.device, self.use_amp):
             terms = self.forward(images, targets)
         loss = sum(terms.values())

@@ -44,11 +44,16 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ds2d2-implicit": {"method": "ds2d2", "streams": ("implicit-full", "implicit-high")},
     "ds2d2-no-disw": {"method": "ds2d2", "streams": DS2D2_STREAMS, "disw": False},
     "ds2d2-adapted": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_input": "adapted"},
+    # approximations (named settings, off in every preset): what a cheaper step costs in AP
+    "ds2d2-implicit-every-2": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_every": 2},
+    "ds2d2-implicit-every-4": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_every": 4},
 }
 LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
     "ds2d2": "DS2D2", "ds2d2-explicit": "DS2D2 explicit streams only", "ds2d2-implicit": "DS2D2 implicit streams only",
     "ds2d2-no-disw": "DS2D2 without DISW", "ds2d2-adapted": "DS2D2, implicit streams on adapted features",
+    "ds2d2-implicit-every-2": "DS2D2, implicit streams every 2nd step",
+    "ds2d2-implicit-every-4": "DS2D2, implicit streams every 4th step",
 }
 
 

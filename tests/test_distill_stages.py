@@ -369,3 +369,40 @@ def test_both_amplifiers_share_one_anchor_match_and_the_losses_do_not_move(prese
                          normalizer=config.distill.kd_normalizer, **assign)
             for part in ("cls", "box"):
                 assert torch.equal(terms[f"{prefix}_{part}"].detach(), weight * alone[part]), (prefix, part)
+
+
+def test_implicit_every_k_thins_the_implicit_streams_and_keeps_their_average_weight():
+    """distill.implicit_every=2: iterations 1, 3, ... carry the implicit terms at twice their
+    weight, iterations 2, 4, ... none (zeros in the log, no head pass), the other terms as ever."""
+    paper, images, targets = _wiring_task("student.fpn_channels=32")
+    reference = {k: v.detach() for k, v in paper.losses(images, targets).items()}
+    implicit = {"implicit_full_cls", "implicit_full_box"}
+    assert implicit <= reference.keys() and all(reference[k] != 0 for k in implicit)
+    thinned, images, targets = _wiring_task("student.fpn_channels=32", "distill.implicit_every=2")
+    calls = []
+    head_forward = thinned.family.implicit_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return head_forward(*args, **kwargs)
+
+    thinned.family.implicit_loss = counted
+    for iteration, scale in ((1, 2.0), (2, 0.0), (3, 2.0), (8, 0.0)):
+        thinned.begin_iteration(iteration)
+        before = len(calls)
+        terms = thinned.losses(images, targets)
+        assert terms.keys() == reference.keys()
+        for name, value in terms.items():
+            expected = reference[name] * scale if name in implicit else reference[name]
+            assert torch.allclose(value.detach(), expected, rtol=1e-6, atol=0), (iteration, name)
+        assert len(calls) - before == (1 if scale else 0)
+        sum(terms.values()).backward()  # a thinned step still trains on the rest
+
+
+def test_implicit_every_is_refused_where_there_is_no_implicit_stream(retina, tmp_path):
+    preset, runs, common = retina
+    args = ["--teacher", str(runs / "teacher/model.safetensors"), "--method", "fitnet",
+            "--set", "distill.implicit_every=2"]
+    result = _run(["distill", *common, *args, "--out", str(tmp_path / "out")], code=2)
+    assert "distill.implicit_every=2 thins the implicit streams, and this run has none (method fitnet" in result.output
+    assert not (tmp_path / "out").exists()

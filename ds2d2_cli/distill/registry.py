@@ -73,6 +73,11 @@ class Term:
     compute: Callable[[DistillStep], dict[str, Any]]  # unweighted losses by log name
     description: str = ""
     parts: str | None = None  # name in PARTS of the trainable modules the term needs
+    outputs: tuple[str, ...] = ()  # the log names `compute` returns, where a step may leave the term out
+
+    @property
+    def implicit(self) -> bool:
+        return NEEDS_IMPLICIT in self.needs
 
 
 @dataclass(frozen=True)
@@ -162,9 +167,11 @@ register_term(Term("explicit-low", "explicit_low", frozenset({NEEDS_ADAPTER}), _
 register_term(Term("explicit-high", "explicit_high", frozenset({NEEDS_ADAPTER}), _explicit_high,
                    "DISW-weighted MSE of the three detail bands"))
 register_term(Term("implicit-full", "implicit_full", frozenset({NEEDS_IMPLICIT}), _implicit("implicit_full", False),
-                   "the teacher's own head on student and teacher features"))
+                   "the teacher's own head on student and teacher features",
+                   outputs=("implicit_full_cls", "implicit_full_box")))
 register_term(Term("implicit-high", "implicit_high", frozenset({NEEDS_IMPLICIT, NEEDS_AMPLIFIER}),
-                   _implicit("implicit_high", True), "the high-frequency amplifier on HF(student), HF(teacher)"))
+                   _implicit("implicit_high", True), "the high-frequency amplifier on HF(student), HF(teacher)",
+                   outputs=("implicit_high_cls", "implicit_high_box")))
 register_term(Term("fitnet", "fitnet", frozenset({NEEDS_ADAPTER}), _fitnet,
                    "plain full-feature MSE through the adapter"))
 

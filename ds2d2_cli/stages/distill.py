@@ -105,6 +105,23 @@ class DistillTask:
         # The heads stay float32, since the implicit streams backpropagate through them.
         self.teacher_dtype = getattr(torch, config.distill.teacher_dtype)
         self.teacher.backbone.to(self.teacher_dtype)
+        self.implicit_every = config.distill.implicit_every
+        self.iteration: int | None = None  # the engine's, through begin_iteration
+
+    def begin_iteration(self, iteration: int) -> None:
+        """The engine's 1-based iteration, before each step: `distill.implicit_every` keys on it,
+        so a resumed run thins the same steps as an uninterrupted one."""
+        self.iteration = iteration
+
+    def _implicit_scale(self) -> float:
+        """0 on the steps `implicit_every` skips, else the factor that keeps their average weight
+        (1 at the paper's setting; outside a training loop every call is an implicit step)."""
+        k = self.implicit_every
+        if k == 1:
+            return 1.0
+        if self.iteration is not None and (self.iteration - 1) % k:
+            return 0.0
+        return float(k)
 
     def train_mode(self) -> None:
         self.module.train()
@@ -141,8 +158,14 @@ class DistillTask:
             parts=dict(self.module.parts.items()) if self.module.parts is not None else {},
         )
         weights = self.settings.weights
+        implicit_scale = self._implicit_scale()
         for term in self.terms:
             weight = getattr(weights, term.weight)
+            if term.implicit and implicit_scale != 1.0:
+                if implicit_scale == 0.0:  # a thinned step: no head passes, zeros in the log
+                    terms.update({name: features[next(iter(features))].new_zeros(()) for name in term.outputs})
+                    continue
+                weight = weight * implicit_scale
             for name, value in term.compute(step).items():
                 terms[name] = weight * value
         return terms
@@ -217,6 +240,11 @@ def distill(
             amplifier_head = _load_amplifier(amplifier, teacher_ckpt, teacher_model).to(device)
     elif amplifier is not None:
         reporter.note(f"--amplifier is not used by this run (method {method}, streams {', '.join(config.distill.streams)})")
+    running = active_terms(chosen, config.distill.streams, has_amplifier=amplifier is not None)
+    if config.distill.implicit_every != 1 and not any(term.implicit for term in running):
+        raise InputError(f"distill.implicit_every={config.distill.implicit_every} thins the implicit streams, and "
+                         f"this run has none (method {method}, streams {', '.join(config.distill.streams)}); "
+                         "leave it at 1")
     prepare_stage(config, out, resume)
     seed_everything(config.schedule("student").seed)
     student = build_detector(config.student, len(data.classes), config.input).to(device)
@@ -245,6 +273,7 @@ def distill(
         extra_summary={"method": method, "streams": active, "disw": config.distill.disw,
                        "implicit_input": implicit_input,
                        "implicit_input_note": getattr(task, "implicit_input_note", None),
-                       "wavelet": config.distill.wavelet, "teacher": str(teacher) if teacher else None,
+                       "wavelet": config.distill.wavelet, "implicit_every": config.distill.implicit_every,
+                       "teacher": str(teacher) if teacher else None,
                        "amplifier": str(amplifier) if amplifier_head is not None else None},
     )
