@@ -21,6 +21,9 @@ clip + SGD step, as `engine.train` does) for:
   pooling and box head on the sampled RoIs) run on the step's features. `ds2d2 / minimum`
   is the overhead the implementation adds on top of the method (the explicit streams, the
   loss arithmetic, anything done twice).
+- `ds2d2-every-2`: DS2D2 with `distill.implicit_every=2` (an approximation), two steps timed
+  together, one with the implicit streams and one without, reported per step.
+- `ds2d2-rois-128` (Faster R-CNN): DS2D2 with `distill.implicit_rois=128` (an approximation).
 
 Variants are interleaved (the order rotates every repeat) on the same batch and the
 same student weights; times are medians after warm-up. Ratios: ds2d2 / (student+teacher)
@@ -68,7 +71,11 @@ from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 BOXES_PER_IMAGE = 50
 METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd")  # DistillTask with that method
-VARIANTS = (*METHOD_VARIANTS, "student+teacher", "minimum", "student")
+# ds2d2-every-2: distill.implicit_every=2, timed as two steps (one with the implicit streams,
+# one without) and reported per step: the average cost of the approximation.
+# ds2d2-rois-128 (Faster R-CNN only): distill.implicit_rois=128.
+VARIANTS = (*METHOD_VARIANTS, "ds2d2-every-2", "ds2d2-rois-128", "student+teacher", "minimum", "student")
+FASTER_RCNN_ONLY = ("ds2d2-rois-128",)
 
 # (row name, preset, --set overrides, batch); "full" rows only with --full.
 MAIN_CONFIGS = (
@@ -286,8 +293,27 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     teacher_backbone, passes = teacher_backbone_fn(ds2d2, images), implicit_passes_fn(ds2d2, images, targets)
     steps["minimum"] = (plain, step_fn(plain, optimizer_for(plain), schedule, images, targets,
                                        lambda: (teacher_backbone(), passes())))
+    every_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"implicit_every": 2})})
+    every = DistillTask(student, teacher, every_cfg, amp_head)
+    every.module.to(device)
+    every_step = step_fn(every, optimizer_for(every), schedule, images, targets)
+
+    def two_steps() -> None:
+        for iteration in (1, 2):
+            every.begin_iteration(iteration)
+            every_step()
+
+    steps["ds2d2-every-2"] = (every, two_steps)
+    frcnn = config.student.detector == "faster_rcnn"
+    if frcnn:
+        fewer_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"implicit_rois": 128})})
+        fewer = DistillTask(student, teacher, fewer_cfg, amp_head)
+        fewer.module.to(device)
+        steps["ds2d2-rois-128"] = (fewer, step_fn(fewer, optimizer_for(fewer), schedule, images, targets))
+    variants = [v for v in VARIANTS if frcnn or v not in FASTER_RCNN_ONLY]
     sync = _sync(device)
     times = time_steps(steps, warmup=warmup, repeats=repeats, device=device)
+    times["ds2d2-every-2"] = [t / 2 for t in times["ds2d2-every-2"]]
     # Teacher forward alone (not interleaved: a small term, for the breakdown only).
     teacher_forward()
     t_teacher = []
@@ -305,7 +331,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     ratio_student = med["ds2d2"] / med["student"]
     ratio_fitnet = med["ds2d2"] / med["fitnet"]
     ratio_minimum = med["ds2d2"] / med["minimum"]
-    vs_student = {v: round(med[v] / med["student"], 3) for v in VARIANTS}
+    vs_student = {v: round(med[v] / med["student"], 3) for v in variants}
     # Per-repeat ratios (same repeat, adjacent in time) show how stable the medians are.
     paired = [a / b for a, b in zip(times["ds2d2"], times["student+teacher"])]
     return {
@@ -334,7 +360,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
         "ratio_vs_student": vs_student,
         "paired_ratio_vs_student_plus_teacher_min_max": [round(min(paired), 3), round(max(paired), 3)],
         "summary": f"{name} ({size} px, batch {batch}): student {med['student']:.3f} s; per step vs student: "
-                   + ", ".join(f"{v} x{vs_student[v]:.2f}" for v in VARIANTS if v != "student")
+                   + ", ".join(f"{v} x{vs_student[v]:.2f}" for v in variants if v != "student")
                    + f"; ds2d2/(student+teacher) x{ratio_kd:.2f}; ds2d2/minimum x{ratio_minimum:.2f}",
     }
 

@@ -311,6 +311,10 @@ class DistillConfig(_Strict):
         1, ge=1, description="approximation, off at 1 (the paper): the implicit streams run on every k-th step "
         "only (iterations 1, 1+k, ...), weighted k times there so that their average weight is the paper's; the "
         "steps between skip the two head passes")
+    implicit_rois: int | None = Field(
+        None, ge=1, description="approximation, off at None (the paper): Faster R-CNN implicit streams compare on "
+        "this many RoIs per image instead of the RoI head's own draw (512), at the same positive fraction; with "
+        "roi_kd_reduction sum the classification KD is scaled back to the full draw's size")
     amplifier_rpn: Literal["high_frequency", "frozen"] = Field(
         "high_frequency", description="Faster R-CNN amplifier: its RPN is trained on high-frequency features too "
         "(the authors) or the teacher's RPN stays frozen on full features")

@@ -47,6 +47,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # approximations (named settings, off in every preset): what a cheaper step costs in AP
     "ds2d2-implicit-every-2": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_every": 2},
     "ds2d2-implicit-every-4": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_every": 4},
+    "ds2d2-rois-128": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_rois": 128},  # Faster R-CNN
 }
 LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
@@ -54,6 +55,7 @@ LABELS = {
     "ds2d2-no-disw": "DS2D2 without DISW", "ds2d2-adapted": "DS2D2, implicit streams on adapted features",
     "ds2d2-implicit-every-2": "DS2D2, implicit streams every 2nd step",
     "ds2d2-implicit-every-4": "DS2D2, implicit streams every 4th step",
+    "ds2d2-rois-128": "DS2D2, 128 RoIs per image in the implicit streams",
 }
 
 

@@ -399,10 +399,16 @@ def test_implicit_every_k_thins_the_implicit_streams_and_keeps_their_average_wei
         sum(terms.values()).backward()  # a thinned step still trains on the rest
 
 
-def test_implicit_every_is_refused_where_there_is_no_implicit_stream(retina, tmp_path):
+@pytest.mark.parametrize("setting, method, message", [
+    ("distill.implicit_every=2", "fitnet",
+     "distill.implicit_every=2 thins the implicit streams, and this run has none (method fitnet"),
+    ("distill.implicit_rois=128", "ds2d2",
+     "distill.implicit_rois=128 thins the RoIs of Faster R-CNN's implicit streams, and this run has none "
+     "(student retinanet"),
+])
+def test_approximations_are_refused_where_they_have_nothing_to_thin(setting, method, message, retina, tmp_path):
     preset, runs, common = retina
-    args = ["--teacher", str(runs / "teacher/model.safetensors"), "--method", "fitnet",
-            "--set", "distill.implicit_every=2"]
+    args = ["--teacher", str(runs / "teacher/model.safetensors"), "--method", method, "--set", setting]
     result = _run(["distill", *common, *args, "--out", str(tmp_path / "out")], code=2)
-    assert "distill.implicit_every=2 thins the implicit streams, and this run has none (method fitnet" in result.output
+    assert message in result.output
     assert not (tmp_path / "out").exists()

@@ -175,9 +175,9 @@ def test_settings_as_before_are_the_model_ds2d2_built_before():
 # ------------------------------------------------------------------ RoI draws of the implicit streams
 
 
-def _implicit_streams(draw: str, seed: int = 11):
+def _implicit_streams(draw: str, seed: int = 11, *overrides: str):
     """Both implicit losses of one step, RoIs drawn after `torch.manual_seed(seed)`; the step's cache."""
-    config = load_config(PRESET, [*SMALL, f"distill.implicit_roi_draw={draw}"])
+    config = load_config(PRESET, [*SMALL, f"distill.implicit_roi_draw={draw}", *overrides])
     torch.manual_seed(0)
     teacher = build_detector(config.teacher, 3, config.input).eval()
     student = build_detector(config.student, 3, config.input).train()
@@ -222,6 +222,26 @@ def test_per_stream_draws_anew_for_each_amplifier_and_shared_draws_once():
     for rois, got in ((second, high_p), (first, high_s)):  # each loss is the one of its own RoIs
         want = faster_rcnn_implicit_loss(high_head, hf(features), hf(t_features), proposals, sizes, targets, rois=rois)
         assert all(torch.equal(want[k], got[k]) for k in got)
+
+
+def test_implicit_rois_draws_fewer_rois_and_keeps_the_summed_kd_at_the_full_draws_scale():
+    """distill.implicit_rois (an approximation): at the sampler's own size it is the paper's step
+    bit for bit; smaller, each stream compares on that many RoIs per image (plus the ground
+    truth), its classification KD scaled by full / thinned, and the RoI head keeps its sampler."""
+    full_p, high_p, step_p, teacher, high_head, (features, t_features, hf) = _implicit_streams("per_stream")
+    size = teacher.roi_heads.fg_bg_sampler.batch_size_per_image
+    same = _implicit_streams("per_stream", 11, f"distill.implicit_rois={size}")
+    assert all(torch.equal(a[k], b[k]) for a, b in ((full_p, same[0]), (high_p, same[1])) for k in a)
+    full_t, high_t, step_t, teacher_t, high_head_t, _ = _implicit_streams("per_stream", 11, "distill.implicit_rois=16")
+    assert teacher_t.roi_heads.fg_bg_sampler.batch_size_per_image == size
+    gt = [len(t["boxes"]) for t in step_t.targets]
+    for draw in step_t.cache["rois"]:
+        assert all(len(r) <= 16 + n for r, n in zip(draw, gt))
+        assert sum(len(r) for r in draw) < sum(len(r) for r in step_p.cache["rois"][0])
+    proposals, sizes = step_t.cache["proposals"], step_t.batch.image_sizes
+    want = faster_rcnn_implicit_loss(high_head_t, hf(features), hf(t_features), proposals, sizes, step_t.targets,
+                                     rois=step_t.cache["rois"][1])
+    assert torch.allclose(high_t["cls"], want["cls"] * (size / 16)) and torch.equal(high_t["box"], want["box"])
 
 
 # ------------------------------------------------------------------ runs and checkpoints written before

@@ -70,7 +70,7 @@ def study_command(
                                              "(DS2D2's implicit high-frequency stream)", show_default=False),
     methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma list of registry methods and DS2D2 "
                                 "ablations (ds2d2-explicit, ds2d2-implicit, ds2d2-no-disw, ds2d2-adapted) and approximations "
-                                "(ds2d2-implicit-every-2, -4); "
+                                "(ds2d2-implicit-every-2, -4; Faster R-CNN ds2d2-rois-128); "
                                 "none is added as the baseline"),
     seeds: str = typer.Option("0,1,2", "--seeds", help="comma list of student seeds"),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="study folder (runs/<method>/seed<S>, "

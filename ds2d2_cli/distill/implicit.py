@@ -216,10 +216,18 @@ def _dense_amplifier_kd(
     return {"cls": cls, "box": box}
 
 
-def sample_rois(roi_heads: RoIHeads, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
-    """RoIs as the RoI head samples them in training (512 per image, 25% positive, GT added)."""
-    with torch.no_grad():
-        rois, _, _, _ = roi_heads.select_training_samples([p.detach() for p in proposals], targets)
+def sample_rois(roi_heads: RoIHeads, proposals: list[Tensor], targets: list[dict[str, Tensor]],
+                per_image: int | None = None) -> list[Tensor]:
+    """RoIs as the RoI head samples them in training (512 per image, 25% positive, GT added);
+    `per_image` draws that many instead, at the same positive fraction (`distill.implicit_rois`)."""
+    sampler = roi_heads.fg_bg_sampler
+    if per_image is not None:
+        roi_heads.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(per_image, sampler.positive_fraction)
+    try:
+        with torch.no_grad():
+            rois, _, _, _ = roi_heads.select_training_samples([p.detach() for p in proposals], targets)
+    finally:
+        roi_heads.fg_bg_sampler = sampler
     return rois
 
 

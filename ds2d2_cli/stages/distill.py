@@ -245,6 +245,11 @@ def distill(
         raise InputError(f"distill.implicit_every={config.distill.implicit_every} thins the implicit streams, and "
                          f"this run has none (method {method}, streams {', '.join(config.distill.streams)}); "
                          "leave it at 1")
+    if config.distill.implicit_rois is not None and (config.student.detector != "faster_rcnn"
+                                                     or not any(term.implicit for term in running)):
+        raise InputError(f"distill.implicit_rois={config.distill.implicit_rois} thins the RoIs of Faster R-CNN's "
+                         f"implicit streams, and this run has none (student {config.student.detector}, method "
+                         f"{method}, streams {', '.join(config.distill.streams)}); leave it unset")
     prepare_stage(config, out, resume)
     seed_everything(config.schedule("student").seed)
     student = build_detector(config.student, len(data.classes), config.input).to(device)
@@ -274,6 +279,7 @@ def distill(
                        "implicit_input": implicit_input,
                        "implicit_input_note": getattr(task, "implicit_input_note", None),
                        "wavelet": config.distill.wavelet, "implicit_every": config.distill.implicit_every,
+                       "implicit_rois": config.distill.implicit_rois,
                        "teacher": str(teacher) if teacher else None,
                        "amplifier": str(amplifier) if amplifier_head is not None else None},
     )

@@ -138,14 +138,19 @@ class FasterRCNNFamily(DetectorFamily):
                       settings: DistillConfig) -> dict[str, Tensor]:
         proposals = step.cache["proposals"]
         draws = step.cache.setdefault("rois", [])  # every draw of the step, in order (tests read them)
+        per_image = settings.implicit_rois
         if settings.implicit_roi_draw == "per_stream" or not draws:
             # per_stream: each amplifier assigns and samples anew, as the authors' implicit() does
-            draws.append(sample_rois(teacher.roi_heads, proposals, step.targets))
-        return faster_rcnn_implicit_loss(
+            draws.append(sample_rois(teacher.roi_heads, proposals, step.targets, per_image=per_image))
+        losses = faster_rcnn_implicit_loss(
             head, student_features, teacher_features, proposals, step.batch.image_sizes, step.targets,
             temperature=settings.kd_temperature, cls_weight=settings.kd_cls_weight, rois=draws[-1],
             roi_reduction=settings.roi_kd_reduction,
         )
+        if per_image is not None and settings.roi_kd_reduction == "sum":
+            # a sum over fewer RoIs: scaled back to the full draw's size, which the weights assume
+            losses["cls"] = losses["cls"] * (teacher.roi_heads.fg_bg_sampler.batch_size_per_image / per_image)
+        return losses
 
     def head(self, model: nn.Module) -> nn.Module:
         return model.roi_heads
