@@ -24,10 +24,10 @@ from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.sample import IMAGENET_MEAN, IMAGENET_STD, SampleSpec
 
 Detector = Literal["retinanet", "faster_rcnn", "retinanet_obb"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d",
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d",
                    "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
-BACKBONE_LABELS = {"mobilenet_v3_large": "MNv3-L", "efficientnet_b0": "EffNet-B0", "regnet_y_400mf": "RegNetY-400MF",
-                   "convnext_tiny": "ConvNeXt-T"}
+BACKBONE_LABELS = {"resnext101_32x8d": "X101-32x8d", "resnext101_64x4d": "X101-64x4d", "mobilenet_v3_large": "MNv3-L",
+                   "efficientnet_b0": "EffNet-B0", "regnet_y_400mf": "RegNetY-400MF", "convnext_tiny": "ConvNeXt-T"}
 Stage = Literal["teacher", "amplifier", "student"]
 BandInit = Literal["rgb", "mean"]
 # Each stage's own schedule field (`train` is the student's and every stage's fallback).

@@ -1,16 +1,18 @@
-"""Student backbones people deploy (MobileNetV3, EfficientNet, RegNet, ConvNeXt) behind the same FPN."""
+"""Student backbones people deploy (MobileNetV3, EfficientNet, RegNet, ConvNeXt) behind the same FPN, and the
+authors' strong teacher (ResNeXt-101 64x4d)."""
 
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from ds2d2_cli.cli.app import app
-from ds2d2_cli.config import load_config
-from ds2d2_cli.models.backbones import STAGES
+from ds2d2_cli.config import Backbone, load_config
+from ds2d2_cli.models.backbones import BACKBONES, STAGES
 from ds2d2_cli.models.detectors import build_detector, count_parameters
 
 from conftest import TINY
@@ -84,3 +86,75 @@ def test_a_mobilenet_student_distills_exports_and_predicts(tiny_data, tmp_path):
     found = json.loads(run("predict", str(tmp_path / "student.onnx"), str(image), "--out", str(tmp_path / "pred"),
                            "--slice", "128", "--overlap", "32", "--json", "-", device=False).stdout)
     assert found["images"] == 1
+
+
+def test_the_config_offers_exactly_the_backbones_that_build():
+    """`ModelConfig.backbone`'s choices (what `--set ROLE.backbone=` accepts and errors list) are
+    the bodies `build_resnet_body` knows, ResNeXt-101 64x4d included."""
+    assert set(typing.get_args(Backbone)) == set(BACKBONES)
+    assert "resnext101_64x4d" in BACKBONES
+
+
+@pytest.fixture(scope="module")
+def resnext101_64x4d():
+    """torchvision's ResNeXt-101 64x4d classifier, built from scratch (no download)."""
+    import torchvision
+
+    return torchvision.models.resnext101_64x4d(weights=None)
+
+
+# Levels the teacher's FPN returns at a 64 px input: name -> (stride, channels in from the body).
+X101_PYRAMIDS = {
+    "retina-dior-x101": ({"0": 8, "1": 16, "2": 32, "p6": 64, "p7": 128}, [512, 1024, 2048]),
+    "frcnn-dior-x101": ({"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}, [256, 512, 1024, 2048]),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(X101_PYRAMIDS))
+def test_the_strong_teacher_is_torchvisions_resnext101_64x4d_under_the_usual_fpn(preset, resnext101_64x4d):
+    """The X101 presets' teacher: torchvision's body tensor for tensor (so a torchvision state_dict
+    loads with --backbone-weights), under the same 256-wide pyramid as the R101 teacher."""
+    reference = resnext101_64x4d
+    assert round(count_parameters(reference) / 1e6, 1) == 83.5  # torchvision's figure for the classifier
+    config = load_config(preset, ["teacher.pretrained=false"])  # from scratch: nothing to download
+    assert config.teacher.backbone == "resnext101_64x4d"
+    backbone = build_detector(config.teacher, 20, config.input).eval().backbone
+    body_shapes = {k: v.shape for k, v in backbone.body.state_dict().items()}
+    assert body_shapes == {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert count_parameters(backbone.body) == count_parameters(reference) - count_parameters(reference.fc)
+    assert backbone.body.layer1[0].conv2.groups == 64 and backbone.body.layer1[0].conv2.out_channels == 256
+    levels, fpn_inputs = X101_PYRAMIDS[preset]
+    assert [block[0].in_channels for block in backbone.fpn.inner_blocks] == fpn_inputs
+    with torch.no_grad():
+        out = backbone(torch.rand(1, 3, 64, 64))
+    assert {name: tuple(f.shape) for name, f in out.items()} == {
+        name: (1, 256, -(-64 // stride), -(-64 // stride)) for name, stride in levels.items()}
+
+
+def test_the_strong_teachers_imagenet_weights_offline_and_a_resnet_file(tmp_path, monkeypatch):
+    """pretrained asks torchvision for ResNeXt101_64X4D_Weights.IMAGENET1K_V1; offline that is the
+    usual one-line error naming --backbone-weights, and a ResNet file does not fit the grouped body."""
+    import torchvision.models._api as weights_api
+    from torchvision.models import ResNeXt101_64X4D_Weights
+
+    from ds2d2_cli.errors import Ds2d2Error, InputError
+    from ds2d2_cli.models.backbones import build_resnet_body
+
+    asked = []
+
+    def offline(url, *args, **kwargs):
+        asked.append(url)
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
+    config = load_config("retina-dior-x101")
+    assert config.teacher.pretrained
+    with pytest.raises(Ds2d2Error, match="cannot get ImageNet weights for resnext101_64x4d.*--backbone-weights"):
+        build_resnet_body(config.teacher)
+    assert asked == [ResNeXt101_64X4D_Weights.IMAGENET1K_V1.url]
+    resnet_file = tmp_path / "r18-part.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.0.conv2.weight": torch.zeros(64, 64, 3, 3)},
+               resnet_file)
+    local = config.teacher.model_copy(update={"backbone_weights": resnet_file})
+    with pytest.raises(InputError, match=r"do not fit this backbone \(.*layer1\.0\.conv2\.weight"):
+        build_resnet_body(local)

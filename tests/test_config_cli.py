@@ -39,6 +39,10 @@ AUTHORS_WEIGHTS = {
     "retina-dota": (7e-5, 5e-5, 0.7, 0.5),
     "frcnn-dior": (0.5, 0.5, 1e-5, 1e-5),
     "frcnn-dota": (0.12, 1.2, 1.5e-3, 3e-3),
+    # the strong-teacher presets: the same R18 students (tests/test_presets_x101.py)
+    "retina-dior-x101": (1e-5, 1e-5, 1.0, 1.0),
+    "retina-dota-x101": (7e-5, 5e-5, 0.7, 0.5),
+    "frcnn-dior-x101": (0.5, 0.5, 1e-5, 1e-5),
 }
 
 

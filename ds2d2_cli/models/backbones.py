@@ -5,7 +5,8 @@ Each detector family (`models/families/`) says which of the four stages C2..C5 (
 is shared: normalisation (frozen BN over pretrained weights, trainable BN from scratch),
 ImageNet weights from torchvision or a local file, and which stages train.
 
-Besides the paper's ResNets, the students people deploy (MobileNetV3-Large,
+Besides the paper's ResNets (and the ResNeXt-101 64x4d of the authors' strong-teacher
+configs, the same stages with grouped 3x3 convolutions), the students people deploy (MobileNetV3-Large,
 EfficientNet-B0, RegNetY-400MF, ConvNeXt-Tiny) are torchvision models whose feature stages
 at strides 4, 8, 16 and 32 play C2..C5: the FPN, heads and distillation are unchanged, so
 any of them can learn from a ResNet teacher.
@@ -41,6 +42,7 @@ RESNET_C_CHANNELS = {  # output channels of layer1..layer4
     "resnet50": (256, 512, 1024, 2048),
     "resnet101": (256, 512, 1024, 2048),
     "resnext101_32x8d": (256, 512, 1024, 2048),
+    "resnext101_64x4d": (256, 512, 1024, 2048),  # the authors' strong teacher (64 groups of width 4)
 }
 
 
