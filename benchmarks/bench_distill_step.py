@@ -11,7 +11,7 @@ clip + SGD step, as `engine.train` does) for:
   under no_grad: `teacher.backbone` and its head (RetinaNet: the head on every level;
   Faster R-CNN: the box head on 512 RoIs per image sampled from the proposals a training
   RPN keeps, 1000 in the authors' recipe, as the implicit stream does) -- what any teacher-based KD costs at the least;
-- `fitnet`, `cwd`, `pkd`, `mgd`, `fgd`: the study's baselines (`DistillTask` with that
+- `fitnet`, `cwd`, `pkd`, `mgd`, `fgd`, `dist`: the study's baselines (`DistillTask` with that
   method, its reference settings for the detector family: what `ds2d2 study` trains);
 - `student`: the plain student step alone (`none`).
 - `minimum`: what DS2D2 cannot avoid without changing its losses: the plain student step, the
@@ -70,7 +70,7 @@ from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
 from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 BOXES_PER_IMAGE = 50
-METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd")  # DistillTask with that method
+METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd", "dist")  # DistillTask with that method
 # ds2d2-every-2: distill.implicit_every=2, timed as two steps (one with the implicit streams,
 # one without) and reported per step: the average cost of the approximation.
 # ds2d2-rois-128 (Faster R-CNN only): distill.implicit_rois=128.

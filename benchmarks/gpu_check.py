@@ -8,7 +8,7 @@ least important steps:
 
     data         prepare-data synthetic (4 scenes of 1400 px), prepare-data dota --split 800 --gap 200
     retinanet    tiny-synthetic at 800 px: train-teacher, train-amplifier, distill with every method
-                 of the registry (none, ds2d2, fitnet, cwd, pkd, mgd, fgd), eval --merge-patches,
+                 of the registry (none, ds2d2, fitnet, cwd, pkd, mgd, fgd, dist), eval --merge-patches,
                  export --format onnx --verify, predict --slice 800
     faster_rcnn  tiny-synthetic-frcnn at 800 px: the same
     amp-off      distill ds2d2 with train.amp=false, both families (every other run has AMP on)

@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _DISTILL_API = (
     "Adapter",
     "cwd_loss",
+    "dist_loss",
+    "dist_relation_loss",
     "disw_weights",
     "disw_weights_levels",
     "explicit_losses",
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from ds2d2_cli.distill import (
         Adapter,
         cwd_loss,
+        dist_loss,
+        dist_relation_loss,
         disw_weights,
         disw_weights_levels,
         explicit_losses,

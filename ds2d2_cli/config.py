@@ -260,6 +260,7 @@ class LossWeights(_Strict):
     fgd_bg: float | None = Field(None, ge=0, description="FGD beta_fgd (background)")
     fgd_attention: float | None = Field(None, ge=0, description="FGD gamma_fgd (attention maps)")
     fgd_global: float | None = Field(None, ge=0, description="FGD lambda_fgd (global context)")
+    dist: float | None = Field(None, ge=0, description="DIST loss weight (reference: 1)")
 
 
 _LEVELS = Field(None, ge=1, description="distil the N finest FPN levels (None: the reference config's)")
@@ -284,9 +285,15 @@ class FGDConfig(_Strict):
     levels: int | None = _LEVELS
 
 
+class DISTConfig(_Strict):
+    beta: float | None = Field(None, ge=0, description="weight of the inter-class relation (per sample, across classes)")
+    gamma: float | None = Field(None, ge=0, description="weight of the intra-class relation (per class, across samples)")
+    tau: float | None = Field(None, gt=0, description="temperature of the class scores; the loss is scaled by tau^2")
+
+
 class DistillConfig(_Strict):
     method: str = Field("ds2d2", description="a method of ds2d2_cli.distill.registry (ds2d2, none, fitnet, cwd, "
-                        "pkd, mgd, fgd)")
+                        "pkd, mgd, fgd, dist)")
     streams: tuple[str, ...] = Field(DS2D2_STREAMS, description="ablation: the terms of an ablatable method "
                                      "(ds2d2's streams) that run")
     weights: LossWeights = LossWeights()
@@ -327,6 +334,7 @@ class DistillConfig(_Strict):
     pkd: PKDConfig = PKDConfig()
     mgd: MGDConfig = MGDConfig()
     fgd: FGDConfig = FGDConfig()
+    dist: DISTConfig = DISTConfig()
 
     @field_validator("method")
     @classmethod

@@ -12,6 +12,7 @@ The baselines `ds2d2 study` compares against:
 
     cwd_loss                                        cwd.py
     pkd_loss                                        pkd.py
+    dist_loss, dist_relation_loss                   dist.py
     mgd_loss, mgd_generators                        mgd.py
     fgd_losses, fgd_context_blocks                  fgd.py
 
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 _WHERE = {
     "Adapter": "explicit",
     "cwd_loss": "cwd",
+    "dist_loss": "dist",
+    "dist_relation_loss": "dist",
     "fgd_context_blocks": "fgd",
     "fgd_losses": "fgd",
     "mgd_generators": "mgd",
@@ -47,6 +50,7 @@ __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:
     from ds2d2_cli.distill.cwd import cwd_loss
+    from ds2d2_cli.distill.dist import dist_loss, dist_relation_loss
     from ds2d2_cli.distill.fgd import fgd_context_blocks, fgd_losses
     from ds2d2_cli.distill.mgd import mgd_generators, mgd_loss
     from ds2d2_cli.distill.pkd import pkd_loss

@@ -8,7 +8,8 @@ method with `ablatable=True` lets `--streams` pick a subset. Adding a loss is on
 `DistillTask` read their choices from here. Importing this module is cheap (no torch):
 the config validates names against it.
 
-`DistillStep` is everything a term may read; the detector family supplies `implicit`.
+`DistillStep` is everything a term may read; the detector family supplies `implicit` and
+`predictions`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class DistillStep:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's size before padding
     parts: dict[str, Any] = field(default_factory=dict)  # a method's own trainable modules, by PARTS name
     rboxes: list[Any] | None = None  # oriented students: rotated boxes per image, le90 input pixels
+    # () -> the family's ClassScores: the student's class logits and the frozen teacher's on the
+    # same anchors or RoIs (`DetectorFamily.prediction_pair`), computed when a term asks
+    predictions: Callable[[], Any] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -224,6 +228,15 @@ def _fgd_parts(channels: int, level_names: list[str], settings: Any) -> Any:
     return fgd_context_blocks(channels, level_names[:settings.fgd.levels])
 
 
+def _dist(step: DistillStep) -> dict[str, Any]:
+    from ds2d2_cli.distill.dist import dist_scores_loss
+
+    dist = step.settings.dist
+    scores = step.predictions()
+    return {"dist": dist_scores_loss(scores.student, scores.teacher, activation=scores.activation,
+                                     beta=dist.beta, gamma=dist.gamma, tau=dist.tau)}
+
+
 register_parts("mgd", _mgd_parts)
 register_parts("fgd", _fgd_parts)
 _ALIGNED = frozenset({NEEDS_ALIGNED})
@@ -236,6 +249,9 @@ for _part, _what in (("fg", "attention-weighted MSE inside the boxes"), ("bg", "
                      ("global", "MSE after a global-context block each")):
     register_term(Term(f"fgd-{_part}", f"fgd_{_part}", _ALIGNED, _fgd(_part), f"FGD: {_what}", parts="fgd"))
 
+register_term(Term("dist", "dist", frozenset(), _dist, "DIST: Pearson relations of the student's and the "
+                   "teacher's class scores on the same anchors / RoIs, per sample and per class (Huang et al. 2022)"))
+
 register_method(Method("ds2d2", ("explicit-low", "explicit-high", "implicit-full", "implicit-high"),
                        "detection loss + explicit (low, high) + implicit (full, high) streams", ablatable=True))
 register_method(Method("none", (), "the same student, schedule and seed with no teacher (the baseline)"))
@@ -245,6 +261,8 @@ register_method(Method("pkd", ("pkd",), "PKD, Pearson-correlation feature distil
 register_method(Method("mgd", ("mgd",), "MGD, masked generative distillation (Yang et al., ECCV 2022)"))
 register_method(Method("fgd", ("fgd-fg", "fgd-bg", "fgd-attention", "fgd-global"),
                        "FGD, focal and global distillation (Yang et al., CVPR 2022)"))
+register_method(Method("dist", ("dist",), "DIST, distillation from a stronger teacher (Huang et al., NeurIPS 2022): "
+                       "inter- and intra-class Pearson relations of the heads' class scores"))
 
 # The baselines' defaults per detector family, from each method's own reference config
 # (256-channel FPNs, COCO); a preset states them, `--set distill...` overrides them.
@@ -257,11 +275,14 @@ REFERENCE_SETTINGS: dict[str, dict[str, dict[str, float | int]]] = {
             "mgd": 2e-5,  # MMRazor configs/distill/mmdet/mgd/mgd_fpn_retina_x101_retina_r50_2x_coco.py (alpha_mgd)
             # yzd-v/FGD configs/distillers/fgd/fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py
             "fgd_fg": 1e-3, "fgd_bg": 5e-4, "fgd_attention": 5e-4, "fgd_global": 5e-6,
+            "dist": 1.0,  # hunto/MasKD mmrazor/configs/distill/dist/dist_retinanet_x101-retinanet-r50_coco.py
         },
         "cwd": {"tau": 1.0, "levels": 5},  # P3-P7
         "pkd": {"levels": 4},  # P3-P6 (P7 is not distilled there)
         "mgd": {"mask_ratio": 0.65, "levels": 5},  # lambda_mgd; P3-P7
         "fgd": {"temperature": 0.5, "levels": 5},  # P3-P7
+        # same DIST config: sigmoid scores of bbox_head.retina_cls on every level; no temperature (1)
+        "dist": {"beta": 1.0, "gamma": 1.0, "tau": 1.0},
     },
     "faster_rcnn": {
         "weights": {
@@ -272,11 +293,16 @@ REFERENCE_SETTINGS: dict[str, dict[str, dict[str, float | int]]] = {
             "mgd": 5e-7,
             # yzd-v/FGD configs/distillers/fgd/fgd_faster_rcnn_r101_fpn_2x_distill_faster_rcnn_r50_fpn_2x_coco.py
             "fgd_fg": 5e-5, "fgd_bg": 2.5e-5, "fgd_attention": 5e-5, "fgd_global": 5e-7,
+            # DIST's only two-stage config (a Cascade Mask R-CNN X101 teacher, a Faster R-CNN R50 student):
+            # hunto/MasKD mmrazor/configs/distill/dist/dist_cascade_mask_rcnn_x101-fpn_x50_coco.py
+            "dist": 1.0,
         },
         "cwd": {"tau": 1.0, "levels": 5},  # P2-P6
         "pkd": {"levels": 4},  # P2-P5
         "mgd": {"mask_ratio": 0.45, "levels": 4},  # P2-P5
         "fgd": {"temperature": 0.5, "levels": 4},  # P2-P5
+        # same DIST config: softmax scores of the box head's fc_cls on the student's RoIs; no temperature (1)
+        "dist": {"beta": 1.0, "gamma": 1.0, "tau": 1.0},
     },
 }
 # The oriented RetinaNet is the RetinaNet body and head with a fifth regression output; no

@@ -153,6 +153,7 @@ class DistillTask:
             boxes=[t["boxes"] for t in targets], input_hw=tuple(batch.tensors.shape[-2:]),
             rboxes=[t["rboxes"] for t in targets] if self.oriented else None,
             settings=self.settings, implicit=implicit,
+            predictions=lambda: self.family.prediction_pair(detection, self.teacher, teacher_features),
             aligned=features if self.same_width else adapted,
             image_sizes=[tuple(size) for size in batch.image_sizes],
             parts=dict(self.module.parts.items()) if self.module.parts is not None else {},

@@ -2,10 +2,10 @@
 
 A family is one module (`retinanet.py`, `faster_rcnn.py`) with one `DetectorFamily`
 subclass: how the detector is built, the detection terms of a training step computed
-from features the caller already has, the implicit (amplifier) loss, what the
-high-frequency amplifier replaces and trains, and where its score threshold lives. A new
-family is one new module registered in `families/__init__.py`, as each torchvision model
-owns its `compute_loss`.
+from features the caller already has, the implicit (amplifier) loss, the class scores of
+student and teacher on the same anchors or RoIs (DIST), what the high-frequency amplifier
+replaces and trains, and where its score threshold lives. A new family is one new module
+registered in `families/__init__.py`, as each torchvision model owns its `compute_loss`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ class DetectionStep:
     cache: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ClassScores:
+    """The student's class logits and the frozen teacher's for the same anchors or RoIs, as the
+    `[rows, classes]` matrices DIST relates (one per dense-head level, one for an RoI head)."""
+
+    student: list[Tensor]  # with autograd: the student's own detection-loss logits
+    teacher: list[Tensor]  # no autograd
+    activation: Literal["sigmoid", "softmax"]  # how the head turns logits into scores
+
+
 class DetectorFamily:
     name: ClassVar[str]
     model_type: ClassVar[type[nn.Module]]
@@ -52,6 +62,12 @@ class DetectorFamily:
                       student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
                       settings: DistillConfig) -> dict[str, Tensor]:
         """{"cls", "box"}: the amplifier `head` (teacher's own, or the HF one) on both feature sets."""
+        raise NotImplementedError
+
+    def prediction_pair(self, step: DetectionStep, teacher: nn.Module,
+                        teacher_features: dict[str, Tensor]) -> ClassScores:
+        """The student's class logits of `step` and the teacher's head on `teacher_features` for
+        the same anchors or RoIs (what DIST compares)."""
         raise NotImplementedError
 
     def head(self, model: nn.Module) -> nn.Module:

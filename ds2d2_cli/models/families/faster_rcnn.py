@@ -12,7 +12,8 @@ Its implicit loss samples RoIs from the student's proposals and compares the amp
 head's outputs on student and teacher features; each amplifier draws its own RoIs (the
 authors) or both share one draw (`distill.implicit_roi_draw`). The authors' high-frequency
 amplifier trains RPN and RoI head on `HF(features)` (`amplifier_rpn="high_frequency"`);
-`"frozen"` keeps the teacher's RPN on full features.
+`"frozen"` keeps the teacher's RPN on full features. DIST compares the student's RoI class
+scores with the teacher's box head on the same sampled RoIs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _onnx_merge_levels, _setup_scales
@@ -34,7 +36,7 @@ from ds2d2_cli.distill.implicit import faster_rcnn_implicit_loss, sample_rois
 from ds2d2_cli.distill.spectral import high_frequency
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.backbones import build_fpn_backbone
-from ds2d2_cli.models.families._base import AmplifierRPN, DetectionStep, DetectorFamily, trainable_copy
+from ds2d2_cli.models.families._base import AmplifierRPN, ClassScores, DetectionStep, DetectorFamily, trainable_copy
 
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 
@@ -128,10 +130,33 @@ class FasterRCNNFamily(DetectorFamily):
 
     def detection_step(self, model, batch, targets, features) -> DetectionStep:
         proposals, rpn_losses = model.rpn(batch, features, targets)
-        _, roi_losses = model.roi_heads(features, proposals, batch.image_sizes, targets)
-        step = DetectionStep(batch, targets, {**rpn_losses, **roi_losses})
+        # RoIHeads.forward in training, spelled out (these detectors have a box branch only), so
+        # that the sampled RoIs and their class logits stay for DIST: the same calls in the same
+        # order, so the same RoI draw and the same losses
+        roi_heads = model.roi_heads
+        rois, _, labels, regression_targets = roi_heads.select_training_samples(proposals, targets)
+        logits, deltas = roi_heads.box_predictor(
+            roi_heads.box_head(roi_heads.box_roi_pool(features, rois, batch.image_sizes)))
+        loss_classifier, loss_box_reg = fastrcnn_loss(logits, deltas, labels, regression_targets)
+        step = DetectionStep(batch, targets, {**rpn_losses, "loss_classifier": loss_classifier,
+                                              "loss_box_reg": loss_box_reg})
         step.cache["proposals"] = [p.detach() for p in proposals]
+        step.cache["sampled_rois"] = [r.detach() for r in rois]
+        step.cache["roi_logits"] = logits
         return step
+
+    def prediction_pair(self, step: DetectionStep, teacher: nn.Module,
+                        teacher_features: dict[str, Tensor]) -> ClassScores:
+        """DIST on the RoI head as MasKD's two-stage config has it
+        (mmrazor/configs/distill/dist/dist_cascade_mask_rcnn_x101-fpn_x50_coco.py): the student's
+        `fc_cls` logits on its sampled RoIs, and the teacher's box head on its own features for
+        the same RoIs (its RoI extractor is handed the student's), softmax over the classes and
+        background (`use_sigmoid` off)."""
+        roi_heads = teacher.roi_heads
+        with torch.no_grad():
+            logits, _ = roi_heads.box_predictor(roi_heads.box_head(
+                roi_heads.box_roi_pool(teacher_features, step.cache["sampled_rois"], step.batch.image_sizes)))
+        return ClassScores([step.cache["roi_logits"]], [logits], "softmax")
 
     def implicit_loss(self, step: DetectionStep, teacher: nn.Module, head: nn.Module,
                       student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],

@@ -2,7 +2,8 @@
 level (size = anchor_base x stride x 2^(i/3), strides 8-128), focal loss, L1 box loss.
 
 Its amplifier is a copy of the head reading `high_frequency(...)` of each level; the
-implicit loss is `retinanet_implicit_loss` on the teacher's anchors and assigner.
+implicit loss is `retinanet_implicit_loss` on the teacher's anchors and assigner. DIST reads
+the classification head's sigmoid scores of student and teacher, level by level.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ds2d2_cli.config import DistillConfig, InputConfig, ModelConfig
 from ds2d2_cli.distill.implicit import retinanet_implicit_loss, retinanet_matches
 from ds2d2_cli.distill.spectral import high_frequency
+from ds2d2_cli.errors import Ds2d2Error
 from ds2d2_cli.models.backbones import build_fpn_backbone
-from ds2d2_cli.models.families._base import AmplifierRPN, DetectionStep, DetectorFamily
+from ds2d2_cli.models.families._base import AmplifierRPN, ClassScores, DetectionStep, DetectorFamily
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -45,6 +47,39 @@ def silence_no_class_slot(cls_logits: nn.Conv2d, num_anchors: int) -> None:
     """Slot 0 of each anchor's scores is no class: start its bias far below any score threshold."""
     with torch.no_grad():
         cls_logits.bias.view(num_anchors, -1)[:, 0] = -20.0
+
+
+def dense_class_scores(step: DetectionStep, classification_head: nn.Module,
+                       teacher_features: dict[str, Tensor]) -> ClassScores:
+    """DIST's matrices for a RetinaNet head, as MasKD builds them: its DIST config
+    (mmrazor/configs/distill/dist/dist_retinanet_x101-retinanet-r50_coco.py) hooks
+    `bbox_head.retina_cls`, one `[N, A*K, H, W]` output per FPN level, and its loss
+    (mmrazor/models/losses/dist_kd.py, `use_sigmoid=True`) makes each a `[N*H*W, A*K]`
+    matrix of sigmoid scores: a row per location, its anchors' class scores side by side, a
+    loss per level, summed. Slot 0 of each anchor (no class, `silence_no_class_slot`) is left
+    out: an MMDetection sigmoid head has no such slot. The student's logits are those of its
+    detection loss (`step.cache["cls_logits"]`); the teacher's come from `classification_head`
+    on `teacher_features`, without autograd."""
+    levels = list(teacher_features.values())
+    student = step.cache["cls_logits"]  # [N, sum over levels of H*W*A, K + 1], level by level
+    with torch.no_grad():
+        teacher = classification_head(levels)
+    if teacher.shape != student.shape:
+        raise Ds2d2Error(f"DIST: the student's head predicts {tuple(student.shape)} class scores, the teacher's "
+                         f"{tuple(teacher.shape)} (the same anchors per location and classes are needed)")
+    images, total, slots = student.shape
+    cells = [level.shape[-2] * level.shape[-1] for level in levels]
+    anchors, rest = divmod(total, sum(cells))
+    if rest or not anchors:
+        raise Ds2d2Error(f"DIST: {total} anchors do not divide into the {sum(cells)} locations of the FPN levels")
+    pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+    start = 0
+    for count in cells:
+        stop = start + count * anchors
+        for logits, matrices in zip((student, teacher), pairs):
+            matrices.append(logits[:, start:stop, 1:].reshape(images * count, anchors * (slots - 1)))
+        start = stop
+    return ClassScores(pairs[0], pairs[1], "sigmoid")
 
 
 class HighFrequencyRetinaNetHead(nn.Module):
@@ -83,8 +118,10 @@ class RetinaNetFamily(DetectorFamily):
     def detection_step(self, model, batch, targets, features) -> DetectionStep:
         feature_list = list(features.values())
         anchors = model.anchor_generator(batch, feature_list)
-        terms = dict(model.compute_loss(targets, model.head(feature_list), anchors))
-        return DetectionStep(batch, targets, terms)
+        outputs = model.head(feature_list)
+        step = DetectionStep(batch, targets, dict(model.compute_loss(targets, outputs, anchors)))
+        step.cache["cls_logits"] = outputs["cls_logits"]  # what DIST compares with the teacher's
+        return step
 
     def implicit_loss(self, step: DetectionStep, teacher: nn.Module, head: nn.Module,
                       student_features: dict[str, Tensor], teacher_features: dict[str, Tensor],
@@ -100,6 +137,10 @@ class RetinaNetFamily(DetectorFamily):
             box_anchors=settings.box_kd_anchors, normalizer=settings.kd_normalizer,
             matched=step.cache["teacher_matches"],
         )
+
+    def prediction_pair(self, step: DetectionStep, teacher: nn.Module,
+                        teacher_features: dict[str, Tensor]) -> ClassScores:
+        return dense_class_scores(step, teacher.head.classification_head, teacher_features)
 
     def head(self, model: nn.Module) -> nn.Module:
         return model.head

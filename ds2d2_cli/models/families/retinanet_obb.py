@@ -57,10 +57,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ds2d2_cli.config import DistillConfig, InputConfig, ModelConfig
 from ds2d2_cli.errors import InputError
 from ds2d2_cli.models.backbones import build_fpn_backbone
-from ds2d2_cli.models.families._base import AmplifierRPN, DetectionStep, DetectorFamily
+from ds2d2_cli.models.families._base import AmplifierRPN, ClassScores, DetectionStep, DetectorFamily
 from ds2d2_cli.models.families.retinanet import (
     HighFrequencyRetinaNetHead,
     anchor_sizes,
+    dense_class_scores,
     head_norm_layer,
     silence_no_class_slot,
 )
@@ -445,9 +446,10 @@ class OrientedRetinaNetFamily(DetectorFamily):
     def detection_step(self, model, batch, targets, features) -> DetectionStep:
         feature_list = list(features.values())
         anchors = model.anchors(batch, feature_list)
-        terms = model.compute_loss(targets, model.head(feature_list), anchors)
-        step = DetectionStep(batch, targets, terms)
+        outputs = model.head(feature_list)
+        step = DetectionStep(batch, targets, model.compute_loss(targets, outputs, anchors))
         step.cache["anchors"] = anchors
+        step.cache["cls_logits"] = outputs["cls_logits"]  # what DIST compares with the teacher's
         return step
 
     def implicit_loss(self, step: DetectionStep, teacher: nn.Module, head: nn.Module,
@@ -464,6 +466,11 @@ class OrientedRetinaNetFamily(DetectorFamily):
             box_anchors=settings.box_kd_anchors, normalizer=settings.kd_normalizer,
             matched=step.cache["teacher_matches"],
         )
+
+    def prediction_pair(self, step: DetectionStep, teacher: nn.Module,
+                        teacher_features: dict[str, Tensor]) -> ClassScores:
+        """The horizontal RetinaNet's: the same classification head, so the same matrices."""
+        return dense_class_scores(step, teacher.head.classification_head, teacher_features)
 
     def head(self, model: nn.Module) -> nn.Module:
         return model.head
