@@ -159,8 +159,10 @@ class ModelConfig(_Strict):
     fpn_channels: int = Field(256, gt=0)
     pretrained: bool = Field(False, description="ImageNet backbone weights from torchvision (needs internet once)")
     backbone_weights: Path | None = Field(None, description="local backbone state_dict instead of downloading")
-    norm: Literal["auto", "frozen_bn", "bn"] = Field(
-        "auto", description="auto: frozen BN with pretrained weights, trainable BN from scratch"
+    norm: Literal["auto", "frozen_bn", "bn", "bn_eval"] = Field(
+        "auto", description="auto: frozen BN with pretrained weights (torchvision's detectors), trainable BN from "
+        "scratch; bn_eval: running statistics frozen, scale and shift trained in the trainable stages (MMDetection's "
+        "norm_eval=True with requires_grad=True, the authors' configs)"
     )
     trainable_layers: int = Field(3, ge=0, le=5)
     band_init: BandInit = Field(

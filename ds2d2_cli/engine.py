@@ -263,6 +263,11 @@ def _distributed_forward(task: TrainingTask, schedule: TrainConfig, device: torc
     if schedule.sync_bn:
         if device.type != "cuda":
             raise InputError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernels)")
+        from ds2d2_cli.models.backbones import EvalBatchNorm2d
+
+        if any(isinstance(m, EvalBatchNorm2d) for m in task.module.modules()):
+            raise InputError("train.sync_bn has nothing to synchronise with norm bn_eval (its batch statistics "
+                             "are never used); leave it off")
         task.module = nn.SyncBatchNorm.convert_sync_batchnorm(task.module)
     return DistributedDataParallel(_TaskForward(task), device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=schedule.find_unused_parameters)

@@ -59,6 +59,46 @@ def test_pretrained_freezing_by_stage(tmp_path):
         build_detector(bad.student, 5, bad.input)
 
 
+def test_bn_eval_keeps_imagenet_statistics_and_trains_scale_and_shift_in_trainable_stages(tmp_path):
+    """norm bn_eval (the authors' norm_eval=True, requires_grad=True): batch norm normalises with
+    the loaded running statistics in training too and never updates them; its weight and bias
+    get gradients in the trainable stages only (frozen_bn freezes both)."""
+    import torchvision
+
+    from ds2d2_cli.models.backbones import EvalBatchNorm2d
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    for module in reference.modules():  # statistics a forward would visibly use
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    weights = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), weights)
+    config = load_config("tiny-synthetic", [f"student.backbone_weights={weights}", "student.norm=bn_eval",
+                                            "student.trainable_layers=3"])
+    model = build_detector(config.student, 5, config.input).train()
+    body = model.backbone.body
+    norms = [m for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, EvalBatchNorm2d) and not m.training for m in norms)
+    assert torch.equal(body.layer4[0].bn1.running_var, reference.layer4[0].bn1.running_var)
+    before = {k: v.clone() for k, v in body.state_dict().items() if "running" in k}
+    out = model.backbone(torch.rand(2, 3, 64, 64))
+    sum(level.sum() for level in out.values()).backward()
+    assert all(torch.equal(before[k], v) for k, v in body.state_dict().items() if "running" in k)
+    assert body.layer4[0].bn1.weight.grad is not None and body.layer2[0].bn1.bias.grad.abs().sum() > 0
+    assert not body.layer1[0].bn1.weight.requires_grad and not body.bn1.weight.requires_grad
+    with torch.no_grad():  # in training mode it is the eval-mode layer of the loaded weights
+        x = torch.rand(1, 64, 8, 8)
+        assert torch.allclose(body.layer1[0].bn1(x), reference.layer1[0].bn1.eval()(x))
+
+
+def test_the_paper_presets_use_the_authors_batch_norm():
+    for preset in ("retina-dior", "retina-dota", "frcnn-dior", "frcnn-dota", "retina-obb-dota", "retina-dior-x101"):
+        config = load_config(preset)
+        assert config.teacher.norm == "bn_eval" and config.student.norm == "bn_eval", preset
+
+
 def test_a_mobilenet_student_distills_exports_and_predicts(tiny_data, tmp_path):
     sets = [arg for item in [*TINY, "student.backbone=mobilenet_v3_large"] for arg in ("--set", item)]
     common = ["--preset", "tiny-synthetic", "--data", str(tiny_data), "--max-iters", "2", *sets]

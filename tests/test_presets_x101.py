@@ -32,9 +32,9 @@ def test_x101_presets_carry_the_authors_values(preset):
     r101, classes, size, lr, weights = X101[preset]
     config = load_config(preset)
     t = config.teacher
-    # ResNeXt depth 101, groups 64, base_width 4, ImageNet weights, frozen_stages=1, norm_eval=True
+    # ResNeXt depth 101, groups 64, base_width 4, ImageNet weights, frozen_stages=1, norm_eval=True with trainable BN scale and shift (bn_eval)
     assert (t.backbone, t.fpn_channels, t.pretrained, t.trainable_layers, resolved_norm(t)) == (
-        "resnext101_64x4d", 256, True, 3, "frozen_bn")
+        "resnext101_64x4d", 256, True, 3, "bn_eval")
     s = config.student
     assert (s.backbone, s.fpn_channels, s.pretrained) == ("resnet18", 256, True)
     assert (config.data.classes, config.input.size) == (classes, size)

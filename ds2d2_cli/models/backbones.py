@@ -78,8 +78,18 @@ def resolved_norm(cfg: ModelConfig) -> str:
     return "frozen_bn" if has_pretrained(cfg) else "bn"
 
 
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that always normalises with its running statistics and never updates them,
+    while its scale and shift train like any parameter: MMDetection's `norm_eval=True` with
+    `requires_grad=True` (the authors' backbones), where FrozenBatchNorm2d freezes all four."""
+
+    def train(self, mode: bool = True) -> "EvalBatchNorm2d":
+        return super().train(False)
+
+
 def _norm_layer(cfg: ModelConfig):
-    return misc_nn_ops.FrozenBatchNorm2d if resolved_norm(cfg) == "frozen_bn" else nn.BatchNorm2d
+    return {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn_eval": EvalBatchNorm2d}.get(resolved_norm(cfg),
+                                                                                       nn.BatchNorm2d)
 
 
 def inflate_first_conv(weight: torch.Tensor, bands: Sequence[str], band_init: BandInit = "rgb") -> torch.Tensor:
