@@ -41,6 +41,9 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     teacher_sha256: str | None = None  # amplifiers and students: the teacher they came from
     method: str | None = None  # students: ds2d2 / none / fitnet
+    # students started from another student (`distill --init-student`): that checkpoint's path,
+    # sha256, method, teacher and its own `init_student`, so a chain's history reads from its last file
+    init_student: dict[str, Any] | None = None
     ds2d2_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -67,6 +70,8 @@ class CheckpointMeta:
             meta["teacher_sha256"] = self.teacher_sha256
         if self.method:
             meta["method"] = self.method
+        if self.init_student:
+            meta["init_student"] = json.dumps(self.init_student)
         return meta
 
     @classmethod
@@ -89,6 +94,7 @@ class CheckpointMeta:
                 metrics=json.loads(meta.get("metrics", "{}")),
                 teacher_sha256=meta.get("teacher_sha256"),
                 method=meta.get("method"),
+                init_student=json.loads(meta["init_student"]) if "init_student" in meta else None,
                 ds2d2_version=meta.get("ds2d2_version", "?"),
                 format_version=version,
             )
@@ -194,6 +200,14 @@ def load_checkpoint(path: str | Path, stage: Stage | Sequence[Stage] | None = No
         raise InputError(f"this is {_an(str(meta.stage))} checkpoint; expected {_an(' or '.join(expected))} "
                          f"checkpoint{where}", path)
     return Checkpoint(path, tensors, meta, file_sha256(path))
+
+
+def lineage(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What a student started from `checkpoint` records about it: enough to follow a chain of
+    students back to its first one from the last file alone."""
+    meta = checkpoint.meta
+    return {"path": str(checkpoint.path.resolve()), "sha256": checkpoint.sha256, "method": meta.method,
+            "teacher_sha256": meta.teacher_sha256, "preset": meta.preset, "init_student": meta.init_student}
 
 
 def check_classes(checkpoint: Checkpoint, classes: Sequence[str], data_path: Path) -> None:

@@ -332,6 +332,10 @@ class DistillConfig(_Strict):
     kd_cls_weight: float = Field(0.5, ge=0, description="Faster R-CNN classification KD weight")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="precision of the frozen teacher backbone during distillation (half: less memory)")
+    init_student_from_teacher: bool = Field(
+        False, description="start the student's neck (FPN) and heads from the teacher: every teacher tensor "
+        "outside the backbone body whose name and shape match the student's is copied before training (FGD's and "
+        "MGD's init_student=True); needs a teacher, and not with --init-student")
     cwd: CWDConfig = CWDConfig()
     pkd: PKDConfig = PKDConfig()
     mgd: MGDConfig = MGDConfig()

@@ -57,17 +57,25 @@ LABELS = {
     "ds2d2-implicit-every-2": "DS2D2, implicit streams every 2nd step",
     "ds2d2-implicit-every-4": "DS2D2, implicit streams every 4th step",
     "ds2d2-rois-128": "DS2D2, 128 RoIs per image in the implicit streams",
+    "chain": "DS2D2 chain: from the assistant teacher, then from the teacher",
 }
+# Progressive distillation (MTPD, Cao et al. 2023; TAKD): the student is distilled with DS2D2 from
+# `--assistant-teacher` first, then, started from that student (`distill --init-student`), from
+# `--teacher`; same seed and schedule in both stages. Its row in the table is the second stage.
+CHAIN = "chain"
+CHAIN_FIRST = "chain-assistant"  # the first stages' folder: OUT/runs/chain-assistant/seed<S>
 
 
 def study_methods() -> list[str]:
-    return [*METHODS, *ABLATIONS]
+    return [*METHODS, *ABLATIONS, CHAIN]
 
 
 def method_settings(name: str) -> dict[str, Any]:
     """The distill settings a study method sets (the rest from the preset)."""
     if name in ABLATIONS:
         return dict(ABLATIONS[name])
+    if name == CHAIN:  # both stages
+        return {"method": "ds2d2", "streams": DS2D2_STREAMS}
     if name not in METHODS:
         raise InputError(f"unknown study method {name!r}; available: {', '.join(study_methods())}")
     return {"method": name, "streams": DS2D2_STREAMS} if METHODS[name].ablatable else {"method": name}
@@ -92,24 +100,34 @@ class StudyRun:
     out: Path
     teacher: Path | None = None
     amplifier: Path | None = None
+    init_from: "StudyRun | None" = None  # trained (or reused) first; its model starts this run (`chain`)
 
 
 def plan_study(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path, *,
-               teacher: Path | None, amplifier: Path | None) -> list[StudyRun]:
-    """The runs of `ds2d2 study`: OUT/runs/<method>/seed<S>, one teacher for all."""
+               teacher: Path | None, amplifier: Path | None, assistant: Path | None = None) -> list[StudyRun]:
+    """The runs of `ds2d2 study`: OUT/runs/<method>/seed<S>, one teacher for all; `chain`'s first
+    stages (from `assistant`) in OUT/runs/chain-assistant/seed<S>."""
     if not methods or not seeds:
         raise InputError("a study needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
         raise InputError("--methods and --seeds must not repeat a value")
+    if CHAIN in methods and assistant is None:
+        raise InputError(f"method {CHAIN} needs --assistant-teacher A.safetensors (its first teacher)")
+    if assistant is not None and CHAIN not in methods:
+        raise InputError(f"--assistant-teacher is read by method {CHAIN} only; add it to --methods")
     runs = []
     for name in methods:
         for seed in seeds:
             run_config = method_config(seeded(config, seed), name)
             if needs_teacher(run_config) and teacher is None:
                 raise InputError(f"method {name} needs --teacher T.safetensors")
+            first = None
+            if name == CHAIN:  # the assistant's amplifier would be another teacher's: none in the first stage
+                first = StudyRun(CHAIN_FIRST, seed, run_config, Path(out) / "runs" / CHAIN_FIRST / f"seed{seed}",
+                                 assistant)
             runs.append(StudyRun(name, seed, run_config, Path(out) / "runs" / name / f"seed{seed}",
                                  teacher if needs_teacher(run_config) else None,
-                                 amplifier if needs_amplifier(run_config) else None))
+                                 amplifier if needs_amplifier(run_config) else None, first))
     return runs
 
 
@@ -136,6 +154,21 @@ def check_reusable(stage: str, out: Path, config: RunConfig, teacher_sha256: str
     if stage != "teacher" and teacher_sha256 != teacher_of(out / "model.safetensors"):
         raise InputError(f"a finished {stage} run from another teacher; remove it or use another --out", out)
     return "reuse"
+
+
+def check_started_from(out: Path, first: Path, first_action: str) -> None:
+    """A finished second stage is reused only when it started from the first stage's student as
+    it stands (its lineage's hash), so a retrained first stage retrains the second."""
+    from ds2d2_cli.checkpoint import file_sha256, load_checkpoint
+
+    model = Path(first) / "model.safetensors"
+    if first_action != "reuse" or not model.is_file():
+        raise InputError(f"a finished second stage whose first stage ({first}) is not finished; "
+                         "remove it or use another --out", out)
+    started = (load_checkpoint(Path(out) / "model.safetensors").meta.init_student or {}).get("sha256")
+    if started != file_sha256(model):
+        raise InputError(f"a finished second stage started from another student than {model}; "
+                         "remove it or use another --out", out)
 
 
 def ap_points(value: Any) -> float | None:
@@ -188,14 +221,24 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
     started = time.perf_counter()
     shas: dict[Path, str] = {}
     plans = []
-    for run in runs:  # every folder checked before any training
+
+    def plan(run: StudyRun) -> tuple[StudyRun, RunConfig, str]:
         config = with_data_root(run.config, data_dir)
         sha = None
         if run.teacher is not None:
             if not Path(run.teacher).is_file():
                 raise InputError("teacher checkpoint not found", run.teacher)
             sha = shas.setdefault(Path(run.teacher), file_sha256(run.teacher))
-        plans.append((run, config, check_reusable("student", run.out, config, sha)))
+        return run, config, check_reusable("student", run.out, config, sha)
+
+    firsts: dict[Path, tuple[StudyRun, RunConfig, str]] = {}
+    for run in runs:  # every folder checked before any training
+        planned = plan(run)
+        if run.init_from is not None:
+            firsts[run.out] = first = plan(run.init_from)
+            if planned[2] == "reuse":
+                check_started_from(run.out, first[0].out, first[2])
+        plans.append(planned)
     to_train = sum(1 for _, _, action in plans if action != "reuse")
     reporter.note(f"study: {len(plans)} runs ({len(plans) - to_train} finished, reused; {to_train} to train)")
 
@@ -215,9 +258,18 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
             if action == "reuse":
                 summary = read_json(run.out / "summary.json")
             else:
+                init_student = None
+                if run.out in firsts:
+                    first, first_config, first_action = firsts[run.out]
+                    if first_action != "reuse":
+                        reporter.note(f"study: {label}: first stage, from {first.teacher} ({first_action})")
+                        distill(first_config, out=first.out, teacher=first.teacher, data_dir=data_dir, preset=preset,
+                                device=device, resume=first_action == "resume", reporter=reporter)
+                    init_student = first.out / "model.safetensors"
+                    outcome["first_stage"] = str(first.out)
                 summary = distill(config, out=run.out, teacher=run.teacher, amplifier=run.amplifier,
-                                  data_dir=data_dir, preset=preset, device=device, resume=action == "resume",
-                                  reporter=reporter).summary
+                                  init_student=init_student, data_dir=data_dir, preset=preset, device=device,
+                                  resume=action == "resume", reporter=reporter).summary
                 trained_seconds.append(time.perf_counter() - t0)
                 done += 1
             metrics = summary.get("metrics") or {}
@@ -260,6 +312,7 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
         "merged_patches": merge_patches,
         "teacher": sorted({str(r.teacher) for r in runs if r.teacher is not None}),
         "amplifier": amplifiers,
+        "assistant_teacher": sorted({str(r.init_from.teacher) for r in runs if r.init_from is not None}),
         "teacher_metrics": teacher_metrics,
         "schedule": json.loads(first.config.train.model_dump_json(exclude={"seed"})),
         "device": str(device),
@@ -358,7 +411,7 @@ def analyse(outcomes: Sequence[dict[str, Any]], methods: Sequence[str], seeds: S
              is not None}
     best = max(gains, key=gains.get) if gains else None
     # DS2D2 against the strongest other method (its own ablations aside), paired by seed
-    others = {m: g for m, g in gains.items() if m != "ds2d2" and m not in ABLATIONS}
+    others = {m: g for m, g in gains.items() if m not in ("ds2d2", CHAIN) and m not in ABLATIONS}
     versus = None
     if "ds2d2" in gains and others:
         rival = max(others, key=others.get)

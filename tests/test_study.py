@@ -100,6 +100,27 @@ def test_plan_lays_out_methods_times_seeds(tmp_path):
         plan_study(config, ["none"], [0, 0], tmp_path, teacher=None, amplifier=None)
 
 
+def test_plan_of_a_chain(tmp_path):
+    """`chain`: per seed a first stage from the assistant (no amplifier: it is the teacher's) that
+    starts the second, from the teacher; the table's row is the second."""
+    config = load_config("tiny-synthetic")
+    teacher, amplifier, assistant = (tmp_path / f"{n}.safetensors" for n in ("t", "a", "ta"))
+    runs = plan_study(config, ["none", "chain"], [0, 1], tmp_path / "study", teacher=teacher, amplifier=amplifier,
+                      assistant=assistant)
+    chain = [r for r in runs if r.method == "chain"]
+    assert [r.out for r in chain] == [tmp_path / "study/runs/chain/seed0", tmp_path / "study/runs/chain/seed1"]
+    first = chain[1].init_from
+    assert first.out == tmp_path / "study/runs/chain-assistant/seed1" and first.teacher == assistant
+    assert first.amplifier is None and first.config == chain[1].config and first.config.train.seed == 1
+    assert chain[1].teacher == teacher and chain[1].amplifier == amplifier
+    assert chain[1].config.distill.method == "ds2d2" and "chain" in study_methods()
+    assert all(r.init_from is None for r in runs if r.method == "none")
+    with pytest.raises(InputError, match="needs --assistant-teacher"):
+        plan_study(config, ["chain"], [0], tmp_path, teacher=teacher, amplifier=None)
+    with pytest.raises(InputError, match="read by method chain only"):
+        plan_study(config, ["ds2d2"], [0], tmp_path, teacher=teacher, amplifier=None, assistant=assistant)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -216,3 +237,31 @@ def test_study_under_torchrun(tiny_data, teacher, tmp_path):
     record = json.loads((out / "study.json").read_text())
     assert record["processes"] == 2 and record["complete"]
     assert json.loads((out / "runs/cwd/seed0/summary.json").read_text())["processes"] == 2
+
+
+def test_study_chain_trains_two_stages_and_reuses_them(tiny_data, teacher, tmp_path):
+    """The assistant here is the teacher itself (any teacher checkpoint of the data will do)."""
+    from ds2d2_cli.checkpoint import file_sha256, load_checkpoint
+
+    out = tmp_path / "study"
+    result = _study(tiny_data, teacher, out, "--assistant-teacher", str(teacher), methods="chain", seeds="0")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "study.json").read_text())
+    assert record["methods"] == ["none", "chain"] and record["assistant_teacher"] == [str(teacher)]
+    chain_run = next(r for r in record["runs"] if r["method"] == "chain")
+    first, second = out / "runs/chain-assistant/seed0", out / "runs/chain/seed0"
+    assert chain_run["first_stage"] == str(first) and chain_run["run"] == str(second)
+    lineage = load_checkpoint(second / "model.safetensors").meta.init_student
+    assert lineage["sha256"] == file_sha256(first / "model.safetensors")
+    assert json.loads((first / "summary.json").read_text())["teacher"] == str(teacher)
+    assert record["table"]["chain"]["gain"]["AP50"]["n"] == 1
+    stamps = [p.stat().st_mtime_ns for p in (first / "model.safetensors", second / "model.safetensors")]
+    again = _study(tiny_data, teacher, out, "--assistant-teacher", str(teacher), methods="chain", seeds="0")
+    assert again.exit_code == 0, again.output
+    assert [p.stat().st_mtime_ns for p in (first / "model.safetensors", second / "model.safetensors")] == stamps
+    # a second stage whose first stage is gone is not reused as if it still fitted
+    import shutil
+
+    shutil.rmtree(first)
+    refused = _study(tiny_data, teacher, out, "--assistant-teacher", str(teacher), methods="chain", seeds="0")
+    assert refused.exit_code == 2 and "first stage" in refused.output and "Traceback" not in refused.output

@@ -221,6 +221,10 @@ def distill_command(
     amplifier: Optional[Path] = typer.Option(None, "--amplifier", "-a", help="the amplifier's model.safetensors "
                                              "(without it the implicit high-frequency stream is off)",
                                              show_default=False),
+    init_student: Optional[Path] = typer.Option(
+        None, "--init-student", help="start from this student checkpoint's detector weights (same student model, "
+        "classes and input; optimizer and schedule fresh): progressive distillation, teacher-assistant chains",
+        show_default=False),
     preset: str = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
     out: Path = typer.Option(Path("runs/student"), "--out", "-o", help="run folder"),
@@ -245,6 +249,8 @@ def distill_command(
     Examples: ds2d2 distill --teacher t.safetensors --preset retina-dior
 
               ds2d2 distill --method none --preset retina-dior --out runs/baseline
+
+              ds2d2 distill --teacher t2.safetensors --init-student runs/student/model.safetensors --preset retina-dior
     """
     from ds2d2_cli.stages.distill import distill
 
@@ -260,7 +266,8 @@ def distill_command(
         options.append(f"distill.wavelet={wavelet}")
     config = resolve_config(preset, overrides, stage="student", command="distill", options=options, max_iters=max_iters,
                             weights={"student": backbone_weights})
-    result = distill(config, out=out, teacher=teacher, amplifier=amplifier, data_dir=data, preset=preset,
+    result = distill(config, out=out, teacher=teacher, amplifier=amplifier, init_student=init_student,
+                     data_dir=data, preset=preset,
                      device=_device(device), resume=resume, reporter=RichReporter())
     if not _json_to_stdout(json_out):
         print_run_summary(result.summary)

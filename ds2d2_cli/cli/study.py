@@ -68,10 +68,13 @@ def study_command(
                                            "(every method but none)", show_default=False),
     amplifier: Optional[Path] = typer.Option(None, "--amplifier", "-a", help="the amplifier's model.safetensors "
                                              "(DS2D2's implicit high-frequency stream)", show_default=False),
+    assistant: Optional[Path] = typer.Option(None, "--assistant-teacher", help="method chain's first teacher "
+                                             "(a weaker teacher or teacher assistant's model.safetensors)",
+                                             show_default=False),
     methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma list of registry methods and DS2D2 "
                                 "ablations (ds2d2-explicit, ds2d2-implicit, ds2d2-no-disw, ds2d2-adapted) and approximations "
-                                "(ds2d2-implicit-every-2, -4; Faster R-CNN ds2d2-rois-128); "
-                                "none is added as the baseline"),
+                                "(ds2d2-implicit-every-2, -4; Faster R-CNN ds2d2-rois-128); chain (DS2D2 from "
+                                "--assistant-teacher, then from --teacher); none is added as the baseline"),
     seeds: str = typer.Option("0,1,2", "--seeds", help="comma list of student seeds"),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="study folder (runs/<method>/seed<S>, "
                              "study.json, study.md, study.png)"),
@@ -104,7 +107,7 @@ def study_command(
         names.insert(0, BASELINE)
     config = resolve_config(preset, list(overrides), stage="student", command="study", max_iters=max_iters)
     data_dir = Path(data) if data is not None else Path(config.data.root)
-    runs = plan_study(config, names, _seeds(seeds), out, teacher=teacher, amplifier=amplifier)
+    runs = plan_study(config, names, _seeds(seeds), out, teacher=teacher, amplifier=amplifier, assistant=assistant)
     reporter = RichReporter()
     if amplifier is None and any(needs_amplifier(run.config) for run in runs):
         reporter.note("no --amplifier: DS2D2's implicit high-frequency stream is off in this study")

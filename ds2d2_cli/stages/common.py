@@ -135,3 +135,44 @@ def load_teacher(path: Path, config: RunConfig, classes: list[str], data_path: P
             f"the preset says {config.input.size} px (use the teacher's preset or --set input...)", path,
         )
     return checkpoint
+
+
+# The model settings that decide a detector's weights (names and shapes), compared for --init-student.
+ARCHITECTURE = ("detector", "backbone", "fpn_channels", "head_norm")
+
+
+def load_init_student(path: Path, config: RunConfig, classes: list[str], data_path: Path) -> Checkpoint:
+    """The `--init-student` checkpoint: a student of the same model, classes and input as the run's
+    student, so its detector weights can start this one (progressive distillation, TAKD)."""
+    checkpoint = load_checkpoint(path, "student", option="--init-student")
+    check_classes(checkpoint, classes, data_path)
+    stored, wanted = checkpoint.meta.model, config.student
+    differ = [f"{name} {getattr(stored, name)} (the run's student: {getattr(wanted, name)})"
+              for name in ARCHITECTURE if getattr(stored, name) != getattr(wanted, name)]
+    if differ:
+        raise InputError(f"--init-student is another model than the run's student: {'; '.join(differ)}", path)
+    if checkpoint.meta.input.comparable() != config.input.comparable():
+        raise InputError(f"--init-student was trained at input {checkpoint.meta.input.size} px with its own "
+                         f"normalisation or bands; the run's student reads {config.input.size} px "
+                         "(use that student's preset or --set input...)", path)
+    return checkpoint
+
+
+def check_weights_fit(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path,
+                      option: str) -> None:
+    """Refuse weights that would not load strictly into a model of `expected`'s state dict
+    (e.g. another norm setting: frozen batch norm has no `num_batches_tracked`)."""
+    missing = [k for k in expected if k not in tensors]
+    extra = [k for k in tensors if k not in expected]
+    shaped = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shaped:
+        parts = []
+        if shaped:
+            k = shaped[0]
+            parts.append(f"{len(shaped)} of another shape (first {k}: {list(tensors[k].shape)}, the run's "
+                         f"student {list(expected[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing (first {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} the run's student lacks (first {extra[0]})")
+        raise InputError(f"{option}: its weights do not fit the run's student: {'; '.join(parts)}", path)

@@ -16,17 +16,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ds2d2_cli.checkpoint import Checkpoint, load_checkpoint, meta_for
+from ds2d2_cli import distributed
+from ds2d2_cli.checkpoint import Checkpoint, lineage, load_checkpoint, meta_for
 from ds2d2_cli.config import RunConfig
 from ds2d2_cli.distill import Adapter, high_frequency
 from ds2d2_cli.distill.registry import NEEDS_ADAPTER, NEEDS_ALIGNED, NEEDS_AMPLIFIER, NEEDS_IMPLICIT, PARTS
 from ds2d2_cli.distill.registry import DistillStep, active_terms, get_method
 from ds2d2_cli.errors import InputError
+from ds2d2_cli.fileio import read_json, write_json
 from ds2d2_cli.models.amplifier import load_head
 from ds2d2_cli.models.detectors import build_detector, model_from_checkpoint
 from ds2d2_cli.models.families import family_of
 from ds2d2_cli.progress import NullReporter, Reporter
-from ds2d2_cli.stages.common import load_stage_data, load_teacher, seed_everything
+from ds2d2_cli.stages.common import check_weights_fit, load_init_student, load_stage_data, load_teacher, seed_everything
 from ds2d2_cli.stages.runner import StageResult, prepare_stage, run_stage
 from ds2d2_cli.tasks import DetectorTask
 
@@ -206,19 +208,60 @@ def _load_amplifier(path: Path, teacher: Checkpoint, teacher_model: nn.Module) -
     return load_head(teacher_model, checkpoint.tensors, path)
 
 
+# The backbone body stays the student's own: FGD's `init_student` skips the teacher's `backbone.`
+# (MMDetection's backbone = torchvision's backbone.body; its neck, the FPN, is copied).
+TEACHER_INIT_SKIPPED = "backbone.body."
+INIT_STUDENT_RECORD = "init_student.json"  # the run folder's record of --init-student, read by --resume
+
+
+def teacher_init_names(teacher: dict[str, Tensor], student: dict[str, Tensor]) -> list[str]:
+    """The teacher tensors `distill.init_student_from_teacher` copies into the student: every one
+    outside the backbone body whose name and shape the student has, as FGD's `init_student` does
+    (yzd-v/FGD, mmdet/distillation/distillers/detection_distiller.py: the teacher checkpoint's state
+    dict without `backbone.*` loaded non-strictly, so tensors of another shape stay the student's)."""
+    return [name for name, value in teacher.items()
+            if not name.startswith(TEACHER_INIT_SKIPPED) and name in student
+            and tuple(student[name].shape) == tuple(value.shape)]
+
+
+def _init_student_lineage(init_student: Path | None, out: Path, resume: bool, config: RunConfig,
+                          classes: list[str], data_path: Path) -> tuple[Checkpoint | None, dict[str, Any] | None]:
+    """The `--init-student` checkpoint (fresh runs) and the lineage the run records. A resumed run
+    reads the lineage from its folder, so `--resume` needs no `--init-student`; given, it must be
+    the same file (by hash) the run started from."""
+    checkpoint = load_init_student(init_student, config, classes, data_path) if init_student is not None else None
+    if not resume:
+        return checkpoint, lineage(checkpoint) if checkpoint is not None else None
+    record = Path(out) / INIT_STUDENT_RECORD
+    recorded = read_json(record) if record.is_file() else None
+    if checkpoint is not None:
+        if recorded is None:
+            raise InputError("--resume with --init-student: this run did not start from a student "
+                             "(drop --init-student)", out)
+        if recorded.get("sha256") != checkpoint.sha256:
+            raise InputError(f"--resume with --init-student: this run started from another student (sha256 "
+                             f"{str(recorded.get('sha256'))[:12]}..., --init-student is {checkpoint.sha256[:12]}...)",
+                             init_student)
+    return None, recorded
+
+
 def distill(
     config: RunConfig,
     *,
     out: Path,
     teacher: Path | None = None,
     amplifier: Path | None = None,
+    init_student: Path | None = None,
     data_dir: Path | None = None,
     preset: str = "",
     device: torch.device | str = "cpu",
     resume: bool = False,
     reporter: Reporter | None = None,
 ) -> StageResult:
-    """Train `config.student` with `config.distill.method` (ds2d2, fitnet, or none = the baseline)."""
+    """Train `config.student` with `config.distill.method` (ds2d2, fitnet, or none = the baseline).
+
+    `init_student`: a student checkpoint whose detector weights start this student (optimizer and
+    schedule fresh; a fresh run only), recorded as its lineage in the new checkpoint's metadata."""
     reporter = reporter or NullReporter()
     device = torch.device(device)
     method = config.distill.method
@@ -251,9 +294,42 @@ def distill(
         raise InputError(f"distill.implicit_rois={config.distill.implicit_rois} thins the RoIs of Faster R-CNN's "
                          f"implicit streams, and this run has none (student {config.student.detector}, method "
                          f"{method}, streams {', '.join(config.distill.streams)}); leave it unset")
-    prepare_stage(config, out, resume)
+    from_teacher = config.distill.init_student_from_teacher
+    if from_teacher and init_student is not None:
+        raise InputError("--init-student and distill.init_student_from_teacher both set the student's start; "
+                         "choose one")
+    if from_teacher and not chosen.needs_teacher:
+        raise InputError(f"distill.init_student_from_teacher copies the teacher's neck and heads, and method "
+                         f"{method} reads no teacher")
+    init_ckpt, init_lineage = _init_student_lineage(init_student, out, resume, config, data.classes,
+                                                    data.train.path)
+    # Built before the run folder is made, so a start that does not fit leaves nothing behind.
     seed_everything(config.schedule("student").seed)
     student = build_detector(config.student, len(data.classes), config.input).to(device)
+    student_state = student.state_dict()
+    copied: list[str] = []
+    if init_ckpt is not None:
+        check_weights_fit(init_ckpt.tensors, student_state, init_ckpt.path, "--init-student")
+    if from_teacher:
+        copied = teacher_init_names(teacher_ckpt.tensors, student_state)
+    prepare_stage(config, out, resume)
+    if not resume:  # a resumed run restores its own weights
+        record = Path(out) / INIT_STUDENT_RECORD
+        if distributed.is_main():  # a fresh run's own record, or none (not one a failed start left)
+            record.unlink(missing_ok=True)
+        if init_ckpt is not None:
+            student.load_state_dict(init_ckpt.tensors, strict=True)
+            if distributed.is_main():
+                write_json(record, init_lineage, indent=2)
+            reporter.note(f"distill: the student starts from {init_ckpt.path} (sha256 {init_ckpt.sha256[:12]}..., "
+                          f"method {init_ckpt.meta.method})")
+        if from_teacher:
+            student.load_state_dict({k: teacher_ckpt.tensors[k] for k in copied}, strict=False)
+            narrower = (f"; the student's FPN ({config.student.fpn_channels} channels) is not the teacher's "
+                        f"({teacher_ckpt.meta.model.fpn_channels}), so only tensors of that width match"
+                        if config.student.fpn_channels != teacher_ckpt.meta.model.fpn_channels else "")
+            reporter.note(f"distill: {len(copied)} tensors copied from the teacher (init_student_from_teacher): "
+                          f"{', '.join(copied) or '-'}{narrower}")
     if teacher_model is None:
         task: Any = DetectorTask(student)
         detector = student
@@ -268,7 +344,8 @@ def distill(
             reporter.note(f"distill: method {method}, terms {', '.join(t.name for t in task.terms)}")
         if task.implicit_input_note:
             reporter.note(task.implicit_input_note)
-    extra = {"method": method, "teacher_sha256": teacher_ckpt.sha256 if teacher_ckpt else None}
+    extra = {"method": method, "teacher_sha256": teacher_ckpt.sha256 if teacher_ckpt else None,
+             "init_student": init_lineage}
     active = sorted(task.streams) if isinstance(task, DistillTask) else []
     implicit_input = task.implicit_input if isinstance(task, DistillTask) and task.uses_implicit else None
     parts = task.module.distill_parts if isinstance(task, DistillTask) and task.module.distill_parts() else None
@@ -282,5 +359,7 @@ def distill(
                        "wavelet": config.distill.wavelet, "implicit_every": config.distill.implicit_every,
                        "implicit_rois": config.distill.implicit_rois,
                        "teacher": str(teacher) if teacher else None,
-                       "amplifier": str(amplifier) if amplifier_head is not None else None},
+                       "amplifier": str(amplifier) if amplifier_head is not None else None,
+                       "init_student": init_lineage,
+                       "init_from_teacher": copied if from_teacher else None},
     )
