@@ -220,15 +220,16 @@ def sample_rois(roi_heads: RoIHeads, proposals: list[Tensor], targets: list[dict
                 per_image: int | None = None) -> list[Tensor]:
     """RoIs as the RoI head samples them in training (512 per image, 25% positive, GT added);
     `per_image` draws that many instead, at the same positive fraction (`distill.implicit_rois`)."""
+    if per_image is None:
+        with torch.no_grad():
+            return roi_heads.select_training_samples([p.detach() for p in proposals], targets)[0]
     sampler = roi_heads.fg_bg_sampler
-    if per_image is not None:
-        roi_heads.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(per_image, sampler.positive_fraction)
+    roi_heads.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(per_image, sampler.positive_fraction)
     try:
         with torch.no_grad():
-            rois, _, _, _ = roi_heads.select_training_samples([p.detach() for p in proposals], targets)
+            return roi_heads.select_training_samples([p.detach() for p in proposals], targets)[0]
     finally:
         roi_heads.fg_bg_sampler = sampler
-    return rois
 
 
 def faster_rcnn_implicit_loss(
