@@ -16,20 +16,12 @@ from ds2d2_cli.checkpoint import file_sha256
 from ds2d2_cli.cli.app import app
 
 from conftest import TINY
+from test_distill_stages import _run, _sets  # the CLI runner every distill test uses
 
 runner = CliRunner()
 PRESET = "tiny-synthetic"
 
 
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def _run(args, code=0):
-    result = runner.invoke(app, [*args, "--device", "cpu"])
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    return result
 
 
 def _meta(path: Path) -> dict:
