@@ -19,6 +19,7 @@ from ds2d2_cli.distill.registry import METHODS, REFERENCE_SETTINGS
 from ds2d2_cli.errors import Ds2d2Error
 
 from conftest import TINY
+from test_distill_stages import tiny_batch
 
 runner = CliRunner()
 
@@ -131,9 +132,7 @@ def _task(preset: str, *overrides: str):
     torch.manual_seed(0)
     student = build_detector(config.student, 5, config.input)
     teacher = build_detector(config.teacher, 5, config.input)
-    images = [torch.rand(3, 128, 128) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10.0, 12, 30, 40], [60, 60, 70, 72]]), "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[5.0, 80, 50, 120]]), "labels": torch.tensor([2])}]
+    images, targets = tiny_batch()
     return config, student, teacher, images, targets, DistillTask
 
 

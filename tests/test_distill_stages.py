@@ -261,6 +261,14 @@ def test_compile_option_reaches_the_backbones():
     assert list(model.state_dict()) == keys  # checkpoints keep their keys
 
 
+def tiny_batch():
+    """Two 128 px images with three boxes: the batch the step-in-isolation tests share."""
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 12, 30, 40], [60, 60, 70, 72]]), "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[5.0, 80, 50, 120]]), "labels": torch.tensor([2])}]
+    return images, targets
+
+
 def _wiring_task(*overrides: str):
     """A DistillTask on tiny RetinaNets, and one batch: the step in isolation."""
     from ds2d2_cli.models.detectors import build_detector
@@ -270,9 +278,7 @@ def _wiring_task(*overrides: str):
     torch.manual_seed(0)
     student = build_detector(config.student, 5, config.input)
     teacher = build_detector(config.teacher, 5, config.input)
-    images = [torch.rand(3, 128, 128) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10.0, 12, 30, 40], [60, 60, 70, 72]]), "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[5.0, 80, 50, 120]]), "labels": torch.tensor([2])}]
+    images, targets = tiny_batch()
     task = DistillTask(student, teacher, config)
     task.train_mode()
     return task, images, targets
