@@ -14,7 +14,8 @@ least important steps:
     amp-off      distill ds2d2 with train.amp=false, both families (every other run has AMP on)
     torchrun     distill ds2d2 under torchrun --nproc_per_node 1 (NCCL)
     channels_last  distill ds2d2 with train.channels_last=true
-    cuda-tests   pytest tests/test_disw.py tests/test_explicit.py tests/test_spectral.py (none may skip)
+    cuda-tests   pytest tests/test_disw.py tests/test_explicit.py tests/test_rotated.py tests/test_spectral.py
+                 (none may skip)
     distill-step benchmarks/bench_distill_step.py --device cuda --quick --full --size 800: DS2D2's step
                  against the student's and student + teacher forward, every method, tiny and paper models
     paper        retina-dior and frcnn-dior (R101-FPN256 -> R18-FPN256, batch 8, 800 px) on random
@@ -66,7 +67,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 MARKER = ".gpu_check"  # a work folder holding it was made by this script and may be replaced
-CUDA_TESTS = ("tests/test_disw.py", "tests/test_explicit.py", "tests/test_spectral.py")
+CUDA_TESTS = ("tests/test_disw.py", "tests/test_explicit.py", "tests/test_rotated.py", "tests/test_spectral.py")
 FAMILIES = (  # (group, preset) of the tiny models: every method runs on both horizontal families
     ("retinanet", "tiny-synthetic"),
     ("faster_rcnn", "tiny-synthetic-frcnn"),

@@ -329,6 +329,33 @@ def test_nms_in_rounds_is_greedy_nms(seed, monkeypatch):
             assert rotated_nms(b, scores, threshold).tolist() == greedy_nms(b, scores, threshold)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+def test_cuda_iou_matches_cpu():
+    a, b = random_boxes(300, seed=3), random_boxes(200, seed=4)
+    torch.testing.assert_close(rotated_box_iou(a.cuda(), b.cuda()).cpu(), rotated_box_iou(a, b), atol=1e-9, rtol=0)
+
+
+@CUDA
+@pytest.mark.parametrize("block", [16, None])
+def test_cuda_nms_is_greedy_nms(block, monkeypatch):
+    """On a GPU NMS settles larger rounds (ACCELERATOR_NMS_BLOCK); small ones and the default
+    give the textbook answer, batched too."""
+    import ds2d2_cli.rotated as rotated
+
+    if block is not None:
+        monkeypatch.setattr(rotated, "ACCELERATOR_NMS_BLOCK", block)
+    gen = torch.Generator().manual_seed(5)
+    for b in (random_boxes(150, seed=11), random_boxes(150, seed=12, scene=20)):
+        scores = torch.randint(0, 6, (150,), generator=gen).double() / 5
+        idxs = torch.randint(0, 3, (150,), generator=gen)
+        assert rotated_nms(b.cuda(), scores.cuda(), 0.3).tolist() == greedy_nms(b, scores, 0.3)
+        assert batched_rotated_nms(b.cuda(), scores.cuda(), idxs.cuda(), 0.3).tolist() == \
+            batched_rotated_nms(b, scores, idxs, 0.3).tolist()
+
+
 def test_nms_empty_and_single():
     empty = torch.zeros(0, 5)
     assert rotated_nms(empty, torch.zeros(0), 0.5).tolist() == []
