@@ -34,7 +34,7 @@ def stage(out: Path, *args: str) -> None:
 
 
 def teacher_amplifier_study(work: Path, common: list[str], record: Path, *, seeds: str, methods: str,
-                            teacher_iters: int | None, student_iters: int | None) -> Path:
+                            teacher_iters: int | None, student_iters: int | None, jobs: int = 1) -> Path:
     """Teacher (demo recipe), amplifier and `ds2d2 study` (whole scenes scored) in `work`; the
     study record goes to `record` and its table beside it (`.md`)."""
     teacher_sets = [*TEACHER_RECIPE]
@@ -46,7 +46,7 @@ def teacher_amplifier_study(work: Path, common: list[str], record: Path, *, seed
     stage(work / "amplifier", "train-amplifier", *common, *sets(amplifier_sets), "--teacher", str(teacher))
     limit = [] if student_iters is None else ["--max-iters", str(student_iters)]
     ds2d2("study", *common, "--teacher", str(teacher), "--amplifier", str(work / "amplifier" / "model.safetensors"),
-          "--methods", methods, "--seeds", seeds, "--merge-patches", *limit,
+          "--methods", methods, "--seeds", seeds, "--merge-patches", "--jobs", str(jobs), *limit,
           "--out", str(work / "study"), "--json", str(record))
     table = work / "study" / "study.md"
     if table.is_file():

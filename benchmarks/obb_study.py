@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> Path:
     common = ["--preset", PRESET, "--data", str(data), "--device", args.device, *sets(["data.classes=synthetic"])]
     return teacher_amplifier_study(work, common, args.results / "obb_study.json", seeds=args.seeds,
                                    methods="none,ds2d2,cwd", teacher_iters=args.teacher_iters,
-                                   student_iters=args.student_iters)
+                                   student_iters=args.student_iters, jobs=args.jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-iters", type=int, default=None, help="instead of the demo teacher's 4800")
     parser.add_argument("--student-iters", type=int, default=None, help="students and amplifier (smoke runs)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--jobs", type=int, default=1, help="students trained at once (`ds2d2 study --jobs`)")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where the records go")
     args = parser.parse_args(argv)
     record = run(args)

@@ -200,22 +200,100 @@ def _scene_metrics(model: Path, data_dir: Path, split: str, device: Any, reporte
     return metrics
 
 
+Plan = tuple[StudyRun, RunConfig, str]  # a run, its config with the data root, and reuse/resume/train
+
+
+def _train(plan: Plan, first: Plan | None, *, data_dir: Path, preset: str, device: Any,
+           reporter: Reporter) -> dict[str, Any]:
+    """Train one planned run (and `chain`'s first stage, unless reused); its summary."""
+    from ds2d2_cli.stages.distill import distill
+
+    run, config, action = plan
+    init_student = None
+    if first is not None:
+        first_run, first_config, first_action = first
+        if first_action != "reuse":
+            reporter.note(f"study: {run.method} seed {run.seed}: first stage, from {first_run.teacher} ({first_action})")
+            distill(first_config, out=first_run.out, teacher=first_run.teacher, data_dir=data_dir, preset=preset,
+                    device=device, resume=first_action == "resume", reporter=reporter)
+        init_student = first_run.out / "model.safetensors"
+    return distill(config, out=run.out, teacher=run.teacher, amplifier=run.amplifier, init_student=init_student,
+                   data_dir=data_dir, preset=preset, device=device, resume=action == "resume",
+                   reporter=reporter).summary
+
+
+def _train_in_worker(plan: Plan, first: Plan | None, threads: int, **kwargs: Any) -> dict[str, Any]:
+    """`_train` in a `--jobs` process: its share of the CPU threads; errors come back as text
+    (exceptions with extra arguments do not always survive pickling)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        summary = _train(plan, first, reporter=NullReporter(), **kwargs)
+    except Ds2d2Error as exc:
+        return {"error": str(exc)}
+    return {"summary": summary, "wall_s": time.perf_counter() - started}
+
+
+def threads_per_job(jobs: int) -> int:
+    """Each of `jobs` processes gets an equal share of this process's torch threads (at least one)."""
+    import torch
+
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def _train_in_parallel(work: list[tuple[Plan, Plan | None]], jobs: int, reporter: Reporter,
+                       **kwargs: Any) -> dict[Path, dict[str, Any]]:
+    """Train independent runs in `jobs` processes (spawned, `threads_per_job` threads each);
+    results by run folder, in the order they finish."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = threads_per_job(jobs)
+    reporter.note(f"study: {len(work)} runs to train in {jobs} processes of {threads} torch thread"
+                  f"{'s' if threads > 1 else ''} each")
+    results: dict[Path, dict[str, Any]] = {}
+    task = reporter.task("study runs", total=len(work))
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending = {pool.submit(_train_in_worker, plan, first, threads, **kwargs): plan[0] for plan, first in work}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = pending.pop(future)
+                results[run.out] = outcome = future.result()
+                state = f"failed: {outcome['error']}" if "error" in outcome else f"done in {_duration(outcome['wall_s'])}"
+                reporter.note(f"study: {run.method} seed {run.seed} {state}")
+                task.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        task.close()
+    return results
+
+
 def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: Any = "cpu",
               merge_patches: bool = False, reporter: Reporter | None = None,
-              teachers: dict[str, Any] | None = None) -> dict[str, Any]:
+              teachers: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
     """Train (or reuse) every run, then the study record (see `analyse`).
 
     `teachers`: optional per-seed teacher metrics to show in the table (the benchmark's).
+    `jobs` > 1 trains that many runs at once in separate processes, the torch threads shared
+    out (`threads_per_job`); a run's figures then are those of its thread count, as with
+    `jobs=1` and the same number of threads. Scoring stays in this process.
     A run that fails is recorded and the others go on; `record["complete"]` says whether all finished.
     """
     import torch
 
     from ds2d2_cli.checkpoint import file_sha256
     from ds2d2_cli.stages.common import with_data_root
-    from ds2d2_cli.stages.distill import distill
 
     if not runs:
         raise InputError("a study needs at least one run")
+    if jobs < 1:
+        raise InputError(f"--jobs must be at least 1, not {jobs}")
+    if jobs > 1 and distributed.world_size() > 1:
+        raise InputError("--jobs runs processes of its own: use it without torchrun")
     reporter = reporter or NullReporter()
     device = torch.device(device)
     started = time.perf_counter()
@@ -242,34 +320,36 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
     to_train = sum(1 for _, _, action in plans if action != "reuse")
     reporter.note(f"study: {len(plans)} runs ({len(plans) - to_train} finished, reused; {to_train} to train)")
 
+    train_kwargs = {"data_dir": data_dir, "preset": preset, "device": device}
+    parallel: dict[Path, dict[str, Any]] = {}
+    if jobs > 1 and to_train:
+        parallel = _train_in_parallel([(p, firsts.get(p[0].out)) for p in plans if p[2] != "reuse"],
+                                      min(jobs, to_train), reporter, **train_kwargs)
+
     outcomes: list[dict[str, Any]] = []
     trained_seconds: list[float] = []
     done = 0
     for index, (run, config, action) in enumerate(plans, 1):
         label = f"{run.method} seed {run.seed}"
-        if action != "reuse":
+        if action != "reuse" and not parallel:
             left = to_train - done
             eta = (f", about {_duration(statistics.fmean(trained_seconds) * left)} left for {left} runs"
                    if trained_seconds else "")
             reporter.note(f"study: run {index}/{len(plans)}: {label} ({action}{eta})")
         t0 = time.perf_counter()
         outcome: dict[str, Any] = {"method": run.method, "seed": run.seed, "run": str(run.out), "action": action}
+        if run.out in firsts:
+            outcome["first_stage"] = str(firsts[run.out][0].out)
         try:
             if action == "reuse":
                 summary = read_json(run.out / "summary.json")
+            elif parallel:
+                result = parallel[run.out]
+                if "error" in result:
+                    raise Ds2d2Error(result["error"])
+                summary = result["summary"]
             else:
-                init_student = None
-                if run.out in firsts:
-                    first, first_config, first_action = firsts[run.out]
-                    if first_action != "reuse":
-                        reporter.note(f"study: {label}: first stage, from {first.teacher} ({first_action})")
-                        distill(first_config, out=first.out, teacher=first.teacher, data_dir=data_dir, preset=preset,
-                                device=device, resume=first_action == "resume", reporter=reporter)
-                    init_student = first.out / "model.safetensors"
-                    outcome["first_stage"] = str(first.out)
-                summary = distill(config, out=run.out, teacher=run.teacher, amplifier=run.amplifier,
-                                  init_student=init_student, data_dir=data_dir, preset=preset, device=device,
-                                  resume=action == "resume", reporter=reporter).summary
+                summary = _train((run, config, action), firsts.get(run.out), reporter=reporter, **train_kwargs)
                 trained_seconds.append(time.perf_counter() - t0)
                 done += 1
             metrics = summary.get("metrics") or {}
@@ -317,6 +397,8 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
         "schedule": json.loads(first.config.train.model_dump_json(exclude={"seed"})),
         "device": str(device),
         "processes": distributed.world_size(),
+        "jobs": jobs,
+        "torch_threads_per_run": threads_per_job(jobs) if jobs > 1 else torch.get_num_threads(),
         "machine": machine(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - started, 2),

@@ -265,3 +265,38 @@ def test_study_chain_trains_two_stages_and_reuses_them(tiny_data, teacher, tmp_p
     shutil.rmtree(first)
     refused = _study(tiny_data, teacher, out, "--assistant-teacher", str(teacher), methods="chain", seeds="0")
     assert refused.exit_code == 2 and "first stage" in refused.output and "Traceback" not in refused.output
+
+
+def test_study_jobs_train_in_processes_with_the_same_weights(tiny_data, teacher, tmp_path):
+    """`--jobs 2`: runs train in two processes of one torch thread each; each run's weights are
+    those of the same run trained here with one thread."""
+    import torch
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = _study(tiny_data, teacher, tmp_path / "alone", methods="cwd", seeds="0")
+        torch.set_num_threads(2)  # two jobs share two threads: one each
+        jobs = _study(tiny_data, teacher, tmp_path / "jobs", "--jobs", "2", methods="cwd", seeds="0")
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.exit_code == 0, alone.output
+    assert jobs.exit_code == 0, jobs.output
+    assert "2 runs to train in 2 processes of 1 torch thread each" in " ".join(jobs.output.split())
+    record = json.loads((tmp_path / "jobs/study.json").read_text())
+    assert record["complete"] and record["jobs"] == 2 and record["torch_threads_per_run"] == 1
+    assert [r["action"] for r in record["runs"]] == ["train", "train"]
+    for run in ("none/seed0", "cwd/seed0"):
+        ours, theirs = (load_file(tmp_path / f"{where}/runs/{run}/model.safetensors") for where in ("jobs", "alone"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), run
+    again = _study(tiny_data, teacher, tmp_path / "jobs", "--jobs", "2", methods="cwd", seeds="0")
+    assert again.exit_code == 0 and "processes of" not in again.output
+    assert [r["action"] for r in json.loads((tmp_path / "jobs/study.json").read_text())["runs"]] == ["reuse"] * 2
+
+
+def test_study_refuses_zero_jobs(tiny_data, teacher, tmp_path):
+    result = _study(tiny_data, teacher, tmp_path / "s", "--jobs", "0")
+    assert result.exit_code == 2 and "--jobs must be at least 1" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()

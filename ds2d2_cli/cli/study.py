@@ -85,6 +85,8 @@ def study_command(
     merge_patches: bool = typer.Option(False, "--merge-patches", help="score whole scenes (DOTA-style patch "
                                        "detections merged back), not patches"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="train this many runs at once, each in its own process "
+                             "with an equal share of the torch threads (the same figures as one job with that many threads)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write study.json's record to FILE "
                                             "(`-` for stdout)"),
 ) -> None:
@@ -112,7 +114,7 @@ def study_command(
     if amplifier is None and any(needs_amplifier(run.config) for run in runs):
         reporter.note("no --amplifier: DS2D2's implicit high-frequency stream is off in this study")
     record = run_study(runs, data_dir=data_dir, preset=preset, device=_device(device), merge_patches=merge_patches,
-                       reporter=reporter)
+                       reporter=reporter, jobs=jobs)
     record["outputs"] = write_study(record, out)
     if not _json_to_stdout(json_out):
         print_study(record)
