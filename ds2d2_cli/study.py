@@ -49,6 +49,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ds2d2-implicit-every-4": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_every": 4},
     "ds2d2-rois-128": {"method": "ds2d2", "streams": DS2D2_STREAMS, "implicit_rois": 128},  # Faster R-CNN
 }
+# FGD's and MGD's reference recipes (yzd-v/FGD and yzd-v/MGD detection configs): the student's neck and
+# heads start from the teacher (`init_student=True`) and gradients are clipped at 35
+# (`optimizer_config grad_clip max_norm=35`). As methods, so that `none` stays a plain baseline.
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name: (distill settings, train settings)
+    "fgd-recipe": ({"method": "fgd", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
+    "mgd-recipe": ({"method": "mgd", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
+}
 LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
     "dist": "DIST", "ds2d2": "DS2D2", "ds2d2-explicit": "DS2D2 explicit streams only",
@@ -58,6 +65,8 @@ LABELS = {
     "ds2d2-implicit-every-4": "DS2D2, implicit streams every 4th step",
     "ds2d2-rois-128": "DS2D2, 128 RoIs per image in the implicit streams",
     "chain": "DS2D2 chain: from the assistant teacher, then from the teacher",
+    "fgd-recipe": "FGD, reference recipe (student from teacher, clip 35)",
+    "mgd-recipe": "MGD, reference recipe (student from teacher, clip 35)",
 }
 # Progressive distillation (MTPD, Cao et al. 2023; TAKD): the student is distilled with DS2D2 from
 # `--assistant-teacher` first, then, started from that student (`distill --init-student`), from
@@ -67,13 +76,15 @@ CHAIN_FIRST = "chain-assistant"  # the first stages' folder: OUT/runs/chain-assi
 
 
 def study_methods() -> list[str]:
-    return [*METHODS, *ABLATIONS, CHAIN]
+    return [*METHODS, *ABLATIONS, *RECIPES, CHAIN]
 
 
 def method_settings(name: str) -> dict[str, Any]:
     """The distill settings a study method sets (the rest from the preset)."""
     if name in ABLATIONS:
         return dict(ABLATIONS[name])
+    if name in RECIPES:
+        return dict(RECIPES[name][0])
     if name == CHAIN:  # both stages
         return {"method": "ds2d2", "streams": DS2D2_STREAMS}
     if name not in METHODS:
@@ -82,7 +93,10 @@ def method_settings(name: str) -> dict[str, Any]:
 
 
 def method_config(config: RunConfig, name: str) -> RunConfig:
-    return config.model_copy(update={"distill": config.distill.model_copy(update=method_settings(name))})
+    update: dict[str, Any] = {"distill": config.distill.model_copy(update=method_settings(name))}
+    if name in RECIPES:
+        update["train"] = config.train.model_copy(update=RECIPES[name][1])
+    return config.model_copy(update=update)
 
 
 def seeded(config: RunConfig, seed: int) -> RunConfig:
@@ -111,6 +125,9 @@ def plan_study(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], 
         raise InputError("a study needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
         raise InputError("--methods and --seeds must not repeat a value")
+    if config.distill.init_student_from_teacher:
+        raise InputError("the preset sets distill.init_student_from_teacher, which the study's none baseline "
+                         "cannot take; use a preset without it and methods fgd-recipe or mgd-recipe")
     if CHAIN in methods and assistant is None:
         raise InputError(f"method {CHAIN} needs --assistant-teacher A.safetensors (its first teacher)")
     if assistant is not None and CHAIN not in methods:

@@ -100,6 +100,28 @@ def test_plan_lays_out_methods_times_seeds(tmp_path):
         plan_study(config, ["none"], [0, 0], tmp_path, teacher=None, amplifier=None)
 
 
+def test_fgd_and_mgd_reference_recipes(tmp_path):
+    """As study methods (none stays plain) and as presets: student from teacher, clip 35."""
+    base = load_config("retina-dior")
+    assert base.train.grad_clip is None and not base.distill.init_student_from_teacher
+    runs = plan_study(base, ["none", "fgd", "fgd-recipe", "mgd-recipe"], [0], tmp_path,
+                      teacher=tmp_path / "t.safetensors", amplifier=None)
+    by = {r.method: r.config for r in runs}
+    assert (by["none"].train.grad_clip, by["none"].distill.init_student_from_teacher) == (None, False)
+    assert (by["fgd"].train.grad_clip, by["fgd"].distill.init_student_from_teacher) == (None, False)
+    for name, method in (("fgd-recipe", "fgd"), ("mgd-recipe", "mgd")):
+        assert by[name].distill.method == method and by[name].distill.init_student_from_teacher
+        assert by[name].train.grad_clip == 35.0 and by[name].train.lr == base.train.lr
+    for preset, method in (("retina-dior-fgd", "fgd"), ("retina-dior-mgd", "mgd"),
+                           ("tiny-synthetic-fgd", "fgd"), ("tiny-synthetic-mgd", "mgd")):
+        config = load_config(preset)
+        assert config.distill.method == method and config.distill.init_student_from_teacher
+        assert config.train.grad_clip == 35.0
+        with pytest.raises(InputError, match="none baseline cannot take"):
+            plan_study(config, ["none", method], [0], tmp_path, teacher=tmp_path / "t.safetensors", amplifier=None)
+    assert load_config("retina-dior-fgd").train.lr == base.train.lr
+
+
 def test_plan_of_a_chain(tmp_path):
     """`chain`: per seed a first stage from the assistant (no amplifier: it is the teacher's) that
     starts the second, from the teacher; the table's row is the second."""
@@ -300,3 +322,14 @@ def test_study_refuses_zero_jobs(tiny_data, teacher, tmp_path):
     result = _study(tiny_data, teacher, tmp_path / "s", "--jobs", "0")
     assert result.exit_code == 2 and "--jobs must be at least 1" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_study_fgd_recipe_starts_the_student_from_the_teacher(tiny_data, teacher, tmp_path):
+    out = tmp_path / "study"
+    result = _study(tiny_data, teacher, out, methods="fgd-recipe", seeds="0")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "runs/fgd-recipe/seed0/summary.json").read_text())
+    assert summary["init_from_teacher"] and all(not k.startswith("backbone.body") for k in summary["init_from_teacher"])
+    config = json.loads((out / "runs/fgd-recipe/seed0/config.json").read_text())
+    assert config["train"]["grad_clip"] == 35.0 and config["distill"]["init_student_from_teacher"] is True
+    assert json.loads((out / "runs/none/seed0/summary.json").read_text())["init_from_teacher"] is None
