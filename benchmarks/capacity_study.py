@@ -149,6 +149,9 @@ def plot(rows: list[dict], out: Path) -> Path:
                         (r["teacher_parameters"] / 1e6, 0), fontsize=7, ha="center", va="top")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_xticks([r["teacher_parameters"] / 1e6 for r in mine],
+                      [f"{r['teacher_parameters'] / 1e6:.0f}" for r in mine])
+        ax.minorticks_off()
         ax.set_xlabel("teacher parameters (millions)")
         ax.set_ylabel("student AP50 gain over none (95% CI)")
         ax.set_title(f"student {SHORT.get(student, student)}")

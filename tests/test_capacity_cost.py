@@ -34,3 +34,16 @@ def test_projection_by_hand(capacity_cost):
     assert r101["teacher_h"] == round(4800 * 4 / 3600, 2) and r101["amplifier_h"] == round(600 / 3600, 2)
     assert r101["students_h"] == round(1350 * (9.5 + 6) / 3600, 2)
     assert p["wall_h_two_jobs"] == round(p["total_cpu_h"] / 2, 2)
+
+
+def test_capacity_study_table(capacity_cost):
+    spec = importlib.util.spec_from_file_location("capacity_study", SCRIPT.with_name("capacity_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    gain = {"mean": 2.5, "ci95": [1.0, 4.0], "per_seed": {}, "distinguishable": True}
+    rows = [{"student": "resnet18", "teacher": "resnet50", "teacher_AP50": 40.1, "student_teacher_parameter_ratio": 0.47,
+             "methods": {"none": {"AP50": 4.2}, "ds2d2": {"gain": gain},
+                         "cwd": {"gain": {"mean": -1.0, "ci95": None, "per_seed": {}, "distinguishable": False}}}}]
+    table = study.markdown(rows).splitlines()
+    assert table[0].startswith("| student | teacher | teacher AP50 |") and "chain gain" in table[0]
+    assert table[2] == "| R18 | R50 | 40.1 | 0.47 | 4.2 | +2.50 [+1.00, +4.00] * | -1.00 |  |  |"
