@@ -1,7 +1,7 @@
 """The capacity gap (issue 24): does a stronger teacher stop helping, and which method keeps the gain?
 
 Teachers of growing capacity on the demo's synthetic scenes, all to the demo teacher's recipe
-(tiny-synthetic, 4800 iterations): the shipped R34 demo teacher, then R50, R101 and
+(tiny-synthetic, 4800 iterations, on the scenes cut with gap 64 as it was): the shipped R34 demo teacher, then R50, R101 and
 X101-64x4d (`--teachers` cuts the list). For each teacher, its amplifier and, per student
 backbone (R18 and MobileNetV3-Large), `ds2d2 study` through the CLI:
 
@@ -55,16 +55,19 @@ def parameters(checkpoint: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(BN_BUFFERS))
 
 
-def teacher_and_amplifier(work: Path, data: Path, backbone: str, args: argparse.Namespace) -> tuple[Path, Path]:
-    common = ["--preset", PRESET, "--data", str(data), "--device", args.device,
-              *sets(["data.classes=synthetic", f"teacher.backbone={backbone}"])]
+def teacher_and_amplifier(work: Path, teacher_data: Path, data: Path, backbone: str,
+                          args: argparse.Namespace) -> tuple[Path, Path]:
+    """The teacher trained as the shipped one was (on the gap-64 cut), its amplifier on the demo's cut."""
+    settings = ["--preset", PRESET, "--device", args.device,
+                *sets(["data.classes=synthetic", f"teacher.backbone={backbone}"])]
+    common = [*settings, "--data", str(data)]
     if backbone == SHIPPED and args.teacher_iters is None:
         from ds2d2_cli.demo import shipped_teacher
 
         teacher = shipped_teacher()
     else:
         recipe = [*TEACHER_RECIPE] + ([f"teacher_train.max_iters={args.teacher_iters}"] if args.teacher_iters else [])
-        stage(work / f"teacher-{backbone}", "train-teacher", *common, *sets(recipe))
+        stage(work / f"teacher-{backbone}", "train-teacher", *settings, "--data", str(teacher_data), *sets(recipe))
         teacher = work / f"teacher-{backbone}" / "model.safetensors"
     limit = [f"amplifier_train.max_iters={args.student_iters}"] if args.student_iters else []
     stage(work / f"amplifier-{backbone}", "train-amplifier", *common, *sets(limit), "--teacher", str(teacher))
@@ -164,17 +167,20 @@ def plot(rows: list[dict], out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> Path:
     work = args.work
-    scenes, data = work / "scenes", work / "data-128"
-    if not (data / "val.json").is_file():
-        for folder in (scenes, data):
+    # The demo's scenes, cut as the demo cuts them (gap 32: students, amplifiers, scores) and as
+    # its shipped teacher was trained (gap 64, `demo.TEACHER_GAP`: every teacher here).
+    scenes, data, teacher_data = work / "scenes", work / "data-128", work / "data-128-gap64"
+    if not (data / "val.json").is_file() or not (teacher_data / "val.json").is_file():
+        for folder in (scenes, data, teacher_data):
             shutil.rmtree(folder, ignore_errors=True)
         ds2d2("prepare-data", "synthetic", "--out", str(scenes), "--images", str(args.images), "--seed", "0")
-        ds2d2("prepare-data", "dota", str(scenes), "--out", str(data), "--split", "128", "--gap", "32",
-              "--classes", "synthetic")
+        for folder, gap in ((data, 32), (teacher_data, 64)):
+            ds2d2("prepare-data", "dota", str(scenes), "--out", str(folder), "--split", "128", "--gap", str(gap),
+                  "--classes", "synthetic")
     teachers = args.teachers.split(",")
     if any(t not in TEACHERS for t in teachers) or any(s not in STUDENTS for s in args.students.split(",")):
         raise SystemExit(f"teachers: {', '.join(TEACHERS)}; students: {', '.join(STUDENTS)}")
-    paths = {t: teacher_and_amplifier(work, data, t, args) for t in teachers}
+    paths = {t: teacher_and_amplifier(work, teacher_data, data, t, args) for t in teachers}
     rows = [row(t, s, paths[t][0], study(work, data, t, s, paths, args))
             for s in args.students.split(",") for t in teachers]
     out = args.results / "capacity_study.json"
