@@ -11,10 +11,10 @@ The scenes draw their cars, ships and planes at angles; this runs, through the C
 
 Every step is reused when finished and resumed when interrupted (about three and a half hours
 on 2 slow cores: the teacher alone is 1 h 50 min), so a run cut off continues with the same
-command. The committed results were made with the teacher's schedule at half length, which fit
-one working session (the schedule's steps scale with it):
+command; `--jobs 2` trains two students at a time, `--teacher-iters` shortens the teacher's
+schedule (its steps scale with it):
 
-    python benchmarks/obb_study.py --work runs/obb-study --teacher-iters 2400 --jobs 2
+    python benchmarks/obb_study.py --work runs/obb-study --jobs 2
     python benchmarks/obb_study.py --teacher-iters 2 --student-iters 2 --images 4 --seeds 0 \\
         --work /tmp/obb --results /tmp/obb                       # smoke run
 
