@@ -40,6 +40,7 @@ from bench_distill_step import (  # noqa: E402
 
 from ds2d2_cli.classes import get_class_set  # noqa: E402
 from ds2d2_cli.config import load_config  # noqa: E402
+from ds2d2_cli.distill.registry import get_method  # noqa: E402
 from ds2d2_cli.models.amplifier import amplifier_head  # noqa: E402
 from ds2d2_cli.models.detectors import build_detector  # noqa: E402
 from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
@@ -47,7 +48,7 @@ from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 TEACHERS = ("resnet34", "resnet50", "resnet101", "resnext101_64x4d")
 STUDENTS = ("resnet18", "mobilenet_v3_large")
-METHODS = ("ds2d2", "cwd", "dist")  # with a teacher; `none` and the chain are added
+METHODS = ("ds2d2", "cwd", "dist", "ds2d2-dist")  # with a teacher; `none` and the chain are added
 SHIPPED = "resnet34"  # the demo teacher, trained already
 TEACHER_ITERS, AMPLIFIER_ITERS, STUDENT_ITERS, SEEDS = 4800, 150, 450, 3
 
@@ -80,7 +81,7 @@ def measure(teacher_backbone: str, students: tuple[str, ...], *, warmup: int, re
         for method in METHODS:
             method_cfg = run_config.model_copy(update={"distill": run_config.distill.model_copy(
                 update={"method": method})})
-            task = DistillTask(student, teacher, method_cfg, amplifier_head(teacher) if method == "ds2d2" else None)
+            task = DistillTask(student, teacher, method_cfg, amplifier_head(teacher) if "implicit-high" in get_method(method).terms else None)
             steps[f"{student_backbone}/{method}"] = (task, step_fn(task, warmup_optimizer(task, schedule), schedule,
                                                                    images, targets))
     times = time_steps(steps, warmup=warmup, repeats=repeats, device=device)

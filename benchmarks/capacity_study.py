@@ -5,8 +5,8 @@ Teachers of growing capacity on the demo's synthetic scenes, all to the demo tea
 X101-64x4d (`--teachers` cuts the list). For each teacher, its amplifier and, per student
 backbone (R18 and MobileNetV3-Large), `ds2d2 study` through the CLI:
 
-    methods  none, ds2d2, cwd, dist, and chain (DS2D2 from the R34 teacher, then from this
-             one: MTPD's progressive teachers; not for the R34 teacher itself)
+    methods  none, ds2d2, cwd, dist, ds2d2-dist (both in one step), and chain (DS2D2 from the
+             R34 teacher, then from this one: MTPD's progressive teachers; not for the R34 teacher itself)
     seeds    0, 1, 2, the demo's 450 iterations, whole scenes scored, `--jobs` runs at once
 
 Every stage is reused when finished and resumed when interrupted, so a cut-off run continues
@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 PRESET = "tiny-synthetic"
 TEACHERS = ("resnet34", "resnet50", "resnet101", "resnext101_64x4d")
 STUDENTS = ("resnet18", "mobilenet_v3_large")
-METHODS = ("none", "ds2d2", "cwd", "dist", "chain")
+METHODS = ("none", "ds2d2", "cwd", "dist", "ds2d2-dist", "chain")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 SHIPPED = "resnet34"  # the demo teacher: tiny-synthetic's own teacher, trained to the same recipe
 SHORT = {"resnet18": "R18", "resnet34": "R34", "resnet50": "R50", "resnet101": "R101",

@@ -295,7 +295,7 @@ class DISTConfig(_Strict):
 
 class DistillConfig(_Strict):
     method: str = Field("ds2d2", description="a method of ds2d2_cli.distill.registry (ds2d2, none, fitnet, cwd, "
-                        "pkd, mgd, fgd, dist)")
+                        "pkd, mgd, fgd, dist, ds2d2-dist)")
     streams: tuple[str, ...] = Field(DS2D2_STREAMS, description="ablation: the terms of an ablatable method "
                                      "(ds2d2's streams) that run")
     weights: LossWeights = LossWeights()

@@ -58,7 +58,7 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name: (distill 
 }
 LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
-    "dist": "DIST", "ds2d2": "DS2D2", "ds2d2-explicit": "DS2D2 explicit streams only",
+    "dist": "DIST", "ds2d2-dist": "DS2D2 + DIST", "ds2d2": "DS2D2", "ds2d2-explicit": "DS2D2 explicit streams only",
     "ds2d2-implicit": "DS2D2 implicit streams only",
     "ds2d2-no-disw": "DS2D2 without DISW", "ds2d2-adapted": "DS2D2, implicit streams on adapted features",
     "ds2d2-implicit-every-2": "DS2D2, implicit streams every 2nd step",

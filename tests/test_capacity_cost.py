@@ -21,18 +21,19 @@ def capacity_cost():
 
 
 def test_projection_by_hand(capacity_cost):
-    steps = {"teacher": 2.0, "resnet18/none": 1.0, "resnet18/ds2d2": 2.0, "resnet18/cwd": 1.5, "resnet18/dist": 1.25}
+    steps = {"teacher": 2.0, "resnet18/none": 1.0, "resnet18/ds2d2": 2.0, "resnet18/cwd": 1.5, "resnet18/dist": 1.25,
+             "resnet18/ds2d2-dist": 2.5}
     big = {k: 2 * v for k, v in steps.items()}
     measured = {"resnet34": {"seconds_per_step": steps}, "resnet101": {"seconds_per_step": big}}
     p = capacity_cost.project(measured, ("resnet18",))
     # none once: 3 seeds x 450 steps x 1 s
     assert p["none_students_h"] == round(1350 / 3600, 2)
-    r34 = p["per_teacher"]["resnet34"]  # shipped: no training; amplifier 150 x 2 s; students (2 + 1.5 + 1.25) s
+    r34 = p["per_teacher"]["resnet34"]  # shipped: no training; amplifier 150 x 2 s; students (2 + 1.5 + 1.25 + 2.5) s
     assert (r34["teacher_h"], r34["amplifier_h"]) == (0.0, round(300 / 3600, 2))
-    assert r34["students_h"] == round(1350 * 4.75 / 3600, 2)
-    r101 = p["per_teacher"]["resnet101"]  # trained 4800 x 4 s; students 9.5 s + chain (2 s from R34 + 4 s)
+    assert r34["students_h"] == round(1350 * 7.25 / 3600, 2)
+    r101 = p["per_teacher"]["resnet101"]  # trained 4800 x 4 s; students 14.5 s + chain (2 s from R34 + 4 s)
     assert r101["teacher_h"] == round(4800 * 4 / 3600, 2) and r101["amplifier_h"] == round(600 / 3600, 2)
-    assert r101["students_h"] == round(1350 * (9.5 + 6) / 3600, 2)
+    assert r101["students_h"] == round(1350 * (14.5 + 6) / 3600, 2)
     assert p["wall_h_two_jobs"] == round(p["total_cpu_h"] / 2, 2)
 
 
@@ -46,4 +47,4 @@ def test_capacity_study_table(capacity_cost):
                          "cwd": {"gain": {"mean": -1.0, "ci95": None, "per_seed": {}, "distinguishable": False}}}}]
     table = study.markdown(rows).splitlines()
     assert table[0].startswith("| student | teacher | teacher AP50 |") and "chain gain" in table[0]
-    assert table[2] == "| R18 | R50 | 40.1 | 0.47 | 4.2 | +2.50 [+1.00, +4.00] * | -1.00 |  |  |"
+    assert table[2] == "| R18 | R50 | 40.1 | 0.47 | 4.2 | +2.50 [+1.00, +4.00] * | -1.00 |  |  |  |"

@@ -271,6 +271,46 @@ def test_config_fills_the_reference_and_refuses_a_bad_temperature():
     assert "dist" in METHODS and "dist" in study_methods() and method_settings("dist") == {"method": "dist"}
 
 
+@pytest.mark.parametrize("preset", ["tiny-synthetic", "tiny-synthetic-frcnn"])
+def test_ds2d2_dist_is_ds2d2s_streams_plus_the_dist_term_each_unchanged(preset):
+    import copy
+
+    config, student, teacher, images, targets, DistillTask = _task(preset)
+
+    def losses(method: str) -> dict[str, torch.Tensor]:
+        settings = config.model_copy(update={"distill": config.distill.model_copy(update={"method": method})})
+        torch.manual_seed(1)  # the adapter's initialisation
+        task = DistillTask(copy.deepcopy(student), teacher, settings)
+        task.train_mode()
+        torch.manual_seed(2)  # Faster R-CNN's RoI draws
+        return task.losses(images, targets)
+
+    assert METHODS["ds2d2-dist"].terms == (*METHODS["ds2d2"].terms, "dist")
+    both, ds2d2, dist = losses("ds2d2-dist"), losses("ds2d2"), losses("dist")
+    assert set(both) == set(ds2d2) | set(dist) and "dist" in both and "explicit_low" in both
+    for name, value in {**dist, **ds2d2}.items():
+        torch.testing.assert_close(both[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    from ds2d2_cli.study import LABELS, method_settings, study_methods
+
+    assert "ds2d2-dist" in study_methods() and method_settings("ds2d2-dist") == {"method": "ds2d2-dist"}
+    assert LABELS["ds2d2-dist"] == "DS2D2 + DIST"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "cwd", "--streams", "explicit-low"], "--streams picks among ds2d2's streams"),
+    (["--method", "ds2d2-dist", "--streams", "explicit-low"], "--streams picks among ds2d2's streams"),
+    (["--method", "dist", "--no-disw"], "--no-disw unweights"),
+    (["--streams", "implicit-full", "--no-disw"], "--no-disw unweights"),
+    (["--method", "fgd", "--wavelet", "db2"], "--wavelet splits"),
+])
+def test_stream_flags_a_run_would_not_use_are_refused(tmp_path, args, message):
+    out = tmp_path / "student"
+    result = runner.invoke(app, ["distill", "--preset", "tiny-synthetic", "--teacher", str(tmp_path / "t.safetensors"),
+                                 "--out", str(out), "--device", "cpu", *args], terminal_width=300)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split()) and not out.exists()
+
+
 def _run(args, code=0):
     result = runner.invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == code, result.output

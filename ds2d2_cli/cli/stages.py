@@ -12,7 +12,7 @@ from rich.table import Table
 from ds2d2_cli.cli.common import (
     PRESET_HELP, SET_HELP, RichReporter, handle_errors, state, stdout_console, write_json_output,
 )
-from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS
+from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS, active_terms
 from ds2d2_cli.errors import InputError
 
 JSON_HELP = "also write the figures as JSON to FILE (`-` for stdout)"
@@ -214,6 +214,22 @@ def _streams(value: Optional[str]) -> list[str]:
     return [f"distill.streams={json.dumps(names)}"]
 
 
+def _refuse_unused_stream_flags(settings: Any, *, streams: bool, no_disw: bool, wavelet: bool) -> None:
+    """--streams, --no-disw and --wavelet set DS2D2's streams; a method without them would drop them."""
+    chosen = METHODS[settings.method]
+    running = {term.name for term in active_terms(chosen, settings.streams)}
+    if streams and not chosen.ablatable:
+        raise InputError(f"--streams picks among ds2d2's streams; --method {settings.method} runs all its terms "
+                         f"({', '.join(chosen.terms) or 'none'}): leave --streams out")
+    if no_disw and not running & {"explicit-low", "explicit-high"}:
+        raise InputError(f"--no-disw unweights DS2D2's explicit streams, and this run has none (method "
+                         f"{settings.method}, terms {', '.join(sorted(running)) or 'none'}): leave it out")
+    if wavelet and not running & {"explicit-low", "explicit-high", "implicit-high"}:
+        raise InputError(f"--wavelet splits the features of DS2D2's explicit and high-frequency streams, and this run "
+                         f"has none (method {settings.method}, terms {', '.join(sorted(running)) or 'none'}): "
+                         "leave it out")
+
+
 @handle_errors
 def distill_command(
     teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="the teacher's model.safetensors "
@@ -266,6 +282,7 @@ def distill_command(
         options.append(f"distill.wavelet={wavelet}")
     config = resolve_config(preset, overrides, stage="student", command="distill", options=options, max_iters=max_iters,
                             weights={"student": backbone_weights})
+    _refuse_unused_stream_flags(config.distill, streams=streams is not None, no_disw=no_disw, wavelet=bool(wavelet))
     result = distill(config, out=out, teacher=teacher, amplifier=amplifier, init_student=init_student,
                      data_dir=data, preset=preset,
                      device=_device(device), resume=resume, reporter=RichReporter())

@@ -263,6 +263,10 @@ register_method(Method("fgd", ("fgd-fg", "fgd-bg", "fgd-attention", "fgd-global"
                        "FGD, focal and global distillation (Yang et al., CVPR 2022)"))
 register_method(Method("dist", ("dist",), "DIST, distillation from a stronger teacher (Huang et al., NeurIPS 2022): "
                        "inter- and intra-class Pearson relations of the heads' class scores"))
+# Issue 24 asks whether DIST's relation matching keeps DS2D2's gain growing with the teacher: both
+# methods' terms in one step, each at its own weight (the preset's DS2D2 weights and DIST's reference 1).
+register_method(Method("ds2d2-dist", (*METHODS["ds2d2"].terms, "dist"),
+                       "DS2D2's four streams plus DIST's class-score relations, each term at its own weight"))
 
 # The baselines' defaults per detector family, from each method's own reference config
 # (256-channel FPNs, COCO); a preset states them, `--set distill...` overrides them.
