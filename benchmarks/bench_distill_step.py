@@ -13,6 +13,7 @@ clip + SGD step, as `engine.train` does) for:
   RPN keeps, 1000 in the authors' recipe, as the implicit stream does) -- what any teacher-based KD costs at the least;
 - `fitnet`, `cwd`, `pkd`, `mgd`, `fgd`, `dist`: the study's baselines (`DistillTask` with that
   method, its reference settings for the detector family: what `ds2d2 study` trains);
+- `ds2d2-dist`: DS2D2's four streams plus DIST's term;
 - `student`: the plain student step alone (`none`).
 - `minimum`: what DS2D2 cannot avoid without changing its losses: the plain student step, the
   teacher backbone forward, and each implicit stream's own pass (the frozen head on the
@@ -63,6 +64,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from ds2d2_cli.classes import get_class_set  # noqa: E402
 from ds2d2_cli.config import RunConfig, load_config  # noqa: E402
+from ds2d2_cli.distill.registry import get_method  # noqa: E402
 from ds2d2_cli.engine import build_optimizer  # noqa: E402
 from ds2d2_cli.models.amplifier import amplifier_head  # noqa: E402
 from ds2d2_cli.models.detectors import build_detector, build_resnet_body  # noqa: E402
@@ -70,7 +72,7 @@ from ds2d2_cli.stages.distill import DistillTask  # noqa: E402
 from ds2d2_cli.tasks import DetectorTask  # noqa: E402
 
 BOXES_PER_IMAGE = 50
-METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd", "dist")  # DistillTask with that method
+METHOD_VARIANTS = ("ds2d2", "fitnet", "cwd", "pkd", "mgd", "fgd", "dist", "ds2d2-dist")  # DistillTask with that method
 # ds2d2-every-2: distill.implicit_every=2, timed as two steps (one with the implicit streams,
 # one without) and reported per step: the average cost of the approximation.
 # ds2d2-rois-128 (Faster R-CNN only): distill.implicit_rois=128.
@@ -274,7 +276,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     tasks = {}
     for method in METHOD_VARIANTS:  # the same student weights; each method its own adapter and parts
         method_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"method": method})})
-        tasks[method] = DistillTask(student, teacher, method_cfg, amp_head if method == "ds2d2" else None)
+        tasks[method] = DistillTask(student, teacher, method_cfg, amp_head if "implicit-high" in get_method(method).terms else None)
         tasks[method].module.to(device)
     ds2d2 = tasks["ds2d2"]
     plain = DetectorTask(student)

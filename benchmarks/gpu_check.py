@@ -419,7 +419,7 @@ class Plan:
         if chosen.needs_teacher:
             options += ["--teacher", str(teacher)]
             needs.append(f"{group}/teacher")
-        if method == "ds2d2":
+        if "implicit-high" in chosen.terms:
             options += ["--amplifier", str(amplifier)]
             needs.append(f"{group}/amplifier")
         if not needs:
