@@ -3,8 +3,9 @@
 The split on the paper's shapes, batch 2, 256 channels: RetinaNet P3-P7 of a 1024 px input
 (128 ... 8 px maps) and Faster R-CNN P2-P6 of an 800 px input (200 ... 13 px), each with one
 torch thread and with all of them, on contiguous and on channels-last features; beside ours
-and ptwt, the strided form our Haar path had before its corners were unshuffled (same
-values bit for bit). Variants take turns (`interleaved_medians`), so each ratio is measured
+and ptwt, the strided form our Haar path had before its corners were unshuffled and the
+unshuffled form with autograd's backward, before it was written by hand (same values and
+gradients bit for bit). Variants take turns (`interleaved_medians`), so each ratio is measured
 under one load. Also the whole explicit loss (both streams, DISW weights): ours
 (`explicit_losses`: Haar path, one transform of the student-teacher difference, DISW maps
 built inside the call) vs method.md transcribed literally (ptwt on student and on teacher,
@@ -45,6 +46,19 @@ def _strided_haar(x: torch.Tensor):
     return rows_sum[..., 0] + rows_sum[..., 1], torch.stack(details, dim=2)
 
 
+def _autograd_haar(x: torch.Tensor):
+    """The unshuffled corners with autograd's backward: our Haar path before its backward was
+    written by hand (same values and gradients, bit for bit)."""
+    n, c, h, w = x.shape
+    x = torch.nn.functional.pad(x, (0, w % 2, 0, h % 2))
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    tl, tr, bl, br = torch.nn.functional.pixel_unshuffle(x, 2).view(n, c, 4, h2, w2).unbind(2)
+    sum_left, sum_right = (tl + bl) * 0.5, (tr + br) * 0.5
+    diff_left, diff_right = (tl - bl) * 0.5, (tr - br) * 0.5
+    return sum_left + sum_right, torch.stack((diff_left + diff_right, sum_left - sum_right,
+                                              diff_left - diff_right), dim=2)
+
+
 def split_cases(quick: bool, device: str) -> list[dict]:
     """ours / strided / ptwt on both paper shapes, 1 and all threads, contiguous and channels-last."""
     gen = torch.Generator().manual_seed(0)
@@ -58,6 +72,7 @@ def split_cases(quick: bool, device: str) -> list[dict]:
             feats = [(f.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else f.clone())
                      .requires_grad_() for f in base]
             fns = {"ours": _split_fwd_bwd(spectral_split, feats), "strided": _split_fwd_bwd(_strided_haar, feats),
+                   "autograd": _split_fwd_bwd(_autograd_haar, feats),
                    "ptwt": _split_fwd_bwd(lambda f: _ptwt_split(f, "haar"), feats)}
             for n_threads in threads:
                 torch.set_num_threads(n_threads)
@@ -72,9 +87,10 @@ def split_cases(quick: bool, device: str) -> list[dict]:
                     "ms": {k: round(v * 1e3, 2) for k, v in med.items()},
                     "speedup_vs_ptwt": round(med["ptwt"] / med["ours"], 2),
                     "speedup_vs_strided": round(med["strided"] / med["ours"], 2),
+                    "speedup_vs_autograd": round(med["autograd"] / med["ours"], 2),
                     "strided_vs_ptwt": round(med["ptwt"] / med["strided"], 2),
                     "summary": f"split {name}, {layout}, {n_threads} thr: ours {med['ours'] * 1e3:.0f} ms, "
-                               f"strided {med['strided'] * 1e3:.0f} ms, ptwt {med['ptwt'] * 1e3:.0f} ms: "
+                               f"strided {med['strided'] * 1e3:.0f} ms, autograd {med['autograd'] * 1e3:.0f} ms, ptwt {med['ptwt'] * 1e3:.0f} ms: "
                                f"x{med['ptwt'] / med['ours']:.2f} vs ptwt (strided x{med['ptwt'] / med['strided']:.2f})",
                 })
     return cases

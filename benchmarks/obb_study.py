@@ -15,6 +15,7 @@ command; `--jobs 2` trains two students at a time, `--teacher-iters` shortens th
 schedule (its steps scale with it):
 
     python benchmarks/obb_study.py --work runs/obb-study --jobs 2
+    python benchmarks/obb_study.py --work runs/obb-study --jobs 2 --teacher-iters 2400   # the committed results
     python benchmarks/obb_study.py --teacher-iters 2 --student-iters 2 --images 4 --seeds 0 \\
         --work /tmp/obb --results /tmp/obb                       # smoke run
 
