@@ -276,7 +276,7 @@ def bench_config(name: str, preset: str, overrides: list[str], batch: int, *, wa
     tasks = {}
     for method in METHOD_VARIANTS:  # the same student weights; each method its own adapter and parts
         method_cfg = config.model_copy(update={"distill": config.distill.model_copy(update={"method": method})})
-        tasks[method] = DistillTask(student, teacher, method_cfg, amp_head if "implicit-high" in get_method(method).terms else None)
+        tasks[method] = DistillTask(student, teacher, method_cfg, amp_head if get_method(method).needs_amplifier else None)
         tasks[method].module.to(device)
     ds2d2 = tasks["ds2d2"]
     plain = DetectorTask(student)

@@ -81,7 +81,7 @@ def measure(teacher_backbone: str, students: tuple[str, ...], *, warmup: int, re
         for method in METHODS:
             method_cfg = run_config.model_copy(update={"distill": run_config.distill.model_copy(
                 update={"method": method})})
-            task = DistillTask(student, teacher, method_cfg, amplifier_head(teacher) if "implicit-high" in get_method(method).terms else None)
+            task = DistillTask(student, teacher, method_cfg, amplifier_head(teacher) if get_method(method).needs_amplifier else None)
             steps[f"{student_backbone}/{method}"] = (task, step_fn(task, warmup_optimizer(task, schedule), schedule,
                                                                    images, targets))
     times = time_steps(steps, warmup=warmup, repeats=repeats, device=device)

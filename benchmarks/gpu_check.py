@@ -419,7 +419,7 @@ class Plan:
         if chosen.needs_teacher:
             options += ["--teacher", str(teacher)]
             needs.append(f"{group}/teacher")
-        if "implicit-high" in chosen.terms:
+        if chosen.needs_amplifier:
             options += ["--amplifier", str(amplifier)]
             needs.append(f"{group}/amplifier")
         if not needs:

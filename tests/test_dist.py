@@ -286,6 +286,8 @@ def test_ds2d2_dist_is_ds2d2s_streams_plus_the_dist_term_each_unchanged(preset):
         return task.losses(images, targets)
 
     assert METHODS["ds2d2-dist"].terms == (*METHODS["ds2d2"].terms, "dist")
+    assert METHODS["ds2d2-dist"].needs_amplifier and METHODS["ds2d2"].needs_amplifier
+    assert not METHODS["dist"].needs_amplifier and not METHODS["cwd"].needs_amplifier
     both, ds2d2, dist = losses("ds2d2-dist"), losses("ds2d2"), losses("dist")
     assert set(both) == set(ds2d2) | set(dist) and "dist" in both and "explicit_low" in both
     for name, value in {**dist, **ds2d2}.items():

@@ -95,6 +95,11 @@ class Method:
     def needs_teacher(self) -> bool:
         return bool(self.terms)
 
+    @property
+    def needs_amplifier(self) -> bool:
+        """Whether one of its terms reads the high-frequency amplifier (with all of them running)."""
+        return any(NEEDS_AMPLIFIER in TERMS[name].needs for name in self.terms)
+
 
 TERMS: dict[str, Term] = {}
 METHODS: dict[str, Method] = {}
