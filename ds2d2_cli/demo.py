@@ -25,6 +25,7 @@ from ds2d2_cli.config import RunConfig, UNREADABLE_CONFIG, load_config, value_di
 from ds2d2_cli.engine import RESUME_FILE
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.fileio import atomic_path, read_json, write_json
+from ds2d2_cli.parallel import Job, Outcome, chain_seconds, makespan, run_jobs, threads_per_job, torch_threads
 from ds2d2_cli.progress import NullReporter, Reporter
 
 DEMO_PRESET = "tiny-synthetic"
@@ -67,6 +68,16 @@ def _stage(out: Path, run: Callable[..., Any], reporter: Reporter, title: str, *
     reporter.note(f"{title}{' (resuming)' if resume else ''} -> {out}")
     run(out=out, resume=resume, reporter=reporter, **kwargs)
     return model
+
+
+def train_stage(stage: str, *, reporter: Reporter, **kwargs: Any) -> None:
+    """One training stage of the demo, by name: the function its CLI command calls (module
+    level, so that a `--jobs` process can run it)."""
+    from ds2d2_cli.stages.amplifier import train_amplifier
+    from ds2d2_cli.stages.distill import distill
+    from ds2d2_cli.stages.teacher import train_teacher
+
+    {"teacher": train_teacher, "amplifier": train_amplifier, "student": distill}[stage](reporter=reporter, **kwargs)
 
 
 def _data_settings(config: RunConfig, scenes_count: int, scene_size: int, gap: int | None = None) -> dict[str, Any]:
@@ -200,20 +211,32 @@ class _Clock:
     measured on a real batch before training, times its iterations and evaluations;
     refreshed with the measured pace after every stage."""
 
-    def __init__(self, estimates: dict[str, float], reporter: Reporter):
+    def __init__(self, estimates: dict[str, float], reporter: Reporter, *,
+                 after: dict[str, tuple[str, ...]] | None = None, processes: int = 1):
         self.estimates = estimates
         self.reporter = reporter
+        self.after = after or {}
+        self.processes = processes
         self.started = time.perf_counter()
         self.spent: dict[str, float] = {}
 
+    def _wall(self, names: list[str], scale: float = 1.0) -> float:
+        """Wall time of these parts: the runs side by side as `run_jobs` schedules them, the
+        rest (evaluation) after them."""
+        runs = {n: self.estimates[n] * scale for n in names if n in self.after}
+        rest = sum(self.estimates[n] * scale for n in names if n not in self.after)
+        if self.processes == 1:
+            return sum(runs.values()) + rest
+        return makespan(runs, self.after, self.processes) + rest
+
     @property
     def total(self) -> float:
-        return sum(self.estimates.values())
+        return self._wall(list(self.estimates))
 
     def finished(self, name: str, seconds: float) -> None:
         self.spent[name] = seconds
         pace = self.pace()
-        left = sum(v for n, v in self.estimates.items() if n not in self.spent) * pace
+        left = self._wall([n for n in self.estimates if n not in self.spent], pace)
         if left > 0:
             self.reporter.note(f"demo: {name} took {_minutes(seconds)} (estimated {_minutes(self.estimates[name])}); "
                                f"about {_minutes(left)} left")
@@ -393,22 +416,26 @@ def run_demo(
     scene_size: int = SCENE_SIZE,
     quick: bool = False,
     train_teacher: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline; `quick` is a smoke run of every stage (tiny schedules, no accuracy
     claim); `train_teacher` trains the teacher (the shipped teacher's recipe) instead of using
-    the shipped one."""
+    the shipped one. `jobs` > 1 trains that many models at once, each in its own process;
+    `threads` is each training's torch thread count (None: this process's, shared out among
+    the jobs). A model's weights depend on its thread count, not on `jobs`."""
     from ds2d2_cli.checkpoint import file_sha256, load_checkpoint
     from ds2d2_cli.models.detectors import count_parameters, model_from_checkpoint
     from ds2d2_cli.plots import training_curves
-    from ds2d2_cli.stages.amplifier import train_amplifier
     from ds2d2_cli.stages.common import with_data_root
-    from ds2d2_cli.stages.distill import distill, needs_amplifier, needs_teacher
+    from ds2d2_cli.stages.distill import needs_amplifier, needs_teacher
     from ds2d2_cli.stages.evaluate import evaluate_checkpoint
     from ds2d2_cli.stages.runner import teacher_of
-    from ds2d2_cli.stages.teacher import train_teacher as train_teacher_stage
 
     reporter = reporter or NullReporter()
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise InputError(f"--jobs and --threads must be at least 1, not {jobs} and {threads}")
     out = Path(out)
     started = time.perf_counter()
     user_overrides = list(overrides or [])
@@ -450,37 +477,66 @@ def run_demo(
                              "--out", out / name)
     patches = _prepare(out, config, reporter, scenes, scene_size)
     common = dict(data_dir=patches, preset=preset, device=device)
-    todo = {name for name in ("teacher", "amplifier", *STUDENTS)
-            if not (out / name / "model.safetensors").is_file() and not (name == "teacher" and shipped is not None)}
+    # What trains here: name -> (title, stage, config, the stages whose model it takes)
+    plan: dict[str, tuple[str, str, RunConfig, tuple[str, ...]]] = {}
+    if shipped is None:
+        plan["teacher"] = ("teacher", "teacher", config, ())
+    plan["amplifier"] = ("amplifier", "amplifier", config, ("teacher",))
+    for name, student_config in student_configs.items():
+        inputs = (("teacher",) if needs_teacher(student_config) else ()) + \
+                 (("amplifier",) if needs_amplifier(student_config) else ())
+        plan[name] = (STUDENT_TITLES[name], "student", student_config, inputs)
+    todo = [name for name in plan if not (out / name / "model.safetensors").is_file()]
+    after = {name: tuple(i for i in inputs if i in todo) for name, (_, _, _, inputs) in plan.items() if name in todo}
+    processes = max(1, min(jobs, len(todo)))
+    run_threads = threads or (threads_per_job(processes) if processes > 1 else None)
     t0 = time.perf_counter()
-    clock = _Clock(_estimate(config, student_configs, patches, torch.device(device), todo), reporter)
+    with torch_threads(run_threads):  # timed with the threads the runs will have
+        estimates = _estimate(config, student_configs, patches, torch.device(device), set(todo))
+    clock = _Clock(estimates, reporter, after=after, processes=processes)
     reporter.note(f"demo: about {_minutes(clock.total + time.perf_counter() - t0)} of training and evaluation on "
                   f"this machine (measured in {time.perf_counter() - t0:.0f} s from a few steps of each model"
-                  f"{'; finished stages reused' if len(todo) < 2 + len(STUDENTS) - (shipped is not None) else ''}), "
+                  f"{'; finished stages reused' if len(todo) < len(plan) else ''}"
+                  f"{f'; {processes} runs at a time' if processes > 1 else ''}), "
                   "then a few seconds of export and pictures")
 
-    def timed(name: str, *args, **kwargs) -> Path:
-        t = time.perf_counter()
-        path = _stage(*args, **kwargs)
-        if name in todo:
-            clock.finished(name, time.perf_counter() - t)
-        return path
-
+    models = {name: out / name / "model.safetensors" for name in plan}
     if shipped is not None:
-        teacher = _place_shipped_teacher(out / "teacher", shipped, expected_teacher, reporter)
+        models["teacher"] = _place_shipped_teacher(out / "teacher", shipped, expected_teacher, reporter)
+    for name in plan:
+        if name not in todo:
+            reporter.note(f"{plan[name][0]}: reusing {models[name]}")
+
+    def stage_kwargs(name: str) -> dict[str, Any]:
+        _, stage, stage_config, inputs = plan[name]
+        return dict(stage=stage, config=stage_config, out=out / name, resume=(out / name / RESUME_FILE).is_file(),
+                    **{i: models[i] for i in inputs}, **common)
+
+    def announce(name: str) -> None:
+        resume = (out / name / RESUME_FILE).is_file()
+        reporter.note(f"{plan[name][0]}{' (resuming)' if resume else ''} -> {out / name}")
+
+    if processes == 1:
+        for name in todo:
+            t = time.perf_counter()
+            announce(name)
+            with torch_threads(run_threads):
+                train_stage(reporter=reporter, **stage_kwargs(name))
+            clock.finished(name, time.perf_counter() - t)
     else:
-        teacher = timed("teacher", out / "teacher", train_teacher_stage, reporter, "teacher", config=config, **common)
-    amplifier = timed("amplifier", out / "amplifier", train_amplifier, reporter, "amplifier", config=config,
-                      teacher=teacher, **common)
-    students: dict[str, Path] = {}
-    for name, student_config in student_configs.items():
-        inputs = {}
-        if needs_teacher(student_config):
-            inputs["teacher"] = teacher
-        if needs_amplifier(student_config):
-            inputs["amplifier"] = amplifier
-        students[name] = timed(name, out / name, distill, reporter, STUDENT_TITLES[name], config=student_config,
-                               **inputs, **common)
+        def finished(job: Job, outcome: Outcome) -> None:
+            if outcome.error is None:
+                clock.finished(job.name, outcome.wall_s)
+
+        priority = chain_seconds({name: estimates[name] for name in todo}, after)
+        outcomes = run_jobs([Job(name, train_stage, stage_kwargs(name), after[name], priority[name])
+                             for name in todo], processes=processes, threads=run_threads,
+                            reporter=reporter, on_start=lambda job: announce(job.name), on_finish=finished)
+        failed = [name for name in todo if outcomes[name].error is not None]
+        if failed:
+            raise Ds2d2Error(f"{plan[failed[0]][0]}: {outcomes[failed[0]].error}")
+    teacher = models["teacher"]
+    students = {name: models[name] for name in STUDENTS}
 
     results: dict[str, Any] = {}
     predictions: dict[str, Path] = {}
@@ -520,6 +576,8 @@ def run_demo(
     results["preset"] = preset
     results["device"] = str(device)
     results["quick"] = quick
+    results["jobs"] = processes
+    results["torch_threads_per_run"] = run_threads or torch.get_num_threads()
     results["estimated_s"] = round(clock.total, 1)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(out / "results.json", results, indent=2)

@@ -30,6 +30,7 @@ from ds2d2_cli.distill.registry import DS2D2_STREAMS, METHODS
 from ds2d2_cli.errors import Ds2d2Error, InputError
 from ds2d2_cli.models.families import FAMILIES
 from ds2d2_cli.fileio import atomic_path, read_json, write_json
+from ds2d2_cli.parallel import Job, Outcome, run_jobs, threads_per_job
 from ds2d2_cli.progress import NullReporter, Reporter
 from ds2d2_cli.provenance import machine
 from ds2d2_cli.stages.distill import needs_amplifier, needs_teacher
@@ -239,52 +240,32 @@ def _train(plan: Plan, first: Plan | None, *, data_dir: Path, preset: str, devic
                    reporter=reporter).summary
 
 
-def _train_in_worker(plan: Plan, first: Plan | None, threads: int, **kwargs: Any) -> dict[str, Any]:
-    """`_train` in a `--jobs` process: its share of the CPU threads; errors come back as text
-    (exceptions with extra arguments do not always survive pickling)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    try:
-        summary = _train(plan, first, reporter=NullReporter(), **kwargs)
-    except Ds2d2Error as exc:
-        return {"error": str(exc)}
-    return {"summary": summary, "wall_s": time.perf_counter() - started}
-
-
-def threads_per_job(jobs: int) -> int:
-    """Each of `jobs` processes gets an equal share of this process's torch threads (at least one)."""
-    import torch
-
-    return max(1, torch.get_num_threads() // jobs)
-
-
 def _train_in_parallel(work: list[tuple[Plan, Plan | None]], jobs: int, reporter: Reporter,
                        **kwargs: Any) -> dict[Path, dict[str, Any]]:
-    """Train independent runs in `jobs` processes (spawned, `threads_per_job` threads each);
-    results by run folder, in the order they finish."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
+    """Train independent runs in `jobs` processes (`threads_per_job` threads each), their
+    progress forwarded here; results by run folder, in the order they finish."""
     threads = threads_per_job(jobs)
     reporter.note(f"study: {len(work)} runs to train in {jobs} processes of {threads} torch thread"
                   f"{'s' if threads > 1 else ''} each")
     results: dict[Path, dict[str, Any]] = {}
+    runs = {str(plan[0].out): plan[0] for plan, _ in work}
     task = reporter.task("study runs", total=len(work))
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def finished(job: Job, outcome: Outcome) -> None:
+        run = runs[job.name]
+        if outcome.error is None:
+            results[run.out] = {"summary": outcome.value, "wall_s": outcome.wall_s}
+            state = f"done in {_duration(outcome.wall_s)}"
+        else:
+            results[run.out] = {"error": outcome.error}
+            state = f"failed: {outcome.error}"
+        reporter.note(f"study: {run.method} seed {run.seed} {state}")
+        task.update(1)
+
     try:
-        pending = {pool.submit(_train_in_worker, plan, first, threads, **kwargs): plan[0] for plan, first in work}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run = pending.pop(future)
-                results[run.out] = outcome = future.result()
-                state = f"failed: {outcome['error']}" if "error" in outcome else f"done in {_duration(outcome['wall_s'])}"
-                reporter.note(f"study: {run.method} seed {run.seed} {state}")
-                task.update(1)
+        run_jobs([Job(str(plan[0].out), _train, {"plan": plan, "first": first, **kwargs}) for plan, first in work],
+                 processes=jobs, threads=threads, reporter=reporter, on_finish=finished)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         task.close()
     return results
 

@@ -261,3 +261,22 @@ def test_the_forecast_is_not_swung_by_one_short_stage():
     assert clock.pace() == pytest.approx((19 + 100) / (15 + 100))  # 1.035, not 19 / 15 = 1.27
     clock.finished("baseline", 170.0)  # twice as slow as estimated: the forecast follows
     assert clock.pace() == pytest.approx((189 + 100) / (100 + 100))
+
+
+@pytest.mark.slow
+def test_demo_jobs_train_side_by_side_with_the_weights_of_one_at_a_time(tmp_path):
+    """`--jobs 2`: the teacher, then the amplifier and students, two processes at a time, each
+    run with its --threads; every model equals, bit for bit, the one `--jobs 1` trains."""
+    from safetensors.torch import load_file
+
+    _demo(tmp_path / "one", "--threads", "1")
+    side_by_side = _demo(tmp_path / "two", "--jobs", "2", "--threads", "1")
+    assert "2 runs at a time" in " ".join(side_by_side.output.split())
+    for name in ("teacher", "amplifier", *STUDENTS):
+        ours, theirs = (load_file(tmp_path / where / name / "model.safetensors") for where in ("two", "one"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert "ds2d2: distill" in side_by_side.output.replace("note: ", "")  # a worker's note, forwarded
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["jobs"] == 2 and results["torch_threads_per_run"] == 1
+    with pytest.raises(InputError, match="--jobs and --threads must be at least 1"):
+        run_demo(tmp_path / "none", jobs=0)

@@ -68,6 +68,10 @@ def demo_command(
     train_teacher: bool = typer.Option(False, "--train-teacher", help="train the teacher here (the shipped "
                                        "teacher's recipe, about 40 min on 2 cores) instead of using the teacher "
                                        "shipped with ds2d2; needed for --set teacher.* or other scenes"),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="train this many models at once, each in its own process "
+                             "(CPU; the amplifier and students are independent once the teacher is there)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per training [default: the "
+                                          "machine's, shared out among --jobs]", show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write results as JSON to FILE (`-` for stdout)"),
 ) -> None:
     """Distill on synthetic scenes: shipped teacher, amplifier, students (baseline, FitNet, CWD, DS2D2), eval, export.
@@ -84,7 +88,7 @@ def demo_command(
     scene_size = scene_size or (QUICK_SCENE_SIZE if quick else SCENE_SIZE)
     results = run_demo(out, device=resolve_device(device), fresh=fresh, preset=preset, overrides=list(overrides),
                        scenes=scenes, scene_size=scene_size, quick=quick, train_teacher=train_teacher,
-                       reporter=RichReporter())
+                       jobs=jobs, threads=threads, reporter=RichReporter())
     if not (json_out is not None and str(json_out) == "-"):
         print_results(results, out)
     write_json_output(json_out, results)
