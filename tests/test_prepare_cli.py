@@ -203,3 +203,15 @@ def test_synthetic_command(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "synthetic-64" / "train.json").read_text())
     assert [c["name"] for c in data["categories"]][:2] == ["small-vehicle", "large-vehicle"]
+
+
+@pytest.mark.parametrize("command, default", [
+    (["demo"], "[default: runs/demo, with --quick runs/demo-quick]"),
+    (["demo"], "[default: the machine's, shared out among --jobs]"),
+    (["distill"], "[default: preset, i.e. ds2d2]"),
+    (["eval"], "[default: the config's eval split]"),
+    (["compare"], "[default: folder names]"),
+])
+def test_bracketed_defaults_in_help_are_shown_not_taken_for_markup(command, default):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and default in " ".join(result.output.split())

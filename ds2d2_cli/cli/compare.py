@@ -64,7 +64,7 @@ def compare_command(
     out: Optional[Path] = typer.Option(Path("runs/compare"), "--out", "-o",
                                        help="folder for compare.json and the PNG charts"),
     names: List[str] = typer.Option([], "--name", help="label for each run, in order (repeatable) "
-                                    "[default: folder names]", show_default=False),
+                                    "\\[default: folder names]", show_default=False),
     no_charts: bool = typer.Option(False, "--no-charts", help="table only; write nothing"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the comparison as JSON to FILE "
                                             "(`-` for stdout)"),

@@ -53,16 +53,16 @@ def print_results(results: dict[str, Any], out: Path) -> None:
 @handle_errors
 def demo_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="demo folder (data, runs, pictures, results.json) "
-                                       "[default: runs/demo, with --quick runs/demo-quick]", show_default=False),
+                                       "\\[default: runs/demo, with --quick runs/demo-quick]", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N"),
     fresh: bool = typer.Option(False, "--fresh", help="start over: delete this demo's data, runs and results "
                                "(a re-run reuses them only when made with the same settings, else it stops)"),
     preset: str = typer.Option("tiny-synthetic", "--preset", "-p", help="a preset on the synthetic class set"),
     overrides: List[str] = typer.Option([], "--set", help="override one config value (repeatable)"),
     scenes: Optional[int] = typer.Option(None, "--scenes", min=2, help="synthetic scenes to generate (a quarter "
-                                         "held out) [default: 24, with --quick 6]", show_default=False),
+                                         "held out) \\[default: 24, with --quick 6]", show_default=False),
     scene_size: Optional[int] = typer.Option(None, "--scene-size", min=64, help="side of each synthetic scene in "
-                                             "pixels [default: 640, with --quick 256]", show_default=False),
+                                             "pixels \\[default: 640, with --quick 256]", show_default=False),
     quick: bool = typer.Option(False, "--quick", help="a smoke run of every stage in about a minute (tiny "
                                "schedules and scenes; no accuracy claim)"),
     train_teacher: bool = typer.Option(False, "--train-teacher", help="train the teacher here (the shipped "
@@ -70,7 +70,7 @@ def demo_command(
                                        "shipped with ds2d2; needed for --set teacher.* or other scenes"),
     jobs: int = typer.Option(1, "--jobs", min=1, help="train this many models at once, each in its own process "
                              "(CPU; the amplifier and students are independent once the teacher is there)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per training [default: the "
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per training \\[default: the "
                                           "machine's, shared out among --jobs]", show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write results as JSON to FILE (`-` for stdout)"),
 ) -> None:

@@ -17,7 +17,7 @@ from ds2d2_cli.errors import InputError
 
 JSON_HELP = "also write the figures as JSON to FILE (`-` for stdout)"
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
-DATA_HELP = "prepared data folder [default: the preset's data.root, where prepare-data writes]"
+DATA_HELP = "prepared data folder \\[default: the preset's data.root, where prepare-data writes]"
 MAX_ITERS_HELP = "stop after N iterations (overrides the preset's epochs; handy for smoke tests)"
 RESUME_HELP = "continue the run in OUT from its last checkpoint (same config required)"
 
@@ -182,7 +182,7 @@ def train_amplifier_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
     out: Path = typer.Option(Path("runs/amplifier"), "--out", "-o", help="run folder"),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    wavelet: Optional[str] = typer.Option(None, "--wavelet", help="wavelet of the high-frequency split [default: preset]",
+    wavelet: Optional[str] = typer.Option(None, "--wavelet", help="wavelet of the high-frequency split \\[default: preset]",
                                           show_default=False),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
@@ -245,11 +245,11 @@ def distill_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP, show_default=False),
     out: Path = typer.Option(Path("runs/student"), "--out", "-o", help="run folder"),
     method: Optional[str] = typer.Option(None, "--method", help=f"{', '.join(METHODS)} (none: the undistilled "
-                                         "baseline) [default: preset, i.e. ds2d2]", show_default=False),
+                                         "baseline) \\[default: preset, i.e. ds2d2]", show_default=False),
     streams: Optional[str] = typer.Option(None, "--streams", help="ablation: comma list of "
-                                          f"{', '.join(DS2D2_STREAMS)} [default: all]", show_default=False),
+                                          f"{', '.join(DS2D2_STREAMS)} \\[default: all]", show_default=False),
     no_disw: bool = typer.Option(False, "--no-disw", help="ablation: plain (unweighted) explicit losses"),
-    wavelet: Optional[str] = typer.Option(None, "--wavelet", help="any pywt discrete wavelet [default: preset, haar]",
+    wavelet: Optional[str] = typer.Option(None, "--wavelet", help="any pywt discrete wavelet \\[default: preset, haar]",
                                           show_default=False),
     backbone_weights: Optional[Path] = typer.Option(
         None, "--backbone-weights", help="local ImageNet weights for the student backbone (state_dict "
@@ -295,9 +295,9 @@ def distill_command(
 def eval_command(
     checkpoint: Optional[Path] = typer.Argument(None, help="a teacher or student .safetensors checkpoint",
                                                 show_default=False),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="prepared data folder [default: the checkpoint's run config]",
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="prepared data folder \\[default: the checkpoint's run config]",
                                         show_default=False),
-    split: Optional[str] = typer.Option(None, "--split", help="split to score [default: the config's eval split]",
+    split: Optional[str] = typer.Option(None, "--split", help="split to score \\[default: the config's eval split]",
                                         show_default=False),
     merge_patches: bool = typer.Option(False, "--merge-patches",
                                        help="merge DOTA patch detections back into scenes and score whole scenes"),
@@ -314,7 +314,7 @@ def eval_command(
                                                "for --dota-task1", show_default=False),
     classes: Optional[str] = typer.Option(None, "--classes", help="with --dota-task1: the classes scored, a set "
                                           "(dota-v1.0, dota-v1.5, ...) or a list \\[plane,ship]; mAP is their mean "
-                                          "[default: dota-v1.0]", show_default=False),
+                                          "\\[default: dota-v1.0]", show_default=False),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per inference batch"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
