@@ -34,6 +34,7 @@ class Job:
     kwargs: dict[str, Any] = field(default_factory=dict)
     after: tuple[str, ...] = ()
     priority: float = 0.0
+    label: str | None = None  # how its bars and notes are tagged (default: its name)
 
 
 @dataclass
@@ -251,7 +252,7 @@ def run_jobs(jobs: Sequence[Job], *, processes: int, threads: int, reporter: Rep
                 waiting.remove(job)
                 if on_start is not None:
                     on_start(job)
-                running[pool.submit(_run_in_worker, job.name, job.target, job.kwargs, threads)] = job
+                running[pool.submit(_run_in_worker, job.label or job.name, job.target, job.kwargs, threads)] = job
             if not running:
                 if waiting:
                     raise ValueError(f"jobs wait for each other: {[job.name for job in waiting]}")

@@ -263,7 +263,8 @@ def _train_in_parallel(work: list[tuple[Plan, Plan | None]], jobs: int, reporter
         task.update(1)
 
     try:
-        run_jobs([Job(str(plan[0].out), _train, {"plan": plan, "first": first, **kwargs}) for plan, first in work],
+        run_jobs([Job(str(plan[0].out), _train, {"plan": plan, "first": first, **kwargs},
+                     label=f"{plan[0].method} seed {plan[0].seed}") for plan, first in work],
                  processes=jobs, threads=threads, reporter=reporter, on_finish=finished)
     finally:
         task.close()

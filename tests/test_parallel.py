@@ -58,6 +58,7 @@ def _sleep(*, reporter, pid_file):
 def _threads(*, reporter):
     import torch
 
+    reporter.note("counted")
     return torch.get_num_threads()
 
 
@@ -84,7 +85,7 @@ def test_jobs_run_in_order_with_their_threads_and_progress_forwarded():
         Job("second", _double, {"value": 2}, after=("first",)),
         Job("refused", _refuse),
         Job("blocked", _double, {"value": 3}, after=("refused",)),
-        Job("threads", _threads),
+        Job("threads", _threads, label="thread count"),
     ], processes=2, threads=1, reporter=recorder, on_finish=lambda job, outcome: finished.append(job.name))
     assert outcomes["first"].value == 2 and outcomes["second"].value == 4
     assert outcomes["threads"].value == 1
@@ -95,6 +96,7 @@ def test_jobs_run_in_order_with_their_threads_and_progress_forwarded():
     assert recorder.tasks["first: work"] == {"total": 3, "done": 3, "closed": True}
     assert recorder.tasks["second: work"] == {"total": 3, "done": 3, "closed": True}
     assert outcomes["first"].wall_s > 0
+    assert "thread count: counted" in recorder.notes  # tagged with the label, not the name
 
 
 def test_bad_job_lists_are_refused():
