@@ -2,7 +2,7 @@
 
 The demo's trainings (amplifier, four students) are independent once the teacher is there.
 This trains the same two demo students (the baseline and CWD, from the shipped teacher, on
-the demo's scenes, `--iters` iterations each, no evaluation) three ways, through
+the demo's scenes, `--iters` iterations each, with their evaluation at the end) three ways, through
 `ds2d2_cli.parallel.run_jobs` as `ds2d2 demo --jobs` does:
 
 - `serial`: one after the other, each with all the machine's threads (the demo until now);
@@ -69,7 +69,19 @@ def same(a: dict, b: dict) -> bool:
     return all(a[n].keys() == b[n].keys() and all(torch.equal(a[n][k], b[n][k]) for k in a[n]) for n in a)
 
 
-def run(iters: int, rounds: int, work: Path) -> dict:
+def run(quick: bool, device: str = "cpu") -> dict:
+    """For `run_all.py`: the default measurement, or a smoke run (`quick`), in a temp folder."""
+    if device != "cpu":  # what it measures is how CPU threads and processes share the cores
+        return {"skipped": f"CPU only, not run on {device}",
+                "cases": [{"summary": f"skipped on {device}: it measures CPU threads and processes"}]}
+    work = Path(tempfile.mkdtemp(prefix="demo-jobs-"))
+    try:
+        return measure(4 if quick else 20, 1 if quick else 2, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(iters: int, rounds: int, work: Path) -> dict:
     cores = torch.get_num_threads()
     ways = {"serial": (1, cores), "jobs": (len(STUDENTS), max(1, cores // len(STUDENTS))),
             "oversubscribed": (len(STUDENTS), cores)}
@@ -93,6 +105,8 @@ def run(iters: int, rounds: int, work: Path) -> dict:
             print(f"  round {round_index + 1} {way:>14} ({processes} x {threads} threads): {times[way][-1]:.1f} s",
                   flush=True)
     wall = {way: round(statistics.median(t), 1) for way, t in times.items()}
+    summary = (", ".join(f"{way} {wall[way]:.0f} s (x{wall['serial'] / wall[way]:.2f})" for way in ways)
+               + f"; oversubscribed == serial weights: {same(trained['oversubscribed'], trained['serial'])}")
     return {
         "machine": machine_info("cpu"),
         "students": STUDENTS,
@@ -102,23 +116,23 @@ def run(iters: int, rounds: int, work: Path) -> dict:
                        "speedup_vs_serial": round(wall["serial"] / wall[way], 3)} for way, (p, t) in ways.items()},
         "same_weights": {"oversubscribed_vs_serial": same(trained["oversubscribed"], trained["serial"]),
                          "jobs_vs_serial": same(trained["jobs"], trained["serial"])},
-        "summary": ", ".join(f"{way} {wall[way]:.0f} s (x{wall['serial'] / wall[way]:.2f})" for way in ways)
-        + f"; oversubscribed == serial weights: {same(trained['oversubscribed'], trained['serial'])}",
+        "summary": summary,
+        "cases": [{"summary": summary}],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iters", type=int, default=40, help="iterations per student (default 40)")
+    parser.add_argument("--iters", type=int, default=20, help="iterations per student (default 20)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the three ways (default 2)")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "demo_jobs.json")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="demo-jobs-"))
-    results = run(args.iters, args.rounds, work)
+    results = measure(args.iters, args.rounds, work)
     results["cpu_count"] = os.cpu_count()
-    save_record("demo_jobs", args.output, {**results, "cases": [{"summary": results["summary"]}]}, started, "cpu",
+    save_record("demo_jobs", args.output, results, started, "cpu",
                 iters=args.iters, rounds=args.rounds)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
