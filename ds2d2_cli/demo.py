@@ -55,19 +55,11 @@ TEACHER_GAP = 64
 SCENE_KEYS = ("scenes", "scene_size", "seed", "classes", "input_size")  # which scenes, not how they are cut
 
 
-def _stage(out: Path, run: Callable[..., Any], reporter: Reporter, title: str, **kwargs) -> Path:
-    """Run a training stage unless it already finished; resume it when it was interrupted.
-
-    `_check_stage` has already made sure that what is here was made with these settings.
-    """
-    model = out / "model.safetensors"
-    if model.is_file():
-        reporter.note(f"{title}: reusing {model}")
-        return model
+def _announce(title: str, out: Path, reporter: Reporter) -> bool:
+    """Say which stage trains where; True when it resumes an interrupted run there."""
     resume = (out / RESUME_FILE).is_file()
     reporter.note(f"{title}{' (resuming)' if resume else ''} -> {out}")
-    run(out=out, resume=resume, reporter=reporter, **kwargs)
-    return model
+    return resume
 
 
 def train_stage(stage: str, *, reporter: Reporter, **kwargs: Any) -> None:
@@ -513,8 +505,7 @@ def run_demo(
                     **{i: models[i] for i in inputs}, **common)
 
     def announce(name: str) -> None:
-        resume = (out / name / RESUME_FILE).is_file()
-        reporter.note(f"{plan[name][0]}{' (resuming)' if resume else ''} -> {out / name}")
+        _announce(plan[name][0], out / name, reporter)
 
     if processes == 1:
         for name in todo:
@@ -594,7 +585,6 @@ def make_shipped_teacher(work: Path, *, device: torch.device | str = "cpu", dest
     from ds2d2_cli.provenance import machine
     from ds2d2_cli.stages.common import with_data_root
     from ds2d2_cli.stages.evaluate import evaluate_checkpoint
-    from ds2d2_cli.stages.teacher import train_teacher as train_teacher_stage
 
     reporter = reporter or NullReporter()
     work = Path(work)
@@ -605,8 +595,12 @@ def make_shipped_teacher(work: Path, *, device: torch.device | str = "cpu", dest
     _check_data(work / "demo-cut", _data_settings(config, SCENES, SCENE_SIZE))
     _check_stage(work / "teacher", with_data_root(config, _patches_dir(work, config)), "teacher", "teacher")
     patches = _prepare(work, config, reporter, SCENES, SCENE_SIZE, gap=TEACHER_GAP)
-    model = _stage(work / "teacher", train_teacher_stage, reporter, "teacher", config=config, data_dir=patches,
-                   preset=DEMO_PRESET, device=device)
+    model = work / "teacher" / "model.safetensors"
+    if model.is_file():  # `_check_stage` made sure it was trained with these settings
+        reporter.note(f"teacher: reusing {model}")
+    else:
+        train_stage("teacher", reporter=reporter, config=config, out=model.parent, data_dir=patches,
+                    preset=DEMO_PRESET, device=device, resume=_announce("teacher", model.parent, reporter))
     summary = read_json(work / "teacher" / "summary.json")
     # scored as the demo scores it: the held-out scenes cut as the demo cuts them, patches merged
     demo_patches = _prepare(work / "demo-cut", config, reporter, SCENES, SCENE_SIZE)
