@@ -56,6 +56,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name: (distill settings, train settings)
     "fgd-recipe": ({"method": "fgd", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
     "mgd-recipe": ({"method": "mgd", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
+    # the recipe without a distillation loss: what the start from the teacher and the clipping give alone
+    "none-recipe": ({"method": "none", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
 }
 LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
@@ -68,6 +70,7 @@ LABELS = {
     "chain": "DS2D2 chain: from the assistant teacher, then from the teacher",
     "fgd-recipe": "FGD, reference recipe (student from teacher, clip 35)",
     "mgd-recipe": "MGD, reference recipe (student from teacher, clip 35)",
+    "none-recipe": "no distillation loss, FGD/MGD recipe (student from teacher, clip 35)",
 }
 # Progressive distillation (MTPD, Cao et al. 2023; TAKD): the student is distilled with DS2D2 from
 # `--assistant-teacher` first, then, started from that student (`distill --init-student`), from

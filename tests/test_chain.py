@@ -134,7 +134,27 @@ def test_init_student_refusals_leave_nothing_behind(chain, tmp_path):
         assert not out.exists(), extra
     result = _run(["distill", *common, "--method", "none", "--set", "distill.init_student_from_teacher=true",
                    "--out", str(out)], code=2)
-    assert "reads no teacher" in result.output and not out.exists()
+    assert "it needs --teacher" in " ".join(result.output.split()) and not out.exists()
+
+
+def test_the_baseline_started_from_the_teacher_copies_without_distilling(chain, start_weights):
+    """`--method none` with `distill.init_student_from_teacher`: the FGD/MGD recipe's start without
+    their loss (the study's `none-recipe` control). The teacher's tensors are copied and recorded,
+    the run has no distillation term; without the setting a given --teacher is reported unused."""
+    runs, common, teacher, _ = chain
+    out = runs / "none-from-teacher"
+    sets = ["--set", "student.fpn_channels=32", "--set", "distill.init_student_from_teacher=true"]
+    result = _run(["distill", *common, "--method", "none", "--teacher", str(teacher), *sets, "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    copied = summary["init_from_teacher"]
+    teacher_weights = load_file(str(teacher))
+    assert copied and all(torch.equal(start_weights[-1][k], teacher_weights[k]) for k in copied)
+    assert summary["method"] == "none" and summary["streams"] == []
+    assert _meta(out / "model.safetensors")["teacher_sha256"] == file_sha256(teacher)
+    assert "tensors copied from the teacher" in result.output
+    plain = _run(["distill", *common, "--method", "none", "--teacher", str(teacher), "--out", str(runs / "plain")])
+    assert "--teacher is not used by this run" in " ".join(plain.output.split())
+    assert json.loads((runs / "plain" / "summary.json").read_text())["init_from_teacher"] is None
 
 
 def test_init_student_from_teacher_with_a_narrower_fpn_copies_only_what_fits(chain):

@@ -109,6 +109,13 @@ def test_fgd_and_mgd_reference_recipes(tmp_path):
     by = {r.method: r.config for r in runs}
     assert (by["none"].train.grad_clip, by["none"].distill.init_student_from_teacher) == (None, False)
     assert (by["fgd"].train.grad_clip, by["fgd"].distill.init_student_from_teacher) == (None, False)
+    control = plan_study(base, ["none", "none-recipe"], [0], tmp_path, teacher=tmp_path / "t.safetensors",
+                         amplifier=None)[1]
+    assert control.teacher == tmp_path / "t.safetensors"  # read for its neck and heads, never run
+    assert (control.config.distill.method, control.config.distill.init_student_from_teacher,
+            control.config.train.grad_clip) == ("none", True, 35.0)
+    with pytest.raises(InputError, match="needs --teacher"):
+        plan_study(base, ["none", "none-recipe"], [0], tmp_path, teacher=None, amplifier=None)
     for name, method in (("fgd-recipe", "fgd"), ("mgd-recipe", "mgd")):
         assert by[name].distill.method == method and by[name].distill.init_student_from_teacher
         assert by[name].train.grad_clip == 35.0 and by[name].train.lr == base.train.lr

@@ -57,8 +57,9 @@ def _frozen(module: nn.Module | None) -> nn.Module | None:
 
 
 def needs_teacher(config: RunConfig) -> bool:
-    """Whether a student run with these settings reads a teacher (the registry decides)."""
-    return get_method(config.distill.method).needs_teacher
+    """Whether a student run with these settings reads a teacher: its method's terms (the registry
+    decides), or its start (`distill.init_student_from_teacher`, also for the baseline)."""
+    return get_method(config.distill.method).needs_teacher or config.distill.init_student_from_teacher
 
 
 def needs_amplifier(config: RunConfig) -> bool:
@@ -270,8 +271,15 @@ def distill(
     config = data.config  # classes resolved: the run records the list
     if chosen.needs_teacher and teacher is None:
         raise InputError(f"--method {method} needs --teacher T.safetensors (or use --method none for the baseline)")
-    teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path) if chosen.needs_teacher else None
-    teacher_model = model_from_checkpoint(teacher_ckpt, device) if teacher_ckpt is not None else None
+    from_teacher = config.distill.init_student_from_teacher
+    if from_teacher and teacher is None:
+        raise InputError("distill.init_student_from_teacher copies the teacher's neck and heads: it needs "
+                         "--teacher T.safetensors")
+    if teacher is not None and not needs_teacher(config):
+        reporter.note(f"--teacher is not used by this run (method {method}, no distill.init_student_from_teacher)")
+    # With method none and a start from the teacher, the teacher's tensors are read, never run.
+    teacher_ckpt = load_teacher(teacher, config, data.classes, data.train.path) if needs_teacher(config) else None
+    teacher_model = model_from_checkpoint(teacher_ckpt, device) if chosen.needs_teacher else None
     amplifier_head = None
     wanted = active_terms(chosen, config.distill.streams)
     if any(NEEDS_AMPLIFIER in term.needs for term in wanted):
@@ -294,13 +302,9 @@ def distill(
         raise InputError(f"distill.implicit_rois={config.distill.implicit_rois} thins the RoIs of Faster R-CNN's "
                          f"implicit streams, and this run has none (student {config.student.detector}, method "
                          f"{method}, streams {', '.join(config.distill.streams)}); leave it unset")
-    from_teacher = config.distill.init_student_from_teacher
     if from_teacher and init_student is not None:
         raise InputError("--init-student and distill.init_student_from_teacher both set the student's start; "
                          "choose one")
-    if from_teacher and not chosen.needs_teacher:
-        raise InputError(f"distill.init_student_from_teacher copies the teacher's neck and heads, and method "
-                         f"{method} reads no teacher")
     init_ckpt, init_lineage = _init_student_lineage(init_student, out, resume, config, data.classes,
                                                     data.train.path)
     # Built before the run folder is made, so a start that does not fit leaves nothing behind.
