@@ -58,6 +58,9 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name: (distill 
     "mgd-recipe": ({"method": "mgd", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
     # the recipe without a distillation loss: what the start from the teacher and the clipping give alone
     "none-recipe": ({"method": "none", "init_student_from_teacher": True}, {"grad_clip": 35.0}),
+    # DS2D2 given the same start and clipping (not the authors' recipe: theirs starts from ImageNet)
+    "ds2d2-recipe": ({"method": "ds2d2", "streams": DS2D2_STREAMS, "init_student_from_teacher": True},
+                     {"grad_clip": 35.0}),
 }
 LABELS = {
     "none": "baseline (no teacher)", "fitnet": "FitNet", "cwd": "CWD", "pkd": "PKD", "mgd": "MGD", "fgd": "FGD",
@@ -71,6 +74,7 @@ LABELS = {
     "fgd-recipe": "FGD, reference recipe (student from teacher, clip 35)",
     "mgd-recipe": "MGD, reference recipe (student from teacher, clip 35)",
     "none-recipe": "no distillation loss, FGD/MGD recipe (student from teacher, clip 35)",
+    "ds2d2-recipe": "DS2D2 with the FGD/MGD recipe (student from teacher, clip 35)",
 }
 # Progressive distillation (MTPD, Cao et al. 2023; TAKD): the student is distilled with DS2D2 from
 # `--assistant-teacher` first, then, started from that student (`distill --init-student`), from

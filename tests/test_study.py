@@ -116,6 +116,11 @@ def test_fgd_and_mgd_reference_recipes(tmp_path):
             control.config.train.grad_clip) == ("none", True, 35.0)
     with pytest.raises(InputError, match="needs --teacher"):
         plan_study(base, ["none", "none-recipe"], [0], tmp_path, teacher=None, amplifier=None)
+    ds2d2 = plan_study(base, ["ds2d2-recipe"], [0], tmp_path, teacher=tmp_path / "t.safetensors",
+                       amplifier=tmp_path / "a.safetensors")[0]
+    assert ds2d2.amplifier == tmp_path / "a.safetensors" and ds2d2.config.distill.streams == base.distill.streams
+    assert (ds2d2.config.distill.method, ds2d2.config.distill.init_student_from_teacher,
+            ds2d2.config.train.grad_clip) == ("ds2d2", True, 35.0)
     for name, method in (("fgd-recipe", "fgd"), ("mgd-recipe", "mgd")):
         assert by[name].distill.method == method and by[name].distill.init_student_from_teacher
         assert by[name].train.grad_clip == 35.0 and by[name].train.lr == base.train.lr

@@ -75,7 +75,7 @@ def study_command(
                                 "ablations (ds2d2-explicit, ds2d2-implicit, ds2d2-no-disw, ds2d2-adapted) and approximations "
                                 "(ds2d2-implicit-every-2, -4; Faster R-CNN ds2d2-rois-128); fgd-recipe, mgd-recipe (their reference "
                                 "recipe: student from teacher, clip 35), none-recipe (that recipe without a "
-                                "distillation loss, its control); chain (DS2D2 from "
+                                "distillation loss, its control), ds2d2-recipe (DS2D2 with it); chain (DS2D2 from "
                                 "--assistant-teacher, then from --teacher); none is added as the baseline"),
     seeds: str = typer.Option("0,1,2", "--seeds", help="comma list of student seeds"),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="study folder (runs/<method>/seed<S>, "
