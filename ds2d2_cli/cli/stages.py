@@ -233,7 +233,8 @@ def _refuse_unused_stream_flags(settings: Any, *, streams: bool, no_disw: bool, 
 @handle_errors
 def distill_command(
     teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="the teacher's model.safetensors "
-                                           "(not needed with --method none)", show_default=False),
+                                           "(not needed with --method none, unless the student starts from it: "
+                                           "distill.init_student_from_teacher)", show_default=False),
     amplifier: Optional[Path] = typer.Option(None, "--amplifier", "-a", help="the amplifier's model.safetensors "
                                              "(without it the implicit high-frequency stream is off)",
                                              show_default=False),
