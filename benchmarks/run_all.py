@@ -11,7 +11,9 @@ Registered benchmarks (found by file name): disw, wavelet, distill_step, inferen
 (teacher vs student and eager vs onnxruntime images/s, parameters, FLOPs), rotated_ops
 (rotated-box IoU and NMS against shapely and torchvision; needs shapely, a dev dependency,
 for the IoU reference), frcnn_recipe (the DS2D2 Faster R-CNN step with the authors' recipe
-against each of its settings as ds2d2 had it before). The step
+against each of its settings as ds2d2 had it before), vs_authors (the DS2D2 step of the authors'
+MMDetection fork against ours; only in an environment with their fork and mmcv's compiled ops,
+otherwise it reports "skipped" and leaves an earlier result file as it was). The step
 benchmark's larger R101 configuration needs its own script:
 `python benchmarks/bench_distill_step.py --full`. The seed-averaged accuracy gain trains
 dozens of models (about an hour per seed on a 2-core CPU), so it runs only when asked:
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
         }
         path = args.out / f"{name}.json"
+        if results.get("skipped") and path.is_file():  # a skip must not overwrite a measurement
+            print("\n".join(_summary(name, results)))
+            print(f"  (skipped: {path.name} kept as it was)")
+            continue
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print("\n".join(_summary(name, results)))
         print(f"  -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({record['wall_s']} s)")
