@@ -59,12 +59,13 @@ How to run (the authors' environment, not the project's venv: there `run` return
 an environment with torch, mmcv 2.1.0 with its C++ ops built from source against that same torch
 (`mmcv.ops` must import: RoIAlign, nms), mmengine 0.10, `pytorch_wavelets`, the authors' fork
 installed editable (`pip install --no-deps -e DS2D2`; it provides `mmdet`), and ds2d2 importable
-(installed, or PYTHONPATH=<this checkout>):
+(installed, or PYTHONPATH=<this checkout>). With that environment's python as `$ENV/bin/python`
+(on the development machine, /work/mmenv):
 
-    /work/mmenv/bin/python benchmarks/bench_vs_authors.py --quick          # smoke: 1 round at 256 px
-    /work/mmenv/bin/python benchmarks/bench_vs_authors.py                  # 5 rounds at 512 px, both cases
-    PYTHONPATH=$PWD /work/mmenv/bin/python benchmarks/bench_vs_authors.py --cases retina --rounds 9
-    /work/mmenv/bin/python benchmarks/run_all.py --only vs_authors
+    $ENV/bin/python benchmarks/bench_vs_authors.py --quick          # smoke: 1 round at 256 px
+    $ENV/bin/python benchmarks/bench_vs_authors.py                  # 5 rounds at 512 px, both cases
+    PYTHONPATH=$PWD $ENV/bin/python benchmarks/bench_vs_authors.py --cases retina --rounds 9
+    $ENV/bin/python benchmarks/run_all.py --only vs_authors
 
 `DS2D2_AUTHORS` points to the fork's checkout (default /work/mmenv/DS2D2, else the `mmdet`
 package's parent folder); its commit is read from `../PATCHES.md` beside it when recorded there.
@@ -154,8 +155,8 @@ def authors_available() -> str | None:
         importlib.import_module("mmdet.models.distillation.ds2d2_faster_rcnn")
     except Exception as exc:  # ImportError, or mmcv's extension failing to load
         return (f"needs the authors' MMDetection fork (mmdet) and mmcv 2.1.0 with its compiled ops (mmcv.ops), "
-                f"which this environment cannot import ({type(exc).__name__}: {exc}); run it with "
-                f"/work/mmenv/bin/python benchmarks/bench_vs_authors.py")
+                f"which this environment cannot import ({type(exc).__name__}: {exc}); run it with the "
+                f"python of an environment that has them (see this file's docstring)")
     return None
 
 
