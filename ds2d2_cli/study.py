@@ -153,6 +153,9 @@ def plan_study(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], 
             runs.append(StudyRun(name, seed, run_config, Path(out) / "runs" / name / f"seed{seed}",
                                  teacher if needs_teacher(run_config) else None,
                                  amplifier if needs_amplifier(run_config) else None, first))
+    if amplifier is not None and all(run.amplifier is None for run in runs):
+        raise InputError(f"--amplifier is read by DS2D2's implicit high-frequency stream only, and none of the "
+                         f"methods here runs it ({', '.join(methods)}): leave it out")
     return runs
 
 

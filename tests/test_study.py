@@ -98,6 +98,9 @@ def test_plan_lays_out_methods_times_seeds(tmp_path):
         plan_study(config, ["none", "cwd"], [0], tmp_path, teacher=None, amplifier=None)
     with pytest.raises(InputError, match="must not repeat"):
         plan_study(config, ["none"], [0, 0], tmp_path, teacher=None, amplifier=None)
+    with pytest.raises(InputError, match="none of the methods here runs it"):  # not silently dropped
+        plan_study(config, ["none", "cwd", "ds2d2-explicit"], [0], tmp_path, teacher=tmp_path / "t.safetensors",
+                   amplifier=tmp_path / "a.safetensors")
 
 
 def test_fgd_and_mgd_reference_recipes(tmp_path):
