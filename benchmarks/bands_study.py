@@ -25,47 +25,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # imported by path too
     sys.path.append(str(Path(__file__).resolve().parent))
-from _synthetic_study import ds2d2, sets, teacher_amplifier_study  # noqa: E402
+from _synthetic_study import scenes_study, study_parser  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 KINDS = ("rgbn", "sar")
 PRESET = "tiny-synthetic"
 
 
 def run_kind(kind: str, args: argparse.Namespace) -> Path:
-    work = args.work / kind
-    scenes, data = work / "scenes", work / "data-128"
-    if not (data / "val.json").is_file():
-        for folder in (scenes, data):
-            shutil.rmtree(folder, ignore_errors=True)
-        ds2d2("prepare-data", "synthetic", "--bands", kind, "--out", str(scenes), "--images", str(args.images),
-              "--seed", "0")
-        scaling = ["--scaling", "db"] if kind == "sar" else []
-        ds2d2("prepare-data", "dota", str(scenes), "--out", str(data), "--split", "128", "--gap", "32",
-              "--classes", "synthetic", *scaling)
-    common = ["--preset", PRESET, "--data", str(data), "--device", args.device, *sets(["data.classes=synthetic"])]
-    return teacher_amplifier_study(work, common, args.results / f"bands_study_{kind}.json", seeds=args.seeds,
-                                   methods="none,ds2d2,cwd", teacher_iters=args.teacher_iters,
-                                   student_iters=args.student_iters, jobs=args.jobs)
+    return scenes_study(args.work / kind, args, preset=PRESET, record=f"bands_study_{kind}.json",
+                        methods="none,ds2d2,cwd", cut=("--scaling", "db") if kind == "sar" else (),
+                        synthetic=("--bands", kind))
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = study_parser(__doc__, "runs/bands-study")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma list of rgbn, sar")
-    parser.add_argument("--work", type=Path, default=Path("runs/bands-study"), help="scenes, data and runs")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--images", type=int, default=24, help="synthetic scenes (the demo's 24)")
-    parser.add_argument("--teacher-iters", type=int, default=None, help="instead of the demo teacher's 4800")
-    parser.add_argument("--student-iters", type=int, default=None, help="students and amplifier (smoke runs)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--jobs", type=int, default=1, help="students trained at once (`ds2d2 study --jobs`)")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the records go")
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))

@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # imported by path too
     sys.path.append(str(Path(__file__).resolve().parent))
-from _synthetic_study import TEACHER_RECIPE, ds2d2, sets, stage  # noqa: E402
+from _synthetic_study import TEACHER_RECIPE, cut_scenes, ds2d2, sets, stage, study_parser  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PRESET = "tiny-synthetic"
@@ -170,13 +169,8 @@ def run(args: argparse.Namespace) -> Path:
     # The demo's scenes, cut as the demo cuts them (gap 32: students, amplifiers, scores) and as
     # its shipped teacher was trained (gap 64, `demo.TEACHER_GAP`: every teacher here).
     scenes, data, teacher_data = work / "scenes", work / "data-128", work / "data-128-gap64"
-    if not (data / "val.json").is_file() or not (teacher_data / "val.json").is_file():
-        for folder in (scenes, data, teacher_data):
-            shutil.rmtree(folder, ignore_errors=True)
-        ds2d2("prepare-data", "synthetic", "--out", str(scenes), "--images", str(args.images), "--seed", "0")
-        for folder, gap in ((data, 32), (teacher_data, 64)):
-            ds2d2("prepare-data", "dota", str(scenes), "--out", str(folder), "--split", "128", "--gap", str(gap),
-                  "--classes", "synthetic")
+    cut_scenes(scenes, {folder: ["--split", "128", "--gap", str(gap), "--classes", "synthetic"]
+                        for folder, gap in ((data, 32), (teacher_data, 64))}, images=args.images)
     teachers, students = args.teachers.split(","), args.students.split(",")
     if any(t not in TEACHERS for t in teachers) or any(s not in STUDENTS for s in students):
         raise SystemExit(f"teachers: {', '.join(TEACHERS)}; students: {', '.join(STUDENTS)}")
@@ -201,19 +195,11 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--work", type=Path, default=Path("runs/capacity"), help="scenes, data, teachers and runs")
+    parser = study_parser(__doc__, "runs/capacity", work_help="scenes, data, teachers and runs",
+                          teacher_iters_help="instead of the demo teacher's 4800 (then the R34 teacher is "
+                          "trained too, not the shipped one)")
     parser.add_argument("--teachers", default=",".join(TEACHERS))
     parser.add_argument("--students", default=",".join(STUDENTS))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--images", type=int, default=24, help="synthetic scenes (the demo's 24)")
-    parser.add_argument("--teacher-iters", type=int, default=None, help="instead of the demo teacher's 4800 "
-                        "(then the R34 teacher is trained too, not the shipped one)")
-    parser.add_argument("--student-iters", type=int, default=None, help="students and amplifiers (smoke runs)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--jobs", type=int, default=1, help="students trained at once (`ds2d2 study --jobs`)")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where the records go")
     args = parser.parse_args(argv)
     print(f"-> {run(args)}")
     return 0
