@@ -33,6 +33,15 @@ def test_wheel_holds_every_module_and_preset(wheel):
 
 
 @pytest.mark.slow
+def test_wheel_declares_its_license_and_carries_the_text(wheel):
+    archive = zipfile.ZipFile(wheel)
+    metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    (text,) = [n for n in archive.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+    assert archive.read(text) == (ROOT / "LICENSE").read_bytes()
+
+
+@pytest.mark.slow
 def test_installed_wheel_finds_every_preset_and_the_demo_teacher(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
