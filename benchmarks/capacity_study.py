@@ -15,12 +15,14 @@ the whole grid on 2 slow cores), then cut teachers or students to fit:
 
     python benchmarks/capacity_study.py --work runs/capacity --jobs 2
     python benchmarks/capacity_study.py --teachers resnet34,resnet50 --students resnet18 --work runs/capacity
+    python benchmarks/capacity_study.py --teachers resnet34,resnet50 --students resnet18 --methods none,ds2d2,dist
     python benchmarks/capacity_study.py --teachers resnet34,resnet50 --students resnet18 --seeds 0 \\
         --teacher-iters 2 --student-iters 2 --images 4 --work /tmp/cap --results /tmp/cap    # smoke run
 
 Results: `benchmarks/results/capacity_study.json` (per teacher and student: the teacher's AP50
 and parameters, each method's AP50 and paired gain over none with its interval), `.md` (the
-table) and `.png` (gain against teacher parameters, a line per method, a panel per student).
+table) and `.png` (gain against teacher parameters, a line per method, a panel per student, and a last
+panel of every row against the student/teacher parameter ratio).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def teacher_and_amplifier(work: Path, teacher_data: Path, data: Path, backbone: 
 def study(work: Path, data: Path, teacher_backbone: str, student: str, paths: dict[str, tuple[Path, Path]],
           args: argparse.Namespace) -> dict:
     teacher, amplifier = paths[teacher_backbone]
-    methods = [m for m in METHODS if m != "chain" or (teacher_backbone != SHIPPED and SHIPPED in paths)]
+    methods = [m for m in args.methods.split(",") if m != "chain" or (teacher_backbone != SHIPPED and SHIPPED in paths)]
     chain = ["--assistant-teacher", str(paths[SHIPPED][0])] if "chain" in methods else []
     record = args.results / "capacity" / f"{teacher_backbone}-{student}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def row(teacher_backbone: str, student: str, teacher: Path, record: dict) -> dic
 
 
 def markdown(rows: list[dict]) -> str:
-    methods = [m for m in METHODS if m != "none"]
+    methods = [m for m in METHODS if m != "none" and any(m in r["methods"] for r in rows)]
     lines = ["| student | teacher | teacher AP50 | student/teacher parameters | none AP50 | "
              + " | ".join(f"{m} gain [95% CI]" for m in methods) + " |",
              "|---|---|---|---|---|" + "---|" * len(methods)]
@@ -133,7 +135,25 @@ def plot(rows: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     students = list(dict.fromkeys(r["student"] for r in rows))
-    fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(students) + 1, figsize=(6 * (len(students) + 1), 4.5), squeeze=False)
+    ratio_axis = axes[0][-1]  # every row on one axis: where along student/teacher size the gain falls
+    dodge = {m: 1 + 0.015 * (k - 2) for k, m in enumerate(METHODS)}  # methods side by side at one x
+    for method in (m for m in METHODS if m != "none"):
+        points = sorted((r["student_teacher_parameter_ratio"], r["methods"][method]["gain"]) for r in rows
+                        if ((r["methods"].get(method) or {}).get("gain") or {}).get("mean") is not None)
+        if points:
+            ratio_axis.errorbar([x * dodge[method] for x, _ in points], [g["mean"] for _, g in points],
+                                yerr=[[g["mean"] - (g["ci95"] or [g["mean"]])[0] for _, g in points],
+                                      [(g["ci95"] or [0, g["mean"]])[1] - g["mean"] for _, g in points]],
+                                marker="o", capsize=3, label=method)
+    for r in rows:
+        ratio_axis.annotate(f"{SHORT.get(r['student'], r['student'])} / {SHORT.get(r['teacher'], r['teacher'])}",
+                            (r["student_teacher_parameter_ratio"], 0), fontsize=7, ha="center", va="top")
+    ratio_axis.axhline(0, color="grey", linewidth=0.8)
+    ratio_axis.set_xlabel("student / teacher parameters")
+    ratio_axis.set_ylabel("student AP50 gain over none (95% CI)")
+    ratio_axis.set_title("every student and teacher")
+    ratio_axis.legend(fontsize=8)
     for ax, student in zip(axes[0], students):
         mine = sorted((r for r in rows if r["student"] == student), key=lambda r: r["teacher_parameters"])
         for method in (m for m in METHODS if m != "none"):
@@ -141,7 +161,7 @@ def plot(rows: list[dict], out: Path) -> Path:
                       if ((r["methods"].get(method) or {}).get("gain") or {}).get("mean") is not None]
             if not points:
                 continue
-            xs = [x for x, _ in points]
+            xs = [x * dodge[method] for x, _ in points]
             ys = [g["mean"] for _, g in points]
             errors = [[g["mean"] - (g["ci95"] or [g["mean"]])[0] for _, g in points],
                       [(g["ci95"] or [0, g["mean"]])[1] - g["mean"] for _, g in points]]
@@ -188,7 +208,9 @@ def run(args: argparse.Namespace) -> Path:
             rows.sort(key=lambda r: (students.index(r["student"]), TEACHERS.index(r["teacher"])))
             out.write_text(json.dumps({"benchmark": "capacity_study", "preset": PRESET, "seeds": args.seeds,
                                        "teacher_iters": args.teacher_iters or 4800,
-                                       "student_iters": args.student_iters or 450, "rows": rows}, indent=2) + "\n")
+                                       "student_iters": args.student_iters or 450,
+                                       "teachers": teachers, "students": students,
+                                       "methods": args.methods.split(","), "rows": rows}, indent=2) + "\n")
             out.with_suffix(".md").write_text(markdown(rows))
             plot(rows, out.with_suffix(".png"))
     return out
@@ -200,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                           "trained too, not the shipped one)")
     parser.add_argument("--teachers", default=",".join(TEACHERS))
     parser.add_argument("--students", default=",".join(STUDENTS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="a cut of the methods (none is always run)")
     args = parser.parse_args(argv)
+    if args.methods.split(",")[0] != "none" or any(m not in METHODS for m in args.methods.split(",")):
+        parser.error(f"--methods: none first, then any of {', '.join(METHODS[1:])}")
     print(f"-> {run(args)}")
     return 0
 

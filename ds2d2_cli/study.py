@@ -206,23 +206,28 @@ def ap_points(value: Any) -> float | None:
     return round(100 * value, 2)
 
 
-def _scene_metrics(model: Path, data_dir: Path, split: str, device: Any, reporter: Reporter) -> dict[str, Any]:
-    """Scene-level metrics (patch detections merged), cached beside the checkpoint by its hash."""
+def _scene_metrics(model: Path, data_dir: Path, split: str, device: Any, reporter: Reporter,
+                   cache: Path) -> dict[str, Any]:
+    """Scene-level metrics (patch detections merged), cached in `cache` (a file inside the study's
+    own folders, never beside a checkpoint the study did not make: the shipped teacher lives in
+    the installed package) and keyed by what decides them: the checkpoint and the split's files."""
     from ds2d2_cli.checkpoint import file_sha256
+    from ds2d2_cli.data.prepared import SCENES_SUFFIX
     from ds2d2_cli.stages.evaluate import evaluate_checkpoint
 
-    cache = model.parent / "scene_metrics.json"
-    sha = file_sha256(model)
+    key: dict[str, Any] = {"checkpoint_sha256": file_sha256(model), "split": split,
+                           "split_sha256": {name: file_sha256(data_dir / name) if (data_dir / name).is_file() else None
+                                            for name in (f"{split}.json", f"{split}{SCENES_SUFFIX}.json")}}
     if cache.is_file():
         try:
             cached = read_json(cache)
-            if cached.get("checkpoint_sha256") == sha and cached.get("split") == split:
+            if all(cached.get(k) == v for k, v in key.items()):
                 return cached
         except InputError:
             pass
     metrics = evaluate_checkpoint(model, data_dir=data_dir, split=split, device=device, merge_patches=True,
                                   reporter=reporter)
-    metrics["checkpoint_sha256"] = sha
+    metrics.update(key)
     if distributed.is_main():
         write_json(cache, metrics, indent=2)
     return metrics
@@ -364,7 +369,7 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
             metrics = summary.get("metrics") or {}
             if merge_patches:
                 metrics = _scene_metrics(run.out / "model.safetensors", data_dir, config.data.eval_split, device,
-                                         reporter)
+                                         reporter, cache=run.out / "scene_metrics.json")
             outcome.update({
                 "status": "finished",
                 "metrics": {k: ap_points(metrics.get(k)) for k in METRICS},
@@ -385,10 +390,11 @@ def run_study(runs: Sequence[StudyRun], *, data_dir: Path, preset: str, device: 
     first = runs[0]
     teacher_metrics = teachers
     if teacher_metrics is None:
-        teacher_path = next((r.teacher for r in runs if r.teacher is not None), None)
-        if teacher_path is not None:
-            teacher_metrics = {"all": _teacher_points(Path(teacher_path), data_dir, first.config, merge_patches,
-                                                      device, reporter)}
+        taught = next((r for r in runs if r.teacher is not None), None)
+        if taught is not None:
+            teacher_metrics = {"all": _teacher_points(Path(taught.teacher), data_dir, first.config, merge_patches,
+                                                      device, reporter,
+                                                      cache=Path(taught.out) / "teacher_scene_metrics.json")}
     record = analyse(outcomes, [r.method for r in runs], [r.seed for r in runs])
     amplifiers = sorted({str(r.amplifier) for r in runs if r.amplifier is not None})
     record.update({
@@ -420,11 +426,11 @@ def _duration(seconds: float) -> str:
 
 
 def _teacher_points(teacher: Path, data_dir: Path, config: RunConfig, merge_patches: bool, device: Any,
-                    reporter: Reporter) -> dict[str, float | None]:
+                    reporter: Reporter, cache: Path) -> dict[str, float | None]:
     from ds2d2_cli.checkpoint import load_checkpoint
 
     if merge_patches:
-        metrics = _scene_metrics(teacher, data_dir, config.data.eval_split, device, reporter)
+        metrics = _scene_metrics(teacher, data_dir, config.data.eval_split, device, reporter, cache)
     else:
         metrics = load_checkpoint(teacher).meta.metrics or {}
     return {k: ap_points(metrics.get(k)) for k in METRICS}

@@ -46,5 +46,13 @@ def test_capacity_study_table(capacity_cost):
              "methods": {"none": {"AP50": 4.2}, "ds2d2": {"gain": gain},
                          "cwd": {"gain": {"mean": -1.0, "ci95": None, "per_seed": {}, "distinguishable": False}}}}]
     table = study.markdown(rows).splitlines()
-    assert table[0].startswith("| student | teacher | teacher AP50 |") and "chain gain" in table[0]
-    assert table[2] == "| R18 | R50 | 40.1 | 0.47 | 4.2 | +2.50 [+1.00, +4.00] * | -1.00 |  |  |  |"
+    # only the methods that ran get a column (a study cut with --methods)
+    assert table[0] == ("| student | teacher | teacher AP50 | student/teacher parameters | none AP50 | "
+                        "ds2d2 gain [95% CI] | cwd gain [95% CI] |")
+    assert table[2] == "| R18 | R50 | 40.1 | 0.47 | 4.2 | +2.50 [+1.00, +4.00] * | -1.00 |"
+    rows.append({"student": "resnet18", "teacher": "resnet101", "teacher_AP50": 45.0,
+                 "student_teacher_parameter_ratio": 0.27, "methods": {"none": {"AP50": 4.2}, "chain": {"gain": gain}}})
+    table = study.markdown(rows).splitlines()
+    assert table[0].endswith("| cwd gain [95% CI] | chain gain [95% CI] |")
+    assert table[2] == "| R18 | R50 | 40.1 | 0.47 | 4.2 | +2.50 [+1.00, +4.00] * | -1.00 |  |"
+    assert table[3] == "| R18 | R101 | 45.0 | 0.27 | 4.2 |  |  | +2.50 [+1.00, +4.00] * |"

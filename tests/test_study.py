@@ -259,6 +259,40 @@ def test_study_with_merged_patches_scores_scenes(tiny_data, teacher, tmp_path):
     assert record["runs"][0]["metrics"]["AP50"] == (None if cached["AP50"] < 0 else round(100 * cached["AP50"], 2))
 
 
+def test_study_scores_the_teacher_inside_its_own_folder(tiny_data, teacher, tmp_path):
+    """The teacher's merged-scene score is cached in the study, never beside the teacher (the
+    shipped one is inside the installed package, perhaps read-only)."""
+    before = sorted(p.name for p in teacher.parent.iterdir())
+    out = tmp_path / "study"
+    result = _study(tiny_data, teacher, out, "--merge-patches", methods="cwd", seeds="0")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in teacher.parent.iterdir()) == before
+    cached = json.loads((out / "runs/cwd/seed0/teacher_scene_metrics.json").read_text())
+    assert cached["split"] == "val" and set(cached["split_sha256"]) == {"val.json", "val_scenes.json"}
+
+
+def test_scene_metrics_cache_follows_the_split_files(tiny_data, teacher, tmp_path, monkeypatch):
+    import shutil
+
+    from ds2d2_cli import study as study_module
+    from ds2d2_cli.progress import NullReporter
+    from ds2d2_cli.stages import evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    calls = []
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint",
+                        lambda model, **kw: calls.append(kw["data_dir"]) or {"AP50": 0.25, "merged_patches": True})
+    cache = tmp_path / "cache.json"
+    first = study_module._scene_metrics(teacher, data, "val", "cpu", NullReporter(), cache)
+    again = study_module._scene_metrics(teacher, data, "val", "cpu", NullReporter(), cache)
+    assert len(calls) == 1 and first == again and first["AP50"] == 0.25
+    scenes = data / "val_scenes.json"  # other held-out scenes: the cached score no longer holds
+    scenes.write_text(scenes.read_text().replace("}", "} ", 1))
+    study_module._scene_metrics(teacher, data, "val", "cpu", NullReporter(), cache)
+    assert len(calls) == 2
+
+
 @pytest.mark.slow
 def test_study_under_torchrun(tiny_data, teacher, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
