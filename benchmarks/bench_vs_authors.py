@@ -55,7 +55,8 @@ Differences between the two sides that this benchmark cannot remove (also in the
   samplers, against torchvision's) are part of what is compared: on a CPU their Faster R-CNN step
   spends much of its time in mmcv's CPU RoIAlign, which a GPU run would weigh differently.
 
-How to run (the authors' environment, not the project's venv: there `run` returns "skipped"):
+How to run (the authors' environment, not the project's venv: there `run` returns "skipped";
+`benchmarks/authors_env.sh TARGET DS2D2_SOURCE` builds it):
 an environment with torch, mmcv 2.1.0 with its C++ ops built from source against that same torch
 (`mmcv.ops` must import: RoIAlign, nms), mmengine 0.10, `pytorch_wavelets`, the authors' fork
 installed editable (`pip install --no-deps -e DS2D2`; it provides `mmdet`), and ds2d2 importable
