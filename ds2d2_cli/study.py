@@ -229,6 +229,7 @@ def _scene_metrics(model: Path, data_dir: Path, split: str, device: Any, reporte
                                   reporter=reporter)
     metrics.update(key)
     if distributed.is_main():
+        cache.parent.mkdir(parents=True, exist_ok=True)  # a run that failed early may have no folder
         write_json(cache, metrics, indent=2)
     return metrics
 
